@@ -1,0 +1,181 @@
+//! `Workflow` (seed 001): a DAG of container steps, each run as a Job in dependency order.
+
+use k8s_openapi::api::core::v1::EnvVar;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Most steps one workflow may have. With the per-field bounds below this keeps the
+/// worst-case object well under etcd's 1.5 MB limit (see docs/architecture.md).
+pub const MAX_STEPS: usize = 200;
+/// Most upstream steps one step may name.
+pub const MAX_DEPENDS_ON: usize = 50;
+
+fn default_max_step_timeout() -> i64 {
+    60
+}
+
+/// A DAG of container steps. Each step runs as one Job; a step starts once every step it
+/// `dependsOn` has succeeded, and independent steps run at the same time.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "shoal.dev",
+    version = "v1alpha1",
+    kind = "Workflow",
+    plural = "workflows",
+    namespaced,
+    status = "WorkflowStatus",
+    shortname = "wf",
+    category = "shoal",
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.workflowStatus"}"#,
+    printcolumn = r#"{"name":"Steps","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":0}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.containers.all(c, !has(c.dependsOn) || !(c.stepName in c.dependsOn))",
+        "message": "a step must not depend on itself",
+        "reason": "FieldValueInvalid",
+        "fieldPath": ".containers"
+    },
+    {
+        "rule": "sets.contains(self.containers.map(c, c.stepName), self.containers.filter(c, has(c.dependsOn)).map(c, c.dependsOn).flatten())",
+        "message": "every dependsOn entry must name a step of this workflow",
+        "reason": "FieldValueInvalid",
+        "fieldPath": ".containers"
+    }
+]))]
+pub struct WorkflowSpec {
+    /// Seconds a step may run before it, and with it the workflow, fails. `-1` means no limit.
+    #[serde(default = "default_max_step_timeout")]
+    #[schemars(range(min = -1, max = 604800))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == -1 || self > 0", "message": "maxStepTimeout must be -1 (unlimited) or a positive number of seconds"}]))]
+    pub max_step_timeout: i64,
+
+    /// Stop starting new steps after the first failure (default). When false, branches that
+    /// do not depend on the failed step still run to the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_fast: Option<bool>,
+
+    /// The steps. Step names are unique (the list is a map keyed by `stepName`).
+    #[schemars(length(min = 1, max = 200))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["stepName"]))]
+    pub containers: Vec<WorkflowStep>,
+}
+
+/// One step: a container run to completion as a Job.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowStep {
+    /// Unique name of the step within the workflow.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"))]
+    pub step_name: String,
+    /// Container image.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    /// Entrypoint; the image's own when null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(length(max = 4096)))]
+    pub command: Option<Vec<String>>,
+    /// Arguments to the entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
+    pub args: Option<Vec<String>>,
+    /// Environment of the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub env: Option<Vec<EnvVar>>,
+    /// Names of the steps that must succeed before this one starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 50), inner(length(min = 1, max = 63)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub depends_on: Option<Vec<String>>,
+    /// Extra attempts after a failure, with exponential backoff. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 20))]
+    pub retries: Option<i32>,
+    /// Per-step timeout in seconds; overrides `maxStepTimeout`. `-1` means no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -1, max = 604800))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == -1 || self > 0", "message": "timeoutSeconds must be -1 (unlimited) or a positive number of seconds"}]))]
+    pub timeout_seconds: Option<i64>,
+}
+
+/// Lifecycle of a workflow, as in seed 001.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum WorkflowPhase {
+    Created,
+    Started,
+    Completed,
+    Failed,
+}
+
+/// State of one step.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum StepPhase {
+    Pending,
+    Running,
+    Retrying,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+/// Observed state of one step.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepStatus {
+    pub step_name: String,
+    pub phase: StepPhase,
+    /// Attempt number of the current (or last) Job, starting at 0.
+    #[serde(default)]
+    pub attempt: i32,
+    /// Name of the current (or last) Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// UID of the current (or last) Job; recorded once, so a Job is never created twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// The step's termination message (at most 4 KB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Observed state of a workflow.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowStatus {
+    /// Created, Started, Completed or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_status: Option<WorkflowPhase>,
+    /// When `workflowStatus` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_changed: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Steps whose Job has been created.
+    #[serde(default)]
+    pub started_steps: Vec<String>,
+    /// Steps whose Job has succeeded.
+    #[serde(default)]
+    pub executed_steps: Vec<String>,
+    /// `done/total`, for the printer column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Per-step state.
+    #[serde(default)]
+    pub steps: Vec<StepStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}

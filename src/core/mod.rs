@@ -1,0 +1,5 @@
+//! The pure core: plain functions over plain data, with no kube client. Everything here is
+//! tested exhaustively with unit and property tests.
+
+pub mod dag;
+pub mod schedule;

@@ -1,0 +1,12 @@
+//! shoal: a highly available Kubernetes workflow operator.
+//!
+//! Layout (see docs/architecture.md):
+//! - [`api`]: the custom resource types and their admission rules;
+//! - [`core`]: pure logic with no kube client (spec checks, DAG planning, schedule math);
+//! - [`operator`]: the `shoal run` process (health, metrics, controllers);
+//! - [`dev`]: the local control plane used by `shoal dev`, the tests and the load tests.
+
+pub mod api;
+pub mod core;
+pub mod dev;
+pub mod operator;

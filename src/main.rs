@@ -1,0 +1,80 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// shoal: a highly available Kubernetes workflow operator.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the operator.
+    Run(shoal::operator::RunConfig),
+    /// Print every CRD as YAML, or write one file per kind into --dir.
+    Crds {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// A local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok).
+    Dev {
+        #[command(subcommand)]
+        cmd: DevCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCmd {
+    /// Build what is missing, start the cluster in the background and install the CRDs.
+    Up {
+        #[arg(long, default_value = ".shoal-dev")]
+        dir: PathBuf,
+        /// Number of kwok nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// Stop exactly the processes `dev up` started.
+    Down {
+        #[arg(long, default_value = ".shoal-dev")]
+        dir: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).init();
+    match Cli::parse().cmd {
+        Cmd::Run(cfg) => shoal::operator::run(cfg).await,
+        Cmd::Crds { dir: None } => {
+            print!("{}", shoal::api::crds::all_yaml());
+            Ok(())
+        }
+        Cmd::Crds { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)?;
+            for crd in shoal::api::crds::all() {
+                std::fs::write(dir.join(shoal::api::crds::file_name(&crd)), shoal::api::crds::to_yaml(&crd))?;
+            }
+            Ok(())
+        }
+        Cmd::Dev { cmd: DevCmd::Up { dir, nodes } } => {
+            let mut opts = shoal::dev::UpOptions::new(dir);
+            opts.nodes = nodes;
+            let c = shoal::dev::up(&opts).await?;
+            println!("shoal dev cluster ready at {} ({:.1}s to start)", c.server, c.start_seconds);
+            println!("  export KUBECONFIG={}", c.kubeconfig.display());
+            println!("  export PATH={}:$PATH   # kubectl {}", c.bin_dir.display(), shoal::dev::K8S_VERSION);
+            println!("  kubectl get nodes; kubectl get shoal -A");
+            println!("logs: {}/logs   stop: shoal dev down --dir {}", c.dir.display(), c.dir.display());
+            Ok(())
+        }
+        Cmd::Dev { cmd: DevCmd::Down { dir } } => {
+            shoal::dev::down(&dir)?;
+            println!("stopped the dev cluster in {}", dir.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds the local control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, kwok) from the Go modules pinned in go.mod, into a cache
+# outside the repository (SHOAL_CACHE_DIR, default ~/.cache/shoal). A second run finds the
+# binaries and does nothing. Pinned: Kubernetes v1.35.4 and etcd v3.6.16 (go.mod here),
+# kwok v0.7.0 (kwok/go.mod, because it needs an older apimachinery).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+K8S_VERSION=v1.35.4
+CACHE="${SHOAL_CACHE_DIR:-$HOME/.cache/shoal}/k8s-${K8S_VERSION}"
+BIN="$CACHE/bin"
+mkdir -p "$BIN"
+cd "$here"
+export GOFLAGS="${GOFLAGS:--buildvcs=false}"
+ldflags="-s -w -X k8s.io/component-base/version.gitVersion=${K8S_VERSION} -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=35 -X k8s.io/client-go/pkg/version.gitVersion=${K8S_VERSION}"
+build() { # name package [module dir]
+  local name="$1" pkg="$2" mod="${3:-$here}"
+  if [[ -x "$BIN/$name" ]]; then echo "cached: $name"; return 0; fi
+  local t0=$SECONDS
+  (cd "$mod" && go build -trimpath -ldflags "$ldflags" -o "$BIN/$name.tmp" "$pkg")
+  mv "$BIN/$name.tmp" "$BIN/$name"
+  echo "built: $name in $((SECONDS - t0)) s"
+}
+t0=$SECONDS
+go mod download
+build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
+build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
+build kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
+build kubectl k8s.io/kubernetes/cmd/kubectl
+build etcd go.etcd.io/etcd/server/v3
+# kwok v0.7.0 needs apimachinery v0.33, so it has a module of its own.
+(cd "$here/kwok" && go mod download)
+build kwok sigs.k8s.io/kwok/cmd/kwok "$here/kwok"
+echo "control plane binaries ready in $BIN ($((SECONDS - t0)) s)"
