@@ -19,13 +19,14 @@ impl Pki {
     pub const ADMIN_CRT: &'static str = "pki/admin.crt";
     pub const ADMIN_KEY: &'static str = "pki/admin.key";
     pub const SA_KEY: &'static str = "pki/sa.key";
+    pub const SA_PUB: &'static str = "pki/sa.pub";
 }
 
 /// Write a fresh PKI under `dir/pki`. Existing files are kept, so a restarted cluster keeps
 /// its identity and old kubeconfigs stay valid.
 pub fn ensure(dir: &Path) -> Result<()> {
     let pki = dir.join("pki");
-    if pki.join("sa.key").exists() && pki.join("admin.key").exists() {
+    if pki.join("sa.pub").exists() && pki.join("admin.key").exists() {
         return Ok(());
     }
     std::fs::create_dir_all(&pki)?;
@@ -67,6 +68,7 @@ pub fn ensure(dir: &Path) -> Result<()> {
 
     let sa = KeyPair::generate()?;
     write(&dir.join(Pki::SA_KEY), &sa.serialize_pem())?;
+    write(&dir.join(Pki::SA_PUB), &sa.public_key_pem())?;
     Ok(())
 }
 

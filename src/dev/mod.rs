@@ -243,7 +243,7 @@ pub async fn up(opts: &UpOptions) -> Result<DevCluster> {
         format!("--tls-cert-file={}", p(Pki::SERVING_CRT)),
         format!("--tls-private-key-file={}", p(Pki::SERVING_KEY)),
         format!("--client-ca-file={}", p(Pki::CA_CRT)),
-        format!("--service-account-key-file={}", p(Pki::SA_KEY)),
+        format!("--service-account-key-file={}", p(Pki::SA_PUB)),
         format!("--service-account-signing-key-file={}", p(Pki::SA_KEY)),
         "--service-account-issuer=https://kubernetes.default.svc".into(),
         "--service-cluster-ip-range=10.0.0.0/24".into(),

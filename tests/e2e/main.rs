@@ -1,1 +1,9 @@
+//! Integration tests against the real local control plane (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler, kwok). One cluster is shared by every test; each
+//! test works in a namespace of its own.
 
+mod admission;
+mod cluster;
+mod common;
+mod crds;
+mod examples;

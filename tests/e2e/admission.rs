@@ -1,0 +1,163 @@
+//! Admission: the API server itself rejects bad objects, from the generated OpenAPI schema
+//! and CEL rules, with a message that says what is wrong.
+
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use kube::core::GroupVersionKind;
+use serde_json::{Value, json};
+
+use crate::common;
+
+async fn create(client: &Client, ns: &str, obj: Value) -> Result<(), String> {
+    let kind = obj["kind"].as_str().unwrap().to_string();
+    let plural = match kind.as_str() {
+        "Activity" => "activities".to_string(),
+        k => format!("{}s", k.to_lowercase()),
+    };
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("shoal.dev", "v1alpha1", &kind), &plural);
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    let obj: DynamicObject = serde_json::from_value(obj).unwrap();
+    match api.create(&PostParams::default(), &obj).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) => Err(format!("{} ({})", e.message, e.code)),
+        Err(e) => panic!("unexpected client error: {e}"),
+    }
+}
+
+fn wf(name: &str, containers: Value) -> Value {
+    json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": name}, "spec": {"containers": containers}})
+}
+
+#[track_caller]
+fn rejected(r: Result<(), String>, needle: &str) {
+    match r {
+        Ok(()) => panic!("expected rejection mentioning {needle:?}, but the object was accepted"),
+        Err(msg) => {
+            assert!(msg.contains("(422)"), "expected 422 Invalid, got: {msg}");
+            assert!(msg.contains(needle), "rejection should mention {needle:?}: {msg}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workflow_rules() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "adm-wf").await;
+    let ok = wf("ok", json!([
+        {"stepName": "a", "image": "busybox"},
+        {"stepName": "b", "image": "busybox", "dependsOn": ["a"]},
+        {"stepName": "c", "image": "busybox", "dependsOn": ["a", "b"]},
+    ]));
+    create(&client, &ns, ok).await.expect("a valid DAG is accepted");
+
+    rejected(create(&client, &ns, wf("unknown-dep", json!([
+        {"stepName": "a", "image": "busybox", "dependsOn": ["nope"]},
+    ]))).await, "every dependsOn entry must name a step of this workflow");
+    rejected(create(&client, &ns, wf("dup", json!([
+        {"stepName": "a", "image": "busybox"},
+        {"stepName": "a", "image": "alpine"},
+    ]))).await, "Duplicate value");
+    rejected(create(&client, &ns, wf("self-dep", json!([
+        {"stepName": "a", "image": "busybox", "dependsOn": ["a"]},
+    ]))).await, "a step must not depend on itself");
+    rejected(create(&client, &ns, wf("no-steps", json!([]))).await, "spec.containers");
+    rejected(create(&client, &ns, wf("bad-name", json!([
+        {"stepName": "has space", "image": "busybox"},
+    ]))).await, "stepName");
+    let mut zero = wf("zero-timeout", json!([{"stepName": "a", "image": "busybox"}]));
+    zero["spec"]["maxStepTimeout"] = json!(0);
+    rejected(create(&client, &ns, zero).await, "maxStepTimeout must be -1");
+    let mut unlimited = wf("unlimited", json!([{"stepName": "a", "image": "busybox", "timeoutSeconds": -1}]));
+    unlimited["spec"]["maxStepTimeout"] = json!(-1);
+    create(&client, &ns, unlimited).await.expect("-1 means unlimited");
+    let too_many: Vec<Value> = (0..201).map(|i| json!({"stepName": format!("s{i}"), "image": "busybox"})).collect();
+    rejected(create(&client, &ns, wf("too-many", Value::Array(too_many))).await, "200");
+    // The largest DAG the schema allows is accepted: 200 steps, each depending on up to 50
+    // earlier ones. This is what the CEL cost budget was sized for.
+    let big: Vec<Value> = (0usize..200)
+        .map(|i| json!({"stepName": format!("s{i}"), "image": "busybox", "dependsOn": (i.saturating_sub(50)..i).map(|j| format!("s{j}")).collect::<Vec<_>>()}))
+        .collect();
+    create(&client, &ns, wf("biggest", Value::Array(big))).await.expect("200 steps x 50 deps accepted");
+    common::cleanup(&client, &ns).await;
+}
+
+fn nsman(name: &str, policies: Value) -> Value {
+    json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "NamespaceManager", "metadata": {"name": name}, "spec": {"policies": policies}})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespace_manager_rules() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "adm-nsman").await;
+    rejected(create(&client, &ns, nsman("bad-enum", json!([
+        {"name": "p", "condition": {"type": "TTLX", "params": {"ttlSeconds": 5}}, "action": {"type": "DELETE"}},
+    ]))).await, "Unsupported value: \"TTLX\"");
+    rejected(create(&client, &ns, nsman("bad-action", json!([
+        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "EXPLODE"}},
+    ]))).await, "Unsupported value: \"EXPLODE\"");
+    rejected(create(&client, &ns, nsman("dup", json!([
+        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "DELETE"}},
+        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 9}}, "action": {"type": "DELETE"}},
+    ]))).await, "Duplicate value");
+    rejected(create(&client, &ns, nsman("ttl-missing", json!([
+        {"name": "p", "condition": {"type": "TTL"}, "action": {"type": "DELETE"}},
+    ]))).await, "a TTL condition needs params.ttlSeconds");
+    rejected(create(&client, &ns, nsman("no-url", json!([
+        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "WEBHOOK"}},
+    ]))).await, "a WEBHOOK action needs params.url");
+    rejected(create(&client, &ns, nsman("bad-url", json!([
+        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "WEBHOOK", "params": {"url": "not a url"}}},
+    ]))).await, "url must be an absolute http or https URL");
+    rejected(create(&client, &ns, nsman("ftp-url", json!([
+        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "WEBHOOK", "params": {"url": "ftp://example.invalid/x"}}},
+    ]))).await, "url must be an absolute http or https URL");
+    rejected(create(&client, &ns, nsman("bad-kind", json!([
+        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}},
+         "action": {"type": "SCALE_DOWN", "params": {"selectors": [{"kind": "DaemonSet", "labels": {"a": "b"}}]}}},
+    ]))).await, "Unsupported value: \"DaemonSet\"");
+    rejected(create(&client, &ns, nsman("no-selectors", json!([
+        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "SCALE_DOWN"}},
+    ]))).await, "a SCALE_DOWN action needs params.selectors");
+    create(&client, &ns, nsman("good", json!([
+        {"name": "p", "condition": {"type": "PODS_SUCCEED", "params": {"podLabels": {"a": "b"}, "periodSeconds": 10}},
+         "action": {"type": "WEBHOOK", "params": {"url": "http://127.0.0.1:9/hook"}}},
+    ]))).await.expect("valid manager accepted");
+    common::cleanup(&client, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn activity_task_and_ignitor_rules() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "adm-misc").await;
+    rejected(create(&client, &ns, json!({
+        "apiVersion": "shoal.dev/v1alpha1", "kind": "ActivityWorker", "metadata": {"name": "w"},
+        "spec": {"job": {"name": "j", "image": "bash:5.0", "imagePullPolicy": "Sometimes"}}
+    })).await, "Unsupported value: \"Sometimes\"");
+    rejected(create(&client, &ns, json!({
+        "apiVersion": "shoal.dev/v1alpha1", "kind": "Activity", "metadata": {"name": "a"},
+        "spec": {"name": "x", "job": {"name": "j", "image": "bash:5.0", "imagePullPolicy": "Sometimes"}}
+    })).await, "Unsupported value: \"Sometimes\"");
+    rejected(create(&client, &ns, json!({
+        "apiVersion": "shoal.dev/v1alpha1", "kind": "Activity", "metadata": {"name": "a"},
+        "spec": {"name": "x", "workers": 0}
+    })).await, "spec.workers");
+    rejected(create(&client, &ns, json!({
+        "apiVersion": "shoal.dev/v1alpha1", "kind": "Ignitor", "metadata": {"name": "i"},
+        "spec": {"scheduled": "every tuesday"}
+    })).await, "scheduled must be NOW, an RFC 3339 time, or a cron expression");
+    rejected(create(&client, &ns, json!({
+        "apiVersion": "shoal.dev/v1alpha1", "kind": "Task", "metadata": {"name": "t"},
+        "spec": {"startOnIgnition": ["Not_A_Name"], "template": {"spec": {"containers": [{"name": "c", "image": "busybox"}]}}}
+    })).await, "startOnIgnition");
+    rejected(create(&client, &ns, json!({
+        "apiVersion": "shoal.dev/v1alpha1", "kind": "Task", "metadata": {"name": "t"},
+        "spec": {"description": "no template"}
+    })).await, "spec.template");
+    // A cron expression with the right shape but impossible values passes admission; the
+    // Ignitor controller reports it as a condition (see core::schedule).
+    create(&client, &ns, json!({
+        "apiVersion": "shoal.dev/v1alpha1", "kind": "Ignitor", "metadata": {"name": "late"},
+        "spec": {"scheduled": "61 * * * *"}
+    })).await.expect("shape-valid cron passes admission");
+    common::cleanup(&client, &ns).await;
+}

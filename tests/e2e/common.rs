@@ -1,0 +1,85 @@
+//! Shared fixtures: one local control plane for the whole test binary, and a fresh,
+//! labelled namespace per test.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
+use kube::api::{Api, DeleteParams, PostParams};
+
+/// Kubeconfig of the shared cluster: `SHOAL_TEST_KUBECONFIG` (set by `make test`), or a
+/// cluster this binary starts once in `target/shoal-test-cluster` and leaves running for the
+/// next run (stop it with `shoal dev down --dir target/shoal-test-cluster`).
+pub fn kubeconfig() -> PathBuf {
+    static KC: OnceLock<PathBuf> = OnceLock::new();
+    KC.get_or_init(|| {
+        if let Some(kc) = std::env::var_os("SHOAL_TEST_KUBECONFIG") {
+            return PathBuf::from(kc);
+        }
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/shoal-test-cluster");
+        // The cluster outlives any one test's runtime, so start it on a runtime of its own.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            rt.block_on(shoal::dev::up(&shoal::dev::UpOptions::new(dir))).expect("starting the local control plane")
+        })
+        .join()
+        .expect("cluster start thread")
+        .kubeconfig
+    })
+    .clone()
+}
+
+/// Directory of the control-plane binaries (for kubectl).
+pub fn bin_dir() -> PathBuf {
+    shoal::dev::bin_dir()
+}
+
+pub async fn client() -> Client {
+    shoal::dev::client_from(&kubeconfig()).await.expect("client for the test cluster")
+}
+
+/// Create a fresh namespace `<prefix>-<random>` labelled `shoal.dev/test=true`.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let suffix: u32 = rand_u32();
+    let name = format!("{prefix}-{suffix:08x}");
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"shoal.dev/test": "true"}}
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &ns).await.expect("creating test namespace");
+    name
+}
+
+/// Delete a test namespace (best effort; the cluster is thrown away after the run anyway).
+pub async fn cleanup(client: &Client, ns: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let _ = api.delete(ns, &DeleteParams::background()).await;
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.finish() as u32
+}
+
+/// Poll `f` until it returns `Some`, or panic with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,51 @@
+//! Every sample in examples/ is accepted by the API server as it is.
+
+use std::path::PathBuf;
+
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use kube::core::GroupVersionKind;
+use serde::Deserialize;
+
+use crate::common;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_example_is_accepted() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "examples").await;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
+    files.sort();
+    let mut kinds = std::collections::BTreeSet::new();
+    let mut created = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value = serde_json::Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            if value.is_null() {
+                continue;
+            }
+            let api_version = value["apiVersion"].as_str().unwrap_or_default();
+            if api_version != "shoal.dev/v1alpha1" {
+                // Namespaces and workloads that the samples set up around the shoal objects.
+                continue;
+            }
+            let kind = value["kind"].as_str().unwrap().to_string();
+            let plural = match kind.as_str() {
+                "Activity" => "activities".to_string(),
+                k => format!("{}s", k.to_lowercase()),
+            };
+            let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("shoal.dev", "v1alpha1", &kind), &plural);
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+            let mut obj: DynamicObject = serde_json::from_value(value).unwrap();
+            obj.metadata.namespace = None;
+            api.create(&PostParams::default(), &obj).await.unwrap_or_else(|e| panic!("{} ({kind}) rejected: {e}", file.display()));
+            kinds.insert(kind);
+            created += 1;
+        }
+    }
+    let all: std::collections::BTreeSet<String> =
+        ["Activity", "ActivityWorker", "Ignitor", "NamespaceManager", "Task", "Workflow"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(kinds, all, "examples/ must hold at least one sample per kind");
+    assert!(created >= 6);
+    common::cleanup(&client, &ns).await;
+}
