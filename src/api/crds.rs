@@ -9,9 +9,9 @@ use super::{Activity, ActivityWorker, Ignitor, NamespaceManager, Task, Workflow}
 /// Every shoal CRD, in a fixed order.
 pub fn all() -> Vec<CustomResourceDefinition> {
     vec![
-        Workflow::crd(),
-        Activity::crd(),
-        ActivityWorker::crd(),
+        with_env_bounds(Workflow::crd()),
+        with_env_bounds(Activity::crd()),
+        with_env_bounds(ActivityWorker::crd()),
         without_template_descriptions(Task::crd()),
         Ignitor::crd(),
         NamespaceManager::crd(),
@@ -68,6 +68,38 @@ fn without_template_descriptions(mut crd: CustomResourceDefinition) -> CustomRes
             }
             if let Ok(stripped) = serde_json::from_value(v) {
                 *template = stripped;
+            }
+        }
+    }
+    crd
+}
+
+/// core/v1 EnvVar's schema has no length bounds; give every `env[].name` and `env[].value`
+/// one so that no object can grow towards etcd's limit through them.
+fn with_env_bounds(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(v: &mut serde_json::Value) {
+        let serde_json::Value::Object(m) = v else { return };
+        if let Some(env_items) = m.get_mut("properties").and_then(|p| p.get_mut("env")).and_then(|e| e.get_mut("items")).and_then(|i| i.get_mut("properties")) {
+            if let Some(name) = env_items.get_mut("name").and_then(|n| n.as_object_mut()) {
+                name.insert("maxLength".into(), 256.into());
+            }
+            if let Some(value) = env_items.get_mut("value").and_then(|n| n.as_object_mut()) {
+                value.insert("maxLength".into(), 32768.into());
+            }
+        }
+        for child in m.values_mut() {
+            match child {
+                serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+                other => walk(other),
+            }
+        }
+    }
+    for version in &mut crd.spec.versions {
+        let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) else { continue };
+        if let Ok(mut v) = serde_json::to_value(&*schema) {
+            walk(&mut v);
+            if let Ok(bounded) = serde_json::from_value(v) {
+                *schema = bounded;
             }
         }
     }

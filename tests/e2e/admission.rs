@@ -72,12 +72,29 @@ async fn workflow_rules() {
     create(&client, &ns, unlimited).await.expect("-1 means unlimited");
     let too_many: Vec<Value> = (0..201).map(|i| json!({"stepName": format!("s{i}"), "image": "busybox"})).collect();
     rejected(create(&client, &ns, wf("too-many", Value::Array(too_many))).await, "200");
-    // The largest DAG the schema allows is accepted: 200 steps, each depending on up to 50
-    // earlier ones. This is what the CEL cost budget was sized for.
-    let big: Vec<Value> = (0usize..200)
-        .map(|i| json!({"stepName": format!("s{i}"), "image": "busybox", "dependsOn": (i.saturating_sub(50)..i).map(|j| format!("s{j}")).collect::<Vec<_>>()}))
-        .collect();
-    create(&client, &ns, wf("biggest", Value::Array(big))).await.expect("200 steps x 50 deps accepted");
+    // A large DAG within the bounds is accepted: 200 steps, 3790 edges (each step depends on
+    // up to 20 earlier ones). The unknown-dependency rule's cost was sized for this.
+    let dag = |fan_in: usize, extra: Option<&str>| {
+        let mut steps: Vec<Value> = (0usize..200)
+            .map(|i| json!({"stepName": format!("s{i}"), "image": "busybox", "dependsOn": (i.saturating_sub(fan_in)..i).map(|j| format!("s{j}")).collect::<Vec<_>>()}))
+            .collect();
+        if let Some(bad) = extra {
+            steps[5]["dependsOn"].as_array_mut().unwrap().push(json!(bad));
+        }
+        Value::Array(steps)
+    };
+    create(&client, &ns, wf("big", dag(20, None))).await.expect("200 steps x 3790 edges accepted");
+    rejected(create(&client, &ns, wf("big-unknown", dag(20, Some("nope")))).await, "every dependsOn entry must name a step of this workflow");
+    rejected(create(&client, &ns, wf("too-many-edges", dag(25, None))).await, "at most 4000 dependsOn entries");
+    // Past every per-field bound, the total can still exceed what the API server stores; it
+    // refuses with a clear error and stores nothing.
+    let huge: Vec<Value> = (0..200).map(|i| json!({"stepName": format!("s{i}"), "image": "busybox", "args": ["x".repeat(4000), "y".repeat(4000), "z".repeat(4000)]})).collect();
+    match create(&client, &ns, wf("huge", Value::Array(huge))).await {
+        Ok(()) => panic!("a 2.4 MB workflow must not be stored"),
+        Err(msg) => assert!(msg.contains("larger than max") || msg.contains("too large"), "unclear error: {msg}"),
+    }
+    let api: Api<shoal::api::Workflow> = Api::namespaced(client.clone(), &ns);
+    assert!(api.get_opt("huge").await.unwrap().is_none());
     common::cleanup(&client, &ns).await;
 }
 

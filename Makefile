@@ -1,0 +1,39 @@
+# shoal developer entry points. `make test` is what CI runs (via .ci/run).
+SHELL := /bin/bash
+CARGO ?= cargo
+SHOAL := target/debug/shoal
+# The test cluster lives under target/ so `cargo clean` removes it with everything else.
+TEST_CLUSTER ?= $(CURDIR)/target/shoal-test-cluster
+DEMO_CLUSTER ?= $(CURDIR)/.shoal-dev
+KUBECTL := $(HOME)/.cache/shoal/k8s-v1.35.4/bin/kubectl
+TEST_THREADS ?= 8
+
+.PHONY: cluster build crds test demo demo-down fmt
+
+## Build the local control plane into ~/.cache/shoal (a no-op when cached).
+cluster:
+	bash tests/cluster/build.sh
+
+build:
+	$(CARGO) build --bins --tests
+
+## Regenerate crds/ from the Rust types.
+crds: build
+	$(SHOAL) crds --dir crds
+
+## Every test: unit, property and integration tests against one fresh local control plane.
+test: cluster build
+	$(SHOAL) dev down --dir $(TEST_CLUSTER)
+	$(SHOAL) dev up --dir $(TEST_CLUSTER)
+	SHOAL_TEST_KUBECONFIG=$(TEST_CLUSTER)/kubeconfig $(CARGO) test -- --test-threads=$(TEST_THREADS); \
+	  rc=$$?; $(SHOAL) dev down --dir $(TEST_CLUSTER); exit $$rc
+
+## Start the local control plane, install the CRDs and apply the samples.
+demo: cluster build
+	$(SHOAL) dev up --dir $(DEMO_CLUSTER)
+	KUBECONFIG=$(DEMO_CLUSTER)/kubeconfig $(KUBECTL) apply --server-side -f examples/
+	KUBECONFIG=$(DEMO_CLUSTER)/kubeconfig $(KUBECTL) get shoal -A
+	@echo "export KUBECONFIG=$(DEMO_CLUSTER)/kubeconfig; stop with: make demo-down"
+
+demo-down:
+	$(SHOAL) dev down --dir $(DEMO_CLUSTER)
