@@ -8,5 +8,7 @@
 
 pub mod api;
 pub mod core;
+pub mod controllers;
 pub mod dev;
+pub mod ha;
 pub mod operator;

@@ -3,7 +3,9 @@
 //! lifecycle and must never hold domain logic.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -16,6 +18,10 @@ use kube::Client;
 use kube::api::Api;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::controllers::Context as ControllerContext;
+use crate::ha::{HaConfig, HaMetrics, Informer, Ownership, Queue, run_controller};
 
 /// Settings of `shoal run`, from flags or environment variables.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,6 +35,21 @@ pub struct RunConfig {
     /// Namespace where the operator keeps its Leases.
     #[arg(long, env = "POD_NAMESPACE", default_value = "shoal-system")]
     pub namespace: String,
+    /// Only watch this namespace (default: all namespaces).
+    #[arg(long, env = "SHOAL_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Append every side effect, as JSON lines, to this file (an audit of who acted on what
+    /// under which shard Lease).
+    #[arg(long, env = "SHOAL_ACTION_LOG")]
+    pub action_log: Option<PathBuf>,
+    /// Concurrent reconciles per controller.
+    #[arg(long, env = "SHOAL_WORKERS", default_value_t = 16)]
+    pub workers: usize,
+    /// Look at every object again this often even without a change.
+    #[arg(long, env = "SHOAL_RESYNC", default_value = "5m", value_parser = crate::ha::parse_duration)]
+    pub resync: Duration,
+    #[command(flatten)]
+    pub ha: HaConfig,
 }
 
 impl RunConfig {
@@ -46,20 +67,88 @@ pub struct Shared {
     pub ready: watch::Receiver<bool>,
 }
 
-/// Run the operator until SIGTERM or SIGINT.
+fn api_for<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Run the operator until SIGTERM or SIGINT. On a signal it stops taking work, drains,
+/// releases its Leases (so others take over at once) and returns. If the lease machinery
+/// fails, it returns an error: the process must not go on acting without fencing.
 pub async fn run(cfg: RunConfig) -> Result<()> {
+    cfg.ha.validate().map_err(|e| anyhow::anyhow!(e))?;
     let client = Client::try_default().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
     check_crds(&client).await?;
-    let registry = Registry::with_prefix("shoal");
+    let mut registry = Registry::default();
+    let ha_metrics = HaMetrics::new(&mut registry);
+    let action_log = match &cfg.action_log {
+        Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?),
+        None => None,
+    };
+    let identity = cfg.identity();
+    let own = Ownership::new(cfg.ha.clone(), identity.clone(), cfg.namespace.clone(), ha_metrics, action_log);
+    let shutdown = CancellationToken::new();
+
+    let mut leases = tokio::spawn(crate::ha::run_leases(client.clone(), own.clone(), shutdown.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    macro_rules! label {
+        ($k:ty) => {
+            tasks.spawn(crate::ha::run_labeler(api_for::<$k>(&client, &cfg.watch_namespace), own.clone(), shutdown.clone()));
+        };
+    }
+    label!(crate::api::Workflow);
+    label!(crate::api::Activity);
+    label!(crate::api::ActivityWorker);
+    label!(crate::api::Task);
+    label!(crate::api::Ignitor);
+    label!(crate::api::NamespaceManager);
+
+    let ctx = Arc::new(ControllerContext { client: client.clone(), own: own.clone(), resync: cfg.resync });
+    let wf_queue = Queue::default();
+    let wf_informer = Informer::new(api_for::<crate::api::Workflow>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone());
+    tasks.spawn(wf_informer.clone().run(shutdown.clone()));
+    {
+        let ctx = ctx.clone();
+        tasks.spawn(run_controller(wf_informer, wf_queue, own.clone(), cfg.workers, move |wf, fence| crate::controllers::workflow::reconcile(wf, fence, ctx.clone()), shutdown.clone()));
+    }
+
     let (ready_tx, ready_rx) = watch::channel(false);
     let shared = Arc::new(Shared { registry, ready: ready_rx });
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr).await.with_context(|| format!("binding {}", cfg.metrics_addr))?;
-    tracing::info!(identity = %cfg.identity(), addr = %cfg.metrics_addr, "shoal started");
-    let server = axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown_signal());
+    let http_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let _ = axum::serve(listener, router(shared)).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await;
+    });
     ready_tx.send_replace(true);
-    server.await?;
+    tracing::info!(%identity, namespace = %cfg.namespace, shards = cfg.ha.shards, "shoal started");
+
+    let result = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("signal received: draining and releasing leases");
+            shutdown.cancel();
+            match (&mut leases).await {
+                Ok(r) => r,
+                Err(e) => Err(anyhow::anyhow!("lease loop panicked: {e}")),
+            }
+        }
+        r = &mut leases => {
+            shutdown.cancel();
+            match r {
+                Ok(Ok(())) => Err(anyhow::anyhow!("lease loop stopped unexpectedly")),
+                Ok(Err(e)) => Err(e.context("lease machinery failed; exiting rather than acting without fencing")),
+                Err(e) => Err(anyhow::anyhow!("lease loop panicked: {e}")),
+            }
+        }
+    };
+    tasks.abort_all();
     tracing::info!("shoal stopped");
-    Ok(())
+    result
 }
 
 /// Fail fast, with a clear message, when the CRDs are not installed.

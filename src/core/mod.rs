@@ -3,3 +3,4 @@
 
 pub mod dag;
 pub mod schedule;
+pub mod shard;

@@ -1,0 +1,357 @@
+//! Sharded watches, a sharded work queue and the controller loop.
+//!
+//! A replica opens one label-selected watch (`shoal.dev/shard=<i>`) per kind for each shard
+//! it holds, and closes it when the shard goes, so each replica caches about 1/N of the
+//! objects. Work for a shard this replica does not hold is dropped at the queue and counted.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt::{Debug, Display};
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Fence, KindLabel, Ownership, ShardEvent};
+use crate::api::SHARD_LABEL;
+
+/// (namespace, name) of an object.
+pub type Key = (String, String);
+
+fn key_of<K: Resource>(o: &K) -> Key {
+    (o.meta().namespace.clone().unwrap_or_default(), o.name_any())
+}
+
+/// A deduplicating work queue: a key is queued at most once, and a key that changes while
+/// it is being reconciled is reconciled again afterwards, never concurrently.
+#[derive(Clone, Default)]
+pub struct Queue {
+    inner: Arc<QueueInner>,
+}
+
+#[derive(Default)]
+struct QueueInner {
+    state: Mutex<QState>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct QState {
+    ready: VecDeque<Key>,
+    queued: HashSet<Key>,
+    running: HashSet<Key>,
+    dirty: HashSet<Key>,
+}
+
+impl Queue {
+    pub fn add(&self, key: Key) {
+        let Ok(mut s) = self.inner.state.lock() else { return };
+        if s.running.contains(&key) {
+            s.dirty.insert(key);
+        } else if s.queued.insert(key.clone()) {
+            s.ready.push_back(key);
+            self.inner.notify.notify_one();
+        }
+    }
+
+    pub fn add_after(&self, key: Key, delay: Duration) {
+        let q = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            q.add(key);
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.state.lock().map(|s| s.ready.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    async fn pop(&self) -> Key {
+        loop {
+            if let Ok(mut s) = self.inner.state.lock() {
+                if let Some(k) = s.ready.pop_front() {
+                    s.queued.remove(&k);
+                    s.running.insert(k.clone());
+                    if !s.ready.is_empty() {
+                        self.inner.notify.notify_one();
+                    }
+                    return k;
+                }
+            }
+            self.inner.notify.notified().await;
+        }
+    }
+
+    fn done(&self, key: &Key) {
+        let again = match self.inner.state.lock() {
+            Ok(mut s) => {
+                s.running.remove(key);
+                s.dirty.remove(key)
+            }
+            Err(_) => false,
+        };
+        if again {
+            self.add(key.clone());
+        }
+    }
+}
+
+/// A cache of one kind, filled only from the shards this replica holds.
+pub struct Informer<K: Resource> {
+    api: Api<K>,
+    kind: String,
+    store: RwLock<HashMap<Key, Arc<K>>>,
+    tasks: Mutex<HashMap<u32, JoinHandle<()>>>,
+    queue: Queue,
+    own: Ownership,
+}
+
+impl<K> Informer<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default,
+{
+    pub fn new(api: Api<K>, own: Ownership, queue: Queue) -> Arc<Self> {
+        let kind = K::kind(&K::DynamicType::default()).to_string();
+        Arc::new(Self { api, kind, store: RwLock::new(HashMap::new()), tasks: Mutex::new(HashMap::new()), queue, own })
+    }
+
+    pub fn get(&self, key: &Key) -> Option<Arc<K>> {
+        self.store.read().ok()?.get(key).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.store.read().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn snapshot(&self) -> Vec<Arc<K>> {
+        self.store.read().map(|s| s.values().cloned().collect()).unwrap_or_default()
+    }
+
+    fn publish_size(&self) {
+        self.own.metrics().cache_objects.get_or_create(&KindLabel { kind: self.kind.clone() }).set(self.len() as i64);
+    }
+
+    /// Follow shard acquisitions and releases until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut events = self.own.subscribe();
+        for s in self.own.held_shards() {
+            self.start(s);
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ev = events.recv() => match ev {
+                    Ok(ShardEvent::Acquired(s)) => self.start(s),
+                    Ok(ShardEvent::Released(s)) => self.stop(s),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.resync(),
+                    Err(_) => break,
+                },
+            }
+        }
+        let shards: Vec<u32> = self.tasks.lock().map(|t| t.keys().copied().collect()).unwrap_or_default();
+        for s in shards {
+            self.stop(s);
+        }
+    }
+
+    fn resync(self: &Arc<Self>) {
+        let held: HashSet<u32> = self.own.held_shards().into_iter().collect();
+        let running: HashSet<u32> = self.tasks.lock().map(|t| t.keys().copied().collect()).unwrap_or_default();
+        for s in held.difference(&running) {
+            self.start(*s);
+        }
+        for s in running.difference(&held) {
+            self.stop(*s);
+        }
+    }
+
+    fn start(self: &Arc<Self>, shard: u32) {
+        let Ok(mut tasks) = self.tasks.lock() else { return };
+        if tasks.contains_key(&shard) {
+            return;
+        }
+        let me = self.clone();
+        tasks.insert(shard, tokio::spawn(async move { me.watch_shard(shard).await }));
+    }
+
+    fn stop(&self, shard: u32) {
+        if let Some(t) = self.tasks.lock().ok().and_then(|mut t| t.remove(&shard)) {
+            t.abort();
+        }
+        if let Ok(mut store) = self.store.write() {
+            store.retain(|_, o| Ownership::shard_label(o.as_ref()) != Some(shard));
+        }
+        self.publish_size();
+    }
+
+    async fn watch_shard(self: Arc<Self>, shard: u32) {
+        let cfg = watcher::Config::default().labels(&format!("{SHARD_LABEL}={shard}"));
+        let mut stream = watcher(self.api.clone(), cfg).default_backoff().boxed();
+        let mut seen: HashSet<Key> = HashSet::new();
+        while let Some(ev) = stream.next().await {
+            let Ok(ev) = ev else { continue };
+            match ev {
+                watcher::Event::Init => seen.clear(),
+                watcher::Event::InitApply(o) | watcher::Event::Apply(o) => {
+                    let mut o = o;
+                    o.meta_mut().managed_fields = None;
+                    let key = key_of(&o);
+                    seen.insert(key.clone());
+                    if let Ok(mut s) = self.store.write() {
+                        s.insert(key.clone(), Arc::new(o));
+                    }
+                    self.publish_size();
+                    self.queue.add(key);
+                }
+                watcher::Event::InitDone => {
+                    if let Ok(mut s) = self.store.write() {
+                        s.retain(|k, o| Ownership::shard_label(o.as_ref()) != Some(shard) || seen.contains(k));
+                    }
+                    self.publish_size();
+                }
+                watcher::Event::Delete(o) => {
+                    let key = key_of(&o);
+                    if let Ok(mut s) = self.store.write() {
+                        s.remove(&key);
+                    }
+                    self.publish_size();
+                    self.queue.add(key);
+                }
+            }
+        }
+    }
+}
+
+/// What to do after a successful reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Requeue(Duration),
+    AwaitChange,
+}
+
+/// Run `workers` reconcilers over the queue until `shutdown`. Each reconcile runs only while
+/// this replica owns the object's shard (counted in flight so a handover can drain it);
+/// errors retry with per-object exponential backoff that resets on success.
+pub async fn run_controller<K, F, Fut, E>(informer: Arc<Informer<K>>, queue: Queue, own: Ownership, workers: usize, reconcile: F, shutdown: CancellationToken)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default,
+    F: Fn(Arc<K>, Fence) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Action, E>> + Send,
+    E: Display + Send,
+{
+    let attempts: Arc<Mutex<HashMap<Key, usize>>> = Arc::default();
+    let mut handles = Vec::new();
+    for _ in 0..workers.max(1) {
+        let (informer, queue, own, reconcile, shutdown, attempts) = (informer.clone(), queue.clone(), own.clone(), reconcile.clone(), shutdown.clone(), attempts.clone());
+        handles.push(tokio::spawn(async move {
+            loop {
+                let key = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    k = queue.pop() => k,
+                };
+                let Some(obj) = informer.get(&key) else {
+                    queue.done(&key);
+                    continue;
+                };
+                let Some(shard) = Ownership::shard_label(obj.as_ref()) else {
+                    queue.done(&key);
+                    continue;
+                };
+                let Some((fence, guard)) = own.begin(shard) else {
+                    queue.done(&key);
+                    continue;
+                };
+                let result = reconcile(obj, fence).await;
+                drop(guard);
+                queue.done(&key);
+                match result {
+                    Ok(action) => {
+                        if let Ok(mut a) = attempts.lock() {
+                            a.remove(&key);
+                        }
+                        if let Action::Requeue(d) = action {
+                            queue.add_after(key, d);
+                        }
+                    }
+                    Err(e) => {
+                        let n = attempts.lock().map(|mut a| {
+                            let n = a.entry(key.clone()).or_default();
+                            *n += 1;
+                            *n
+                        }).unwrap_or(1);
+                        let delay = ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(200))
+                            .with_max_delay(Duration::from_secs(120))
+                            .with_jitter()
+                            .without_max_times()
+                            .build()
+                            .nth(n - 1)
+                            .unwrap_or(Duration::from_secs(120));
+                        tracing::warn!(object = ?key, error = %e, retry_in = ?delay, "reconcile failed");
+                        queue.add_after(key, delay);
+                    }
+                }
+            }
+        }));
+    }
+    futures::future::join_all(handles).await;
+}
+
+/// Leader duty: give every object of kind `K` without a shard label the label of its shard.
+pub async fn run_labeler<K>(api: Api<K>, own: Ownership, shutdown: CancellationToken)
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default,
+{
+    let shards = own.config().shards;
+    loop {
+        while own.leader_fence().is_none() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {},
+            }
+        }
+        let cfg = watcher::Config::default().labels(&format!("!{SHARD_LABEL}"));
+        let mut stream = watcher(api.clone(), cfg).default_backoff().applied_objects().boxed();
+        let mut tick = tokio::time::interval(own.config().retry_period);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => if own.leader_fence().is_none() { break },
+                o = stream.next() => match o {
+                    Some(Ok(o)) => {
+                        if own.leader_fence().is_none() { break }
+                        let Some(uid) = o.meta().uid.clone() else { continue };
+                        let shard = crate::core::shard::shard_of(&uid, shards);
+                        let ns = o.meta().namespace.clone().unwrap_or_default();
+                        let api_ns: Api<K> = Api::namespaced(api.clone().into_client(), &ns);
+                        let patch = serde_json::json!({"metadata": {"labels": {SHARD_LABEL: shard.to_string()}}});
+                        if let Err(e) = api_ns.patch(&o.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+                            tracing::debug!(error = %e, "labelling failed; will retry on the next event");
+                        }
+                    }
+                    Some(Err(_)) => continue,
+                    None => break,
+                },
+            }
+        }
+    }
+}

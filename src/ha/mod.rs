@@ -1,0 +1,349 @@
+//! High availability: membership, shard Leases, fencing, the leader, sharded watches and
+//! sharded work queues. This is the only module that reads or writes a Lease.
+//!
+//! Controllers only ask an [`Ownership`] handle "do I own this object now?" (and get a
+//! [`Fence`] to record the action under). They never look at a Lease themselves.
+//!
+//! Guarantees (see docs/ha.md): an object is in one shard (FNV-1a 64 of its UID mod S); a
+//! shard is held by at most one replica at a time (the Lease, written with resourceVersion
+//! preconditions); a replica stops acting on a shard once its last successful renew is older
+//! than the renew deadline, which is shorter than the lease duration, so it stops before
+//! anyone else can take over.
+
+mod informer;
+mod leases;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::{Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+pub use informer::{Action, Informer, Key, Queue, run_controller, run_labeler};
+pub use leases::run as run_leases;
+
+use crate::api::SHARD_LABEL;
+
+/// Lease and shard settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HaConfig {
+    /// Number of virtual shards. Fixed at install time: every replica must agree.
+    #[arg(long, env = "SHOAL_SHARDS", default_value_t = 32)]
+    pub shards: u32,
+    /// How long a Lease is valid after its last renew.
+    #[arg(long, env = "SHOAL_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// A replica stops acting on a shard when its last successful renew is older than this.
+    /// Must be shorter than the lease duration.
+    #[arg(long, env = "SHOAL_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub renew_deadline: Duration,
+    /// How often Leases are renewed and the ring is recomputed.
+    #[arg(long, env = "SHOAL_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    pub retry_period: Duration,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        Self { shards: 32, lease_duration: Duration::from_secs(15), renew_deadline: Duration::from_secs(10), retry_period: Duration::from_secs(2) }
+    }
+}
+
+/// Parse `15s`, `500ms`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?}; use ms, s or m")),
+    };
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err(format!("bad duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl HaConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.shards == 0 || self.shards > 4096 {
+            return Err("shards must be between 1 and 4096".into());
+        }
+        if self.renew_deadline >= self.lease_duration {
+            return Err("the renew deadline must be shorter than the lease duration".into());
+        }
+        if self.retry_period >= self.renew_deadline {
+            return Err("the retry period must be shorter than the renew deadline".into());
+        }
+        Ok(())
+    }
+}
+
+/// Proof of ownership at one moment: the shard and its Lease transition count (the fencing
+/// epoch). Two different replicas never hold the same (shard, transitions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub shard: u32,
+    pub transitions: i32,
+}
+
+/// What happened to a shard held by this replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardEvent {
+    Acquired(u32),
+    /// Stop new work: the shard is being handed over, or its Lease was lost.
+    Released(u32),
+}
+
+#[derive(Debug)]
+struct Hold {
+    transitions: i32,
+    /// When the last successful renew was *sent*: a conservative start of the lease.
+    renewed: Instant,
+    acquired: Instant,
+    draining: bool,
+    first_reconcile_seen: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabel {
+    pub name: String,
+}
+
+/// HA metrics.
+#[derive(Clone)]
+pub struct HaMetrics {
+    pub shards_owned: Gauge,
+    pub acquisitions: Family<ReasonLabel, Counter>,
+    pub releases: Family<ReasonLabel, Counter>,
+    pub ownership_denied: Counter,
+    pub leader: Family<NameLabel, Gauge>,
+    pub acquire_to_first_reconcile: Histogram,
+    pub cache_objects: Family<KindLabel, Gauge>,
+    pub members: Gauge,
+}
+
+impl HaMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            shards_owned: Gauge::default(),
+            acquisitions: Family::default(),
+            releases: Family::default(),
+            ownership_denied: Counter::default(),
+            leader: Family::default(),
+            acquire_to_first_reconcile: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            cache_objects: Family::default(),
+            members: Gauge::default(),
+        };
+        registry.register("shoal_shards_owned", "Shards this replica holds", m.shards_owned.clone());
+        registry.register("shoal_shard_acquisitions", "Shard Leases acquired, by reason", m.acquisitions.clone());
+        registry.register("shoal_shard_releases", "Shard Leases released or lost, by reason", m.releases.clone());
+        registry.register("shoal_ownership_denied", "Work dropped because this replica did not own the object", m.ownership_denied.clone());
+        registry.register("leader_election_master_status", "1 if this replica is the leader", m.leader.clone());
+        registry.register("shoal_shard_acquire_to_first_reconcile_seconds", "Time from a shard's acquisition to its first reconcile", m.acquire_to_first_reconcile.clone());
+        registry.register("shoal_cache_objects", "Objects in this replica's sharded cache", m.cache_objects.clone());
+        registry.register("shoal_ring_members", "Live members this replica sees", m.members.clone());
+        m
+    }
+}
+
+/// One entry of the action log: who did what to which object, under which fence.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActionRecord {
+    /// Milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+    pub replica: String,
+    pub object: String,
+    pub uid: String,
+    pub shard: u32,
+    pub transitions: i32,
+    pub action: String,
+}
+
+struct Inner {
+    cfg: HaConfig,
+    identity: String,
+    namespace: String,
+    held: Mutex<HashMap<u32, Hold>>,
+    in_flight: Mutex<HashMap<u32, usize>>,
+    leader_epoch: AtomicI64,
+    leader_renewed: Mutex<Option<Instant>>,
+    is_leader: AtomicBool,
+    events: broadcast::Sender<ShardEvent>,
+    metrics: HaMetrics,
+    action_log: Option<Mutex<std::fs::File>>,
+}
+
+/// The handle controllers use to ask whether they may act.
+#[derive(Clone)]
+pub struct Ownership {
+    inner: Arc<Inner>,
+}
+
+/// Keeps a shard's in-flight count up while a reconcile runs, so a release can drain.
+pub struct InFlight {
+    inner: Arc<Inner>,
+    shard: u32,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.inner.in_flight.lock() {
+            if let Some(c) = m.get_mut(&self.shard) {
+                *c = c.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl Ownership {
+    pub fn new(cfg: HaConfig, identity: String, namespace: String, metrics: HaMetrics, action_log: Option<std::fs::File>) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                identity,
+                namespace,
+                held: Mutex::new(HashMap::new()),
+                in_flight: Mutex::new(HashMap::new()),
+                leader_epoch: AtomicI64::new(-1),
+                leader_renewed: Mutex::new(None),
+                is_leader: AtomicBool::new(false),
+                events,
+                metrics,
+                action_log: action_log.map(Mutex::new),
+            }),
+        }
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.inner.identity
+    }
+
+    pub fn config(&self) -> &HaConfig {
+        &self.inner.cfg
+    }
+
+    pub fn metrics(&self) -> &HaMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<ShardEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// The shard an object is in, from its label (set by the leader or at creation).
+    pub fn shard_label<K: Resource>(obj: &K) -> Option<u32> {
+        obj.meta().labels.as_ref()?.get(SHARD_LABEL)?.parse().ok()
+    }
+
+    /// The shard an object belongs in, from its UID.
+    pub fn shard_for<K: Resource>(&self, obj: &K) -> Option<u32> {
+        obj.meta().uid.as_deref().map(|u| crate::core::shard::shard_of(u, self.inner.cfg.shards))
+    }
+
+    /// Do I own this shard right now? True only while the Lease is held, not being handed
+    /// over, and renewed within the renew deadline.
+    pub fn owns_shard(&self, shard: u32) -> Option<Fence> {
+        let held = self.inner.held.lock().ok()?;
+        let h = held.get(&shard)?;
+        if h.draining || h.renewed.elapsed() >= self.inner.cfg.renew_deadline {
+            return None;
+        }
+        Some(Fence { shard, transitions: h.transitions })
+    }
+
+    /// Do I own this object right now?
+    pub fn owns<K: Resource>(&self, obj: &K) -> Option<Fence> {
+        let shard = Self::shard_label(obj)?;
+        self.owns_shard(shard)
+    }
+
+    /// Am I the leader right now (within the renew deadline of the leader Lease)?
+    pub fn leader_fence(&self) -> Option<i64> {
+        if !self.inner.is_leader.load(Ordering::SeqCst) {
+            return None;
+        }
+        let renewed = (*self.inner.leader_renewed.lock().ok()?)?;
+        (renewed.elapsed() < self.inner.cfg.renew_deadline).then(|| self.inner.leader_epoch.load(Ordering::SeqCst))
+    }
+
+    /// Count a reconcile as in flight on `shard` until the guard drops. `None` if the shard
+    /// is not owned (the work is then dropped and counted).
+    pub fn begin(&self, shard: u32) -> Option<(Fence, InFlight)> {
+        let Some(fence) = self.owns_shard(shard) else {
+            self.inner.metrics.ownership_denied.inc();
+            return None;
+        };
+        *self.inner.in_flight.lock().ok()?.entry(shard).or_default() += 1;
+        if let Ok(mut held) = self.inner.held.lock() {
+            if let Some(h) = held.get_mut(&shard) {
+                if !h.first_reconcile_seen {
+                    h.first_reconcile_seen = true;
+                    self.inner.metrics.acquire_to_first_reconcile.observe(h.acquired.elapsed().as_secs_f64());
+                }
+            }
+        }
+        Some((fence, InFlight { inner: self.inner.clone(), shard }))
+    }
+
+    /// Check the fence right before a side effect and record it in the action log.
+    /// Returns false (and records nothing) if the fence no longer holds: the caller must not act.
+    pub fn record<K: Resource>(&self, fence: Fence, obj: &K, action: &str) -> bool {
+        if self.owns_shard(fence.shard) != Some(fence) {
+            self.inner.metrics.ownership_denied.inc();
+            return false;
+        }
+        if let Some(log) = &self.inner.action_log {
+            let rec = ActionRecord {
+                ts_ms: now_ms(),
+                replica: self.inner.identity.clone(),
+                object: format!("{}/{}", obj.meta().namespace.as_deref().unwrap_or(""), obj.name_any()),
+                uid: obj.meta().uid.clone().unwrap_or_default(),
+                shard: fence.shard,
+                transitions: fence.transitions,
+                action: action.to_string(),
+            };
+            if let (Ok(mut f), Ok(line)) = (log.lock(), serde_json::to_string(&rec)) {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+        true
+    }
+
+    /// Shards held right now (including those being drained).
+    pub fn held_shards(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.inner.held.lock().map(|h| h.keys().copied().collect()).unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn in_flight(&self, shard: u32) -> usize {
+        self.inner.in_flight.lock().map(|m| m.get(&shard).copied().unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

@@ -1,0 +1,292 @@
+//! The HA core against the real control plane, each replica a separate `shoal run` process:
+//! ownership by shard with an action log, memory share, graceful handover, crash failover
+//! (5 trials), a paused (stale) replica, and a joining replica.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+use shoal::ha::ActionRecord;
+
+use crate::common::{self, eventually};
+
+const SHARDS: u32 = 32;
+const LEASE: Duration = Duration::from_secs(5);
+
+struct Replica {
+    name: String,
+    child: Child,
+    metrics_port: u16,
+}
+
+struct Fleet {
+    ops_ns: String,
+    work_ns: String,
+    dir: PathBuf,
+    replicas: Vec<Replica>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for r in &mut self.replicas {
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Fleet {
+    fn start(&mut self, name: &str) {
+        let port = free_port();
+        let log = std::fs::File::create(self.dir.join(format!("{name}.stderr"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["run", "--identity", name, "--namespace", &self.ops_ns, "--watch-namespace", &self.work_ns])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--action-log", &self.dir.join(format!("{name}.actions")).display().to_string()])
+            .args(["--shards", &SHARDS.to_string(), "--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s", "--resync", "1s"])
+            .env("KUBECONFIG", common::kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting shoal run");
+        self.replicas.push(Replica { name: name.to_string(), child, metrics_port: port });
+    }
+
+    fn signal(&mut self, name: &str, sig: Signal) {
+        let r = self.replicas.iter().find(|r| r.name == name).unwrap();
+        kill(Pid::from_raw(r.child.id() as i32), sig).unwrap();
+    }
+
+    fn reap(&mut self, name: &str) {
+        if let Some(i) = self.replicas.iter().position(|r| r.name == name) {
+            let mut r = self.replicas.remove(i);
+            let _ = r.child.wait();
+        }
+    }
+
+    fn live(&self) -> Vec<String> {
+        self.replicas.iter().map(|r| r.name.clone()).collect()
+    }
+}
+
+/// shard -> holder, from the shard Leases.
+async fn holders(client: &Client, ns: &str) -> BTreeMap<u32, String> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let mut out = BTreeMap::new();
+    for l in api.list(&ListParams::default().labels("shoal.dev/lease-role=shard")).await.unwrap().items {
+        let shard: u32 = l.name_any().trim_start_matches("shoal-shard-").parse().unwrap();
+        if let Some(h) = l.spec.and_then(|s| s.holder_identity).filter(|h| !h.is_empty()) {
+            out.insert(shard, h);
+        }
+    }
+    out
+}
+
+/// Every shard held, only by `members`, each holding floor or ceil of S/N.
+async fn balanced(client: &Client, ns: &str, members: &[String]) -> Option<BTreeMap<u32, String>> {
+    let h = holders(client, ns).await;
+    if h.len() != SHARDS as usize || h.values().any(|x| !members.contains(x)) {
+        return None;
+    }
+    let n = members.len() as u32;
+    let ok = members.iter().all(|m| {
+        let c = h.values().filter(|x| *x == m).count() as u32;
+        c == SHARDS / n || c == SHARDS.div_ceil(n)
+    });
+    ok.then_some(h)
+}
+
+fn read_actions(dir: &Path) -> Vec<ActionRecord> {
+    let mut out: Vec<ActionRecord> = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "actions") {
+            for line in std::fs::read_to_string(&p).unwrap().lines() {
+                out.push(serde_json::from_str(line).unwrap());
+            }
+        }
+    }
+    out.sort_by_key(|r| (r.ts_ms, r.transitions));
+    out
+}
+
+async fn cache_size(port: u16) -> Option<i64> {
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut b = String::new();
+        s.read_to_string(&mut b).ok()?;
+        Some(b)
+    })
+    .await
+    .ok()??;
+    body.lines().find(|l| l.starts_with("shoal_cache_objects{kind=\"Workflow\"}"))?.split_whitespace().last()?.parse().ok()
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_share_shards_with_fencing() {
+    let client = common::client().await;
+    let ops_ns = common::namespace(&client, "ha-ops").await;
+    let work_ns = common::namespace(&client, "ha-work").await;
+    let dir = std::env::temp_dir().join(format!("shoal-ha-{work_ns}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut fleet = Fleet { ops_ns: ops_ns.clone(), work_ns: work_ns.clone(), dir: dir.clone(), replicas: vec![] };
+
+    // 300 workflows, created before any replica runs.
+    let wfs: Api<shoal::api::Workflow> = Api::namespaced(client.clone(), &work_ns);
+    let creates = (0..300).map(|i| {
+        let wfs = wfs.clone();
+        async move {
+            let wf: shoal::api::Workflow = serde_json::from_value(json!({
+                "apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": format!("wf-{i:03}")},
+                "spec": {"containers": [{"stepName": "a", "image": "busybox"}]}
+            }))
+            .unwrap();
+            wfs.create(&PostParams::default(), &wf).await.unwrap();
+        }
+    });
+    futures::future::join_all(creates).await;
+
+    for r in ["r1", "r2", "r3"] {
+        fleet.start(r);
+    }
+    let members = fleet.live();
+    eventually(Duration::from_secs(60), "3 replicas holding 10 or 11 shards each", || balanced(&client, &ops_ns, &members)).await;
+    eventually(Duration::from_secs(60), "all 300 workflows labelled and Started", || async {
+        let l = wfs.list(&ListParams::default()).await.ok()?;
+        let done = l.items.iter().filter(|w| w.labels().contains_key("shoal.dev/shard") && w.status.as_ref().and_then(|s| s.workflow_status).is_some()).count();
+        (done == 300).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Memory share: each replica caches only its shards' objects.
+    let mut sizes = Vec::new();
+    for r in &fleet.replicas {
+        sizes.push(eventually(Duration::from_secs(10), "cache metric", || cache_size(r.metrics_port)).await);
+    }
+    eprintln!("cache sizes with 3 replicas: {sizes:?} (of 300)");
+    assert_eq!(sizes.iter().sum::<i64>(), 300, "the caches partition the objects: {sizes:?}");
+    assert!(sizes.iter().all(|&s| (50..=150).contains(&s)), "each replica caches about 1/3: {sizes:?}");
+
+    // Graceful: SIGTERM hands every shard over in under 2 s.
+    let before = holders(&client, &ops_ns).await;
+    let victim = "r3";
+    let its: Vec<u32> = before.iter().filter(|(_, h)| *h == victim).map(|(s, _)| *s).collect();
+    let t0 = Instant::now();
+    fleet.signal(victim, Signal::SIGTERM);
+    let took = eventually(Duration::from_secs(10), "graceful handover", || async {
+        let h = holders(&client, &ops_ns).await;
+        its.iter().all(|s| h.get(s).is_some_and(|x| x != victim)).then(|| t0.elapsed())
+    })
+    .await;
+    fleet.reap(victim);
+    eprintln!("graceful handover of {} shards: {:.2}s", its.len(), took.as_secs_f64());
+    assert!(took < Duration::from_secs(2), "graceful handover took {took:?}");
+
+    // Crash: kill -9, five trials; the others hold every shard within lease + 2 s.
+    let mut next = 4;
+    let mut trials = Vec::new();
+    for _ in 0..5 {
+        let name = format!("r{next}");
+        next += 1;
+        fleet.start(&name);
+        let members = fleet.live();
+        eventually(Duration::from_secs(60), "balanced ring before the crash", || balanced(&client, &ops_ns, &members)).await;
+        let h = holders(&client, &ops_ns).await;
+        let its: Vec<u32> = h.iter().filter(|(_, x)| **x == name).map(|(s, _)| *s).collect();
+        let t0 = Instant::now();
+        fleet.signal(&name, Signal::SIGKILL);
+        fleet.reap(&name);
+        let took = eventually(Duration::from_secs(30), "crash failover", || async {
+            let h = holders(&client, &ops_ns).await;
+            its.iter().all(|s| h.get(s).is_some_and(|x| *x != name)).then(|| t0.elapsed())
+        })
+        .await;
+        trials.push(took.as_secs_f64());
+        assert!(took <= LEASE + Duration::from_secs(2), "crash failover took {took:?}");
+    }
+    let p50 = percentile(&mut trials.clone(), 0.5);
+    let max = trials.iter().cloned().fold(0.0, f64::max);
+    eprintln!("crash failover over {} trials (lease 5s): p50 {p50:.2}s, max {max:.2}s, all {trials:?}", trials.len());
+
+    // Pause: SIGSTOP past the lease, let the others take over, SIGCONT. The stale replica
+    // must not act on what it no longer owns.
+    let name = format!("r{next}");
+    next += 1;
+    fleet.start(&name);
+    let members = fleet.live();
+    eventually(Duration::from_secs(60), "balanced ring before the pause", || balanced(&client, &ops_ns, &members)).await;
+    let h = holders(&client, &ops_ns).await;
+    let its: Vec<u32> = h.iter().filter(|(_, x)| **x == name).map(|(s, _)| *s).collect();
+    fleet.signal(&name, Signal::SIGSTOP);
+    eventually(Duration::from_secs(30), "others hold the paused replica's shards", || async {
+        let h = holders(&client, &ops_ns).await;
+        its.iter().all(|s| h.get(s).is_some_and(|x| *x != name)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resumed_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    fleet.signal(&name, Signal::SIGCONT);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // Join: a new replica takes its share and nothing is acted on twice at once.
+    let joiner = format!("r{next}");
+    fleet.start(&joiner);
+    let members = fleet.live();
+    eventually(Duration::from_secs(60), "balanced ring after the join", || balanced(&client, &ops_ns, &members)).await;
+    assert!(holders(&client, &ops_ns).await.values().any(|h| *h == joiner), "the joiner holds shards");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The action log.
+    let actions = read_actions(&dir);
+    assert!(actions.len() > 1000, "expected a busy action log, got {}", actions.len());
+    let uid_shard: HashMap<String, u32> = wfs.list(&ListParams::default()).await.unwrap().items.iter()
+        .map(|w| (w.uid().unwrap(), w.labels()["shoal.dev/shard"].parse().unwrap())).collect();
+    let mut epoch_owner: HashMap<(u32, i32), String> = HashMap::new();
+    let mut last_epoch: HashMap<u32, (i32, String, i64)> = HashMap::new();
+    let mut reconciled: HashSet<String> = HashSet::new();
+    for a in &actions {
+        let label = uid_shard[&a.uid];
+        assert_eq!(a.shard, label, "{a:?} acted under a shard that is not the object's");
+        assert_eq!(a.shard, shoal::core::shard::shard_of(&a.uid, SHARDS), "label is FNV-1a of the UID");
+        let owner = epoch_owner.entry((a.shard, a.transitions)).or_insert_with(|| a.replica.clone());
+        assert_eq!(owner, &a.replica, "two replicas acted under the same shard epoch: {a:?}");
+        if let Some((e, who, ts)) = last_epoch.get(&a.shard) {
+            assert!(a.transitions >= *e, "stale action: {a:?} after {who} acted under epoch {e} at {ts}");
+        }
+        last_epoch.insert(a.shard, (a.transitions, a.replica.clone(), a.ts_ms));
+        reconciled.insert(a.uid.clone());
+    }
+    assert_eq!(reconciled.len(), 300, "every object was reconciled");
+    let stale: Vec<_> = actions.iter().filter(|a| a.replica == name && a.ts_ms >= resumed_ms && its.contains(&a.shard)).collect();
+    let lost_epochs: Vec<_> = stale.iter().filter(|a| h.get(&a.shard) == Some(&name)).collect();
+    assert!(lost_epochs.iter().all(|a| actions.iter().any(|b| b.replica == name && b.shard == a.shard && b.transitions == a.transitions && b.ts_ms >= resumed_ms)), "sanity");
+    for a in &stale {
+        let before_pause = actions.iter().filter(|b| b.replica == name && b.shard == a.shard && b.ts_ms < resumed_ms).map(|b| b.transitions).max();
+        assert!(before_pause.is_none_or(|e| a.transitions > e), "paused replica acted under its old epoch after resuming: {a:?}");
+    }
+    eprintln!("action log: {} actions by {} replicas, {} shard epochs, no overlap", actions.len(), actions.iter().map(|a| &a.replica).collect::<HashSet<_>>().len(), epoch_owner.len());
+    drop(fleet);
+    common::cleanup(&client, &work_ns).await;
+    common::cleanup(&client, &ops_ns).await;
+}
