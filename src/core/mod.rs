@@ -2,5 +2,6 @@
 //! tested exhaustively with unit and property tests.
 
 pub mod dag;
+pub mod plan;
 pub mod schedule;
 pub mod shard;
