@@ -18,6 +18,8 @@ use kube::Client;
 use kube::api::Api;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
+use k8s_openapi::api::batch::v1::Job;
+use kube::runtime::events::{Recorder, Reporter};
 use tokio_util::sync::CancellationToken;
 
 use crate::controllers::Context as ControllerContext;
@@ -109,10 +111,21 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     label!(crate::api::Ignitor);
     label!(crate::api::NamespaceManager);
 
-    let ctx = Arc::new(ControllerContext { client: client.clone(), own: own.clone(), resync: cfg.resync });
     let wf_queue = Queue::default();
     let wf_informer = Informer::new(api_for::<crate::api::Workflow>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone());
+    // Jobs wake the workflow that owns them.
+    let job_informer = Informer::new_mapped(api_for::<Job>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone(), crate::controllers::workflow::owner_key);
     tasks.spawn(wf_informer.clone().run(shutdown.clone()));
+    tasks.spawn(job_informer.clone().run(shutdown.clone()));
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "shoal".into(), instance: Some(identity.clone()) });
+    let ctx = Arc::new(ControllerContext {
+        client: client.clone(),
+        own: own.clone(),
+        resync: cfg.resync,
+        jobs: job_informer,
+        recorder,
+        metrics: crate::controllers::Metrics::new(&mut registry),
+    });
     {
         let ctx = ctx.clone();
         tasks.spawn(run_controller(wf_informer, wf_queue, own.clone(), cfg.workers, move |wf, fence| crate::controllers::workflow::reconcile(wf, fence, ctx.clone()), shutdown.clone()));

@@ -114,11 +114,28 @@ pub struct WorkflowStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 20))]
     pub retries: Option<i32>,
+    /// Labels and annotations for the step's pod (as Argo's template `metadata`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<StepMetadata>,
     /// Per-step timeout in seconds; overrides `maxStepTimeout`. `-1` means no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = -1, max = 604800))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == -1 || self > 0", "message": "timeoutSeconds must be -1 (unlimited) or a positive number of seconds"}]))]
     pub timeout_seconds: Option<i64>,
+}
+
+/// Pod metadata of a step.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepMetadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(inner(length(max = 63)))]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(inner(length(max = 4096)))]
+    pub annotations: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Lifecycle of a workflow, as in seed 001.

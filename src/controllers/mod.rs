@@ -8,9 +8,36 @@ pub mod workflow;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::batch::v1::Job;
 use kube::Client;
+use kube::runtime::events::Recorder;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
-use crate::ha::Ownership;
+use crate::ha::{Informer, Ownership};
+
+/// Controller metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    pub dispatch_latency: Histogram,
+    pub jobs_created: Counter,
+    pub status_writes: Counter,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            dispatch_latency: Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            jobs_created: Counter::default(),
+            status_writes: Counter::default(),
+        };
+        registry.register("shoal_step_dispatch_latency_seconds", "From seeing a step's Job finish to creating its dependents' Jobs", m.dispatch_latency.clone());
+        registry.register("shoal_jobs_created", "Step Jobs created", m.jobs_created.clone());
+        registry.register("shoal_status_writes", "Workflow status patches sent", m.status_writes.clone());
+        m
+    }
+}
 
 /// What every reconciler gets.
 pub struct Context {
@@ -18,6 +45,10 @@ pub struct Context {
     pub own: Ownership,
     /// How often an object is looked at again without any change.
     pub resync: Duration,
+    /// Jobs of the shards this replica holds.
+    pub jobs: Arc<Informer<Job>>,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
 }
 
 pub type Ctx = Arc<Context>;

@@ -26,7 +26,7 @@ use crate::api::SHARD_LABEL;
 /// (namespace, name) of an object.
 pub type Key = (String, String);
 
-fn key_of<K: Resource>(o: &K) -> Key {
+pub fn key_of<K: Resource>(o: &K) -> Key {
     (o.meta().namespace.clone().unwrap_or_default(), o.name_any())
 }
 
@@ -113,6 +113,10 @@ pub struct Informer<K: Resource> {
     api: Api<K>,
     kind: String,
     store: RwLock<HashMap<Key, Arc<K>>>,
+    /// When each object last changed in this cache (for dispatch latency).
+    seen: RwLock<HashMap<Key, std::time::Instant>>,
+    /// Which queue key an event on an object wakes (the object itself, or its owner).
+    map: Box<dyn Fn(&K) -> Option<Key> + Send + Sync>,
     tasks: Mutex<HashMap<u32, JoinHandle<()>>>,
     queue: Queue,
     own: Ownership,
@@ -124,8 +128,23 @@ where
     K::DynamicType: Default,
 {
     pub fn new(api: Api<K>, own: Ownership, queue: Queue) -> Arc<Self> {
+        Self::new_mapped(api, own, queue, |o| Some(key_of(o)))
+    }
+
+    /// An informer whose events wake `map(object)` in the queue, e.g. a child's owner.
+    pub fn new_mapped(api: Api<K>, own: Ownership, queue: Queue, map: impl Fn(&K) -> Option<Key> + Send + Sync + 'static) -> Arc<Self> {
         let kind = K::kind(&K::DynamicType::default()).to_string();
-        Arc::new(Self { api, kind, store: RwLock::new(HashMap::new()), tasks: Mutex::new(HashMap::new()), queue, own })
+        Arc::new(Self { api, kind, store: RwLock::new(HashMap::new()), seen: RwLock::new(HashMap::new()), map: Box::new(map), tasks: Mutex::new(HashMap::new()), queue, own })
+    }
+
+    /// When the object last changed in this cache.
+    pub fn seen_at(&self, key: &Key) -> Option<std::time::Instant> {
+        self.seen.read().ok()?.get(key).copied()
+    }
+
+    /// Objects for which `f` holds.
+    pub fn filter(&self, f: impl Fn(&K) -> bool) -> Vec<Arc<K>> {
+        self.store.read().map(|s| s.values().filter(|o| f(o)).cloned().collect()).unwrap_or_default()
     }
 
     pub fn get(&self, key: &Key) -> Option<Arc<K>> {
@@ -197,6 +216,9 @@ where
         }
         if let Ok(mut store) = self.store.write() {
             store.retain(|_, o| Ownership::shard_label(o.as_ref()) != Some(shard));
+            if let Ok(mut seen) = self.seen.write() {
+                seen.retain(|k, _| store.contains_key(k));
+            }
         }
         self.publish_size();
     }
@@ -214,11 +236,17 @@ where
                     o.meta_mut().managed_fields = None;
                     let key = key_of(&o);
                     seen.insert(key.clone());
+                    let wake = (self.map)(&o);
                     if let Ok(mut s) = self.store.write() {
                         s.insert(key.clone(), Arc::new(o));
                     }
+                    if let Ok(mut s) = self.seen.write() {
+                        s.insert(key, std::time::Instant::now());
+                    }
                     self.publish_size();
-                    self.queue.add(key);
+                    if let Some(w) = wake {
+                        self.queue.add(w);
+                    }
                 }
                 watcher::Event::InitDone => {
                     if let Ok(mut s) = self.store.write() {
@@ -231,8 +259,13 @@ where
                     if let Ok(mut s) = self.store.write() {
                         s.remove(&key);
                     }
+                    if let Ok(mut s) = self.seen.write() {
+                        s.remove(&key);
+                    }
                     self.publish_size();
-                    self.queue.add(key);
+                    if let Some(w) = (self.map)(&o) {
+                        self.queue.add(w);
+                    }
                 }
             }
         }

@@ -29,7 +29,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-pub use informer::{Action, Informer, Key, Queue, run_controller, run_labeler};
+pub use informer::{Action, Informer, Key, Queue, key_of, run_controller, run_labeler};
 pub use leases::run as run_leases;
 
 use crate::api::SHARD_LABEL;

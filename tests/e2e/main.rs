@@ -8,3 +8,5 @@ mod common;
 mod crds;
 mod examples;
 mod ha;
+mod operator;
+mod workflow;

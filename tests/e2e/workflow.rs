@@ -1,0 +1,277 @@
+//! The Workflow controller against the real control plane, with kwok pods.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use shoal::api::workflow::{StepPhase, Workflow, WorkflowPhase};
+
+use crate::common::{self, eventually};
+use crate::operator::{self, Operator};
+
+const T: Duration = Duration::from_secs(90);
+
+fn wf(name: &str, spec: Value) -> Workflow {
+    serde_json::from_value(json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+fn step(name: &str, deps: &[&str]) -> Value {
+    json!({"stepName": name, "image": "busybox", "command": ["true"], "dependsOn": deps})
+}
+
+async fn setup(client: &Client, prefix: &str) -> (String, Operator) {
+    let ops = common::namespace(client, &format!("{prefix}-ops")).await;
+    let work = common::namespace(client, prefix).await;
+    let mut op = Operator::new(&ops, &work);
+    op.start("r1");
+    (work, op)
+}
+
+async fn wait_phase(api: &Api<Workflow>, name: &str, phase: WorkflowPhase) -> Workflow {
+    eventually(T, &format!("{name} {phase:?}"), || async {
+        let w = api.get(name).await.ok()?;
+        (w.status.as_ref()?.workflow_status == Some(phase)).then_some(w)
+    })
+    .await
+}
+
+fn step_phase(w: &Workflow, s: &str) -> StepPhase {
+    w.status.as_ref().unwrap().steps.iter().find(|x| x.step_name == s).unwrap().phase
+}
+
+fn started(w: &Workflow, s: &str) -> k8s_openapi::jiff::Timestamp {
+    w.status.as_ref().unwrap().steps.iter().find(|x| x.step_name == s).unwrap().started_at.clone().unwrap().0
+}
+
+fn finished(w: &Workflow, s: &str) -> k8s_openapi::jiff::Timestamp {
+    w.status.as_ref().unwrap().steps.iter().find(|x| x.step_name == s).unwrap().finished_at.clone().unwrap().0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn diamond_and_wide_fan_out() {
+    let client = common::client().await;
+    let (ns, _op) = setup(&client, "wf-dag").await;
+    let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &wf("diamond", json!({"containers": [step("a", &[]), step("b", &["a"]), step("c", &["a"]), step("d", &["b", "c"])]}))).await.unwrap();
+    let mut fan = vec![step("root", &[])];
+    for i in 0..50 {
+        fan.push(step(&format!("leaf-{i}"), &["root"]));
+    }
+    fan.push(step("join", &(0..50).map(|i| format!("leaf-{i}")).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>()));
+    api.create(&PostParams::default(), &wf("fan", json!({"containers": fan}))).await.unwrap();
+
+    let d = wait_phase(&api, "diamond", WorkflowPhase::Completed).await;
+    assert!(started(&d, "b") >= finished(&d, "a") && started(&d, "c") >= finished(&d, "a"));
+    assert!(started(&d, "d") >= finished(&d, "b") && started(&d, "d") >= finished(&d, "c"));
+    let st = d.status.unwrap();
+    assert_eq!(st.executed_steps.len(), 4);
+    assert_eq!(st.progress.as_deref(), Some("4/4"));
+    assert!(st.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+
+    let f = wait_phase(&api, "fan", WorkflowPhase::Completed).await;
+    // The 50 leaves ran at the same time: every leaf started before any leaf finished... or
+    // at least, far more than one was running at once.
+    let leaves: Vec<_> = (0..50).map(|i| format!("leaf-{i}")).collect();
+    let first_finish = leaves.iter().map(|l| finished(&f, l)).min().unwrap();
+    let concurrent = leaves.iter().filter(|l| started(&f, l) <= first_finish).count();
+    assert!(concurrent >= 25, "only {concurrent} leaves were running at once");
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    assert_eq!(jobs.list(&ListParams::default().labels("shoal.dev/workflow=fan")).await.unwrap().items.len(), 52);
+    common::cleanup(&client, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_fail_fast_and_cycles() {
+    let client = common::client().await;
+    let (ns, _op) = setup(&client, "wf-fail").await;
+    let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
+    let bad = json!({"stepName": "bad", "image": "busybox", "dependsOn": ["a"], "metadata": {"labels": {"kwok.shoal.dev/exit-code": "3"}}});
+    api.create(&PostParams::default(), &wf("fast", json!({"containers": [step("a", &[]), bad.clone(), step("after-bad", &["bad"])]}))).await.unwrap();
+    api.create(&PostParams::default(), &wf("slow", json!({"failFast": false, "containers": [
+        step("a", &[]), bad, step("after-bad", &["bad"]),
+        {"stepName": "ok", "image": "busybox", "dependsOn": ["a"], "metadata": {"annotations": {"kwok.shoal.dev/delay": "2s"}}},
+        step("after-ok", &["ok"]),
+    ]}))).await.unwrap();
+    api.create(&PostParams::default(), &wf("cycle", json!({"containers": [step("a", &["c"]), step("b", &["a"]), step("c", &["b"])]}))).await.unwrap();
+
+    let f = wait_phase(&api, "fast", WorkflowPhase::Failed).await;
+    assert_eq!(step_phase(&f, "bad"), StepPhase::Failed);
+    assert_ne!(step_phase(&f, "after-bad"), StepPhase::Running);
+    assert!(f.status.as_ref().unwrap().message.as_deref().unwrap().contains("bad"));
+
+    let s = wait_phase(&api, "slow", WorkflowPhase::Failed).await;
+    assert_eq!(step_phase(&s, "after-ok"), StepPhase::Succeeded, "failFast: false lets the other branch finish");
+    assert_eq!(step_phase(&s, "after-bad"), StepPhase::Skipped);
+
+    let c = wait_phase(&api, "cycle", WorkflowPhase::Failed).await;
+    let cond = c.status.as_ref().unwrap().conditions.iter().find(|x| x.type_ == "Failed").unwrap().clone();
+    assert_eq!(cond.reason, "InvalidSpec");
+    assert!(cond.message.contains("dependency cycle") && cond.message.contains("a") && cond.message.contains("c"), "{}", cond.message);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    assert!(jobs.list(&ListParams::default().labels("shoal.dev/workflow=cycle")).await.unwrap().items.is_empty(), "no Job for a cyclic workflow");
+    common::cleanup(&client, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timeout_retry_and_outputs() {
+    let client = common::client().await;
+    let (ns, _op) = setup(&client, "wf-retry").await;
+    let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &wf("slowpoke", json!({"containers": [
+        {"stepName": "sleepy", "image": "busybox", "timeoutSeconds": 2, "metadata": {"annotations": {"kwok.shoal.dev/delay": "60s"}}},
+    ]}))).await.unwrap();
+    api.create(&PostParams::default(), &wf("flaky", json!({"containers": [
+        {"stepName": "flaky", "image": "busybox", "retries": 2, "metadata": {"annotations": {"kwok.shoal.dev/fail-attempts": "1"}}},
+    ]}))).await.unwrap();
+    api.create(&PostParams::default(), &wf("pipe", json!({"containers": [
+        {"stepName": "produce", "image": "busybox", "metadata": {"annotations": {"kwok.shoal.dev/termination-message": "{\"rows\": 42}"}}},
+        {"stepName": "consume", "image": "busybox", "dependsOn": ["produce"]},
+    ]}))).await.unwrap();
+
+    let s = wait_phase(&api, "slowpoke", WorkflowPhase::Failed).await;
+    let m = s.status.as_ref().unwrap().steps[0].message.clone().unwrap_or_default();
+    assert!(m.contains("timed out"), "{m}");
+
+    let f = wait_phase(&api, "flaky", WorkflowPhase::Completed).await;
+    let st = &f.status.as_ref().unwrap().steps[0];
+    assert_eq!(st.attempt, 1, "succeeded on the second attempt");
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let names: HashSet<String> = jobs.list(&ListParams::default().labels("shoal.dev/workflow=flaky")).await.unwrap().items.iter().map(|j| j.name_any()).collect();
+    assert_eq!(names.len(), 2, "one Job per attempt: {names:?}");
+
+    let p = wait_phase(&api, "pipe", WorkflowPhase::Completed).await;
+    assert_eq!(p.status.as_ref().unwrap().steps[0].output.as_deref(), Some("{\"rows\": 42}"));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = pods.list(&ListParams::default().labels("shoal.dev/workflow=pipe,shoal.dev/step=consume")).await.unwrap().items.remove(0);
+    let env: HashMap<String, String> = pod.spec.unwrap().containers[0].env.clone().unwrap().into_iter().map(|e| (e.name, e.value.unwrap_or_default())).collect();
+    assert_eq!(env["SHOAL_OUTPUT_PRODUCE"], "{\"rows\": 42}");
+    assert_eq!(env["ORCA_DATA"], "{\"rows\": 42}");
+    assert_eq!(env["ORCA_INITIATOR"], "produce");
+    common::cleanup(&client, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relabel_delete_and_spec_update_cascade() {
+    let client = common::client().await;
+    let (ns, _op) = setup(&client, "wf-cascade").await;
+    let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let slow = json!({"stepName": "a", "image": "busybox", "metadata": {"annotations": {"kwok.shoal.dev/delay": "60s"}}});
+    api.create(&PostParams::default(), &wf("w", json!({"containers": [slow]}))).await.unwrap();
+    let lp = ListParams::default().labels("shoal.dev/workflow=w");
+    eventually(T, "the Job", || async { (!jobs.list(&lp).await.ok()?.items.is_empty()).then_some(()) }).await;
+
+    api.patch("w", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"team": "blue"}}}))).await.unwrap();
+    eventually(T, "label cascaded", || async {
+        jobs.list(&lp).await.ok()?.items.iter().all(|j| j.labels().get("team").map(String::as_str) == Some("blue")).then_some(())
+    })
+    .await;
+    api.patch("w", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(json!([{"op": "remove", "path": "/metadata/labels/team"}])).unwrap())).await.unwrap();
+    eventually(T, "label removal cascaded", || async { jobs.list(&lp).await.ok()?.items.iter().all(|j| !j.labels().contains_key("team")).then_some(()) }).await;
+
+    // A spec update deletes the old spec's Jobs and starts again.
+    let old: Vec<String> = jobs.list(&lp).await.unwrap().items.iter().map(|j| j.name_any()).collect();
+    api.patch("w", &PatchParams::default(), &Patch::Merge(json!({"spec": {"containers": [step("x", &[]), step("y", &["x"])]}}))).await.unwrap();
+    let done = wait_phase(&api, "w", WorkflowPhase::Completed).await;
+    let st = done.status.unwrap();
+    assert_eq!(st.executed_steps, vec!["x".to_string(), "y".to_string()]);
+    assert_eq!(st.observed_generation, done.metadata.generation);
+    eventually(T, "old Jobs deleted", || async {
+        let now: HashSet<String> = jobs.list(&lp).await.ok()?.items.iter().map(|j| j.name_any()).collect();
+        old.iter().all(|o| !now.contains(o)).then_some(())
+    })
+    .await;
+
+    // Deleting the workflow deletes its Jobs (ownerReferences + the garbage collector).
+    api.delete("w", &DeleteParams::background()).await.unwrap();
+    eventually(T, "Jobs garbage-collected", || async { jobs.list(&lp).await.ok()?.items.is_empty().then_some(()) }).await;
+    common::cleanup(&client, &ns).await;
+}
+
+/// 200 workflows of 5 steps, 3 replicas; optionally one replica is killed mid-run.
+async fn many_workflows(prefix: &str, kill_one: bool) {
+    let client = common::client().await;
+    let ops = common::namespace(&client, &format!("{prefix}-ops")).await;
+    let ns = common::namespace(&client, prefix).await;
+    let mut op = Operator::new(&ops, &ns);
+    for r in ["r1", "r2", "r3"] {
+        op.start(r);
+    }
+    let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
+    let t0 = Instant::now();
+    let creates = (0..200).map(|i| {
+        let api = api.clone();
+        async move {
+            let spec = json!({"containers": [step("a", &[]), step("b", &["a"]), step("c", &["a"]), step("d", &["b", "c"]), step("e", &["d"])]});
+            api.create(&PostParams::default(), &wf(&format!("w{i:03}"), spec)).await.unwrap();
+        }
+    });
+    futures::future::join_all(creates).await;
+    if kill_one {
+        eventually(T, "a third of the workflows progressing", || async {
+            let l = api.list(&ListParams::default()).await.ok()?;
+            (l.items.iter().filter(|w| w.status.as_ref().is_some_and(|s| !s.executed_steps.is_empty())).count() >= 60).then_some(())
+        })
+        .await;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(op.pid("r2")), nix::sys::signal::Signal::SIGKILL).unwrap();
+        op.reap("r2");
+    }
+    eventually(Duration::from_secs(300), "all 200 workflows Completed", || async {
+        let l = api.list(&ListParams::default()).await.ok()?;
+        (l.items.iter().filter(|w| w.status.as_ref().and_then(|s| s.workflow_status) == Some(WorkflowPhase::Completed)).count() == 200).then_some(())
+    })
+    .await;
+    let elapsed = t0.elapsed();
+    let wfs = api.list(&ListParams::default()).await.unwrap().items;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let all_jobs = jobs.list(&ListParams::default()).await.unwrap().items;
+    let planned: usize = wfs.iter().map(|w| w.status.as_ref().unwrap().steps.iter().map(|s| s.attempt as usize + 1).sum::<usize>()).sum();
+    assert_eq!(planned, 1000, "no retries were needed");
+    assert_eq!(all_jobs.len(), planned, "Jobs created == step attempts planned");
+    let by_name: HashMap<String, String> = all_jobs.iter().map(|j| (j.name_any(), j.uid().unwrap())).collect();
+    for w in &wfs {
+        for s in &w.status.as_ref().unwrap().steps {
+            let jn = s.job_name.as_ref().unwrap();
+            assert_eq!(s.job_uid.as_ref(), by_name.get(jn), "{}/{}: the recorded Job UID is the one Job", w.name_any(), s.step_name);
+        }
+    }
+    // Writes per step and dispatch latency, from the surviving replicas' metrics.
+    let mut created = 0.0;
+    let mut writes = 0.0;
+    let mut lat = Vec::new();
+    for r in &op.replicas {
+        created += operator::metric(r.metrics_port, "shoal_jobs_created_total").await.unwrap_or(0.0);
+        writes += operator::metric(r.metrics_port, "shoal_status_writes_total").await.unwrap_or(0.0);
+        if let Some(page) = operator::metrics_page(r.metrics_port).await {
+            lat.push(page.lines().filter(|l| l.starts_with("shoal_step_dispatch_latency_seconds_")).map(String::from).collect::<Vec<_>>().join("\n"));
+        }
+    }
+    eprintln!(
+        "{prefix}: 200 workflows x 5 steps, 3 replicas{}: {:.1}s; jobs created {created}, status writes {writes} ({:.2} per step, surviving replicas)\n{}",
+        if kill_one { ", one killed mid-run" } else { "" },
+        elapsed.as_secs_f64(),
+        (created + writes) / 1000.0,
+        lat.join("\n")
+    );
+    if !kill_one {
+        assert_eq!(created, 1000.0, "every Job created exactly once");
+        assert!((created + writes) / 1000.0 <= 3.0, "writes per step: {}", (created + writes) / 1000.0);
+    }
+    drop(op);
+    common::cleanup(&client, &ns).await;
+    common::cleanup(&client, &ops).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_workflows_three_replicas() {
+    many_workflows("wf-load", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_workflows_with_a_crash() {
+    many_workflows("wf-crash", true).await;
+}
