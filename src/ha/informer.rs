@@ -310,6 +310,11 @@ where
                 };
                 let Some((fence, guard)) = own.begin(shard) else {
                     queue.done(&key);
+                    // Held but the fence lapsed for a moment (a slow renew): try again once it
+                    // is renewed. Not held, or being handed over: the next owner lists it.
+                    if own.is_held_not_draining(shard) {
+                        queue.add_after(key, own.config().retry_period);
+                    }
                     continue;
                 };
                 let result = reconcile(obj, fence).await;
@@ -365,10 +370,12 @@ where
         let cfg = watcher::Config::default().labels(&format!("!{SHARD_LABEL}"));
         let mut stream = watcher(api.clone(), cfg).default_backoff().applied_objects().boxed();
         let mut tick = tokio::time::interval(own.config().retry_period);
+        // Restart the watch now and then: its fresh list catches any object an event missed.
+        let relist_at = tokio::time::Instant::now() + own.config().lease_duration * 2;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tick.tick() => if own.leader_fence().is_none() { break },
+                _ = tick.tick() => if own.leader_fence().is_none() || tokio::time::Instant::now() > relist_at { break },
                 o = stream.next() => match o {
                     Some(Ok(o)) => {
                         if own.leader_fence().is_none() { break }

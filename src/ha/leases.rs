@@ -169,6 +169,11 @@ impl Loop {
         self.own.metrics().members.set(members.len() as i64);
         let desired: HashSet<u32> = crate::core::shard::preferred_shards(cfg.shards, &members, self.own.identity()).into_iter().collect();
 
+        // Renewals and acquisitions go out concurrently, so a tick stays short under load
+        // and no held shard's renewal waits behind the others.
+        let mut renewals = Vec::new();
+        let mut acquisitions = Vec::new();
+        let mut releases = Vec::new();
         for s in 0..cfg.shards {
             let name = shard_lease_name(s);
             let lease = by_name.get(&name);
@@ -178,15 +183,17 @@ impl Loop {
                     self.lose(s, "taken");
                 } else if desired.contains(&s) {
                     if let Some(l) = lease {
-                        self.renew_shard(s, l.clone()).await;
+                        renewals.push(self.renew_shard(s, l.clone()));
                     }
                 } else {
-                    self.release(s, lease.cloned(), "rebalance").await;
+                    releases.push(self.release(s, lease.cloned(), "rebalance"));
                 }
             } else if desired.contains(&s) {
-                self.try_acquire(s, &name, lease.cloned(), now).await;
+                acquisitions.push(self.try_acquire(s, name, lease.cloned(), now));
             }
         }
+        futures::future::join_all(renewals).await;
+        futures::future::join3(futures::future::join_all(acquisitions), futures::future::join_all(releases), async {}).await;
         // Fencing sweep: a shard not renewed within the deadline is no longer ours to act on.
         let stale: Vec<u32> = self.own.inner.held.lock().map(|h| h.iter().filter(|(_, h)| h.renewed.elapsed() >= cfg.renew_deadline).map(|(s, _)| *s).collect()).unwrap_or_default();
         for s in stale {
@@ -243,7 +250,8 @@ impl Loop {
         }
     }
 
-    async fn try_acquire(&self, s: u32, name: &str, lease: Option<Lease>, now: Timestamp) {
+    async fn try_acquire(&self, s: u32, name: String, lease: Option<Lease>, now: Timestamp) {
+        let name = name.as_str();
         let sent = Instant::now();
         let (result, reason, transitions) = match lease {
             None => {

@@ -332,6 +332,11 @@ impl Ownership {
         true
     }
 
+    /// Held and not being handed over (its fence may have lapsed for a moment).
+    pub fn is_held_not_draining(&self, shard: u32) -> bool {
+        self.inner.held.lock().map(|h| h.get(&shard).is_some_and(|h| !h.draining)).unwrap_or(false)
+    }
+
     /// Shards held right now (including those being drained).
     pub fn held_shards(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self.inner.held.lock().map(|h| h.keys().copied().collect()).unwrap_or_default();

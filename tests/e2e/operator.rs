@@ -48,7 +48,6 @@ impl Operator {
             .args(["run", "--identity", name, "--namespace", &self.ops_ns, "--watch-namespace", &self.work_ns])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(["--action-log", &self.dir.join(format!("{name}.actions")).display().to_string()])
-            .args(["--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s"])
             .args(&self.extra_args)
             .env("KUBECONFIG", common::kubeconfig())
             .env("RUST_LOG", "info,kube=warn")
@@ -58,10 +57,6 @@ impl Operator {
             .spawn()
             .expect("starting shoal run");
         self.replicas.push(Replica { name: name.to_string(), child, metrics_port: port });
-    }
-
-    pub fn live(&self) -> Vec<String> {
-        self.replicas.iter().map(|r| r.name.clone()).collect()
     }
 
     pub fn pid(&self, name: &str) -> i32 {
