@@ -20,6 +20,13 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Print a workflow's DAG as Graphviz DOT, coloured by step state
+    /// (`shoal graph my-wf | dot -Tsvg > my-wf.svg`).
+    Graph {
+        workflow: String,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
     /// A local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok).
     Dev {
         #[command(subcommand)]
@@ -62,6 +69,13 @@ async fn main() -> Result<()> {
             for crd in shoal::api::crds::all() {
                 std::fs::write(dir.join(shoal::api::crds::file_name(&crd)), shoal::api::crds::to_yaml(&crd))?;
             }
+            Ok(())
+        }
+        Cmd::Graph { workflow, namespace } => {
+            let client = kube::Client::try_default().await?;
+            let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+            let api: kube::Api<shoal::api::Workflow> = kube::Api::namespaced(client, &ns);
+            print!("{}", shoal::core::graph::dot(&api.get(&workflow).await?));
             Ok(())
         }
         Cmd::Dev { cmd: DevCmd::Up { dir, nodes } } => {

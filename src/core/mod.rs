@@ -2,6 +2,7 @@
 //! tested exhaustively with unit and property tests.
 
 pub mod dag;
+pub mod graph;
 pub mod plan;
 pub mod schedule;
 pub mod shard;

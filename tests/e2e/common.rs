@@ -83,3 +83,7 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Tests that load the whole machine (many replicas, a thousand Jobs) take turns, so that
+/// their timing bounds measure shoal and not each other.
+pub static HEAVY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);

@@ -144,6 +144,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_share_shards_with_fencing() {
+    let _turn = common::HEAVY.acquire().await.unwrap();
     let client = common::client().await;
     let ops_ns = common::namespace(&client, "ha-ops").await;
     let work_ns = common::namespace(&client, "ha-work").await;

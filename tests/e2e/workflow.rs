@@ -194,6 +194,7 @@ async fn relabel_delete_and_spec_update_cascade() {
 
 /// 200 workflows of 5 steps, 3 replicas; optionally one replica is killed mid-run.
 async fn many_workflows(prefix: &str, kill_one: bool) {
+    let _turn = common::HEAVY.acquire().await.unwrap();
     let client = common::client().await;
     let ops = common::namespace(&client, &format!("{prefix}-ops")).await;
     let ns = common::namespace(&client, prefix).await;
