@@ -3,8 +3,7 @@
 //! (5 trials), a paused (stale) replica, and a joining replica.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -16,70 +15,17 @@ use serde_json::json;
 use shoal::ha::ActionRecord;
 
 use crate::common::{self, eventually};
+use crate::operator::{self, Operator};
 
 const SHARDS: u32 = 32;
 const LEASE: Duration = Duration::from_secs(5);
 
-struct Replica {
-    name: String,
-    child: Child,
-    metrics_port: u16,
+fn signal(op: &Operator, name: &str, sig: Signal) {
+    kill(Pid::from_raw(op.pid(name)), sig).unwrap();
 }
 
-struct Fleet {
-    ops_ns: String,
-    work_ns: String,
-    dir: PathBuf,
-    replicas: Vec<Replica>,
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for r in &mut self.replicas {
-            let _ = r.child.kill();
-            let _ = r.child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Fleet {
-    fn start(&mut self, name: &str) {
-        let port = free_port();
-        let log = std::fs::File::create(self.dir.join(format!("{name}.stderr"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["run", "--identity", name, "--namespace", &self.ops_ns, "--watch-namespace", &self.work_ns])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--action-log", &self.dir.join(format!("{name}.actions")).display().to_string()])
-            .args(["--shards", &SHARDS.to_string(), "--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s", "--resync", "1s"])
-            .env("KUBECONFIG", common::kubeconfig())
-            .env("RUST_LOG", "info,kube=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting shoal run");
-        self.replicas.push(Replica { name: name.to_string(), child, metrics_port: port });
-    }
-
-    fn signal(&mut self, name: &str, sig: Signal) {
-        let r = self.replicas.iter().find(|r| r.name == name).unwrap();
-        kill(Pid::from_raw(r.child.id() as i32), sig).unwrap();
-    }
-
-    fn reap(&mut self, name: &str) {
-        if let Some(i) = self.replicas.iter().position(|r| r.name == name) {
-            let mut r = self.replicas.remove(i);
-            let _ = r.child.wait();
-        }
-    }
-
-    fn live(&self) -> Vec<String> {
-        self.replicas.iter().map(|r| r.name.clone()).collect()
-    }
+fn live(op: &Operator) -> Vec<String> {
+    op.replicas.iter().map(|r| r.name.clone()).collect()
 }
 
 /// shard -> holder, from the shard Leases.
@@ -124,17 +70,7 @@ fn read_actions(dir: &Path) -> Vec<ActionRecord> {
 }
 
 async fn cache_size(port: u16) -> Option<i64> {
-    let body = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut b = String::new();
-        s.read_to_string(&mut b).ok()?;
-        Some(b)
-    })
-    .await
-    .ok()??;
-    body.lines().find(|l| l.starts_with("shoal_cache_objects{kind=\"Workflow\"}"))?.split_whitespace().last()?.parse().ok()
+    operator::metric(port, "shoal_cache_objects{kind=\"Workflow\"}").await.map(|v| v as i64)
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -148,9 +84,9 @@ async fn replicas_share_shards_with_fencing() {
     let client = common::client().await;
     let ops_ns = common::namespace(&client, "ha-ops").await;
     let work_ns = common::namespace(&client, "ha-work").await;
-    let dir = std::env::temp_dir().join(format!("shoal-ha-{work_ns}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut fleet = Fleet { ops_ns: ops_ns.clone(), work_ns: work_ns.clone(), dir: dir.clone(), replicas: vec![] };
+    let mut fleet = Operator::new(&ops_ns, &work_ns);
+    fleet.extra_args = ["--shards", "32", "--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s", "--resync", "1s"].map(String::from).to_vec();
+    let dir = fleet.dir.clone();
 
     // 300 workflows, created before any replica runs.
     let wfs: Api<shoal::api::Workflow> = Api::namespaced(client.clone(), &work_ns);
@@ -170,7 +106,7 @@ async fn replicas_share_shards_with_fencing() {
     for r in ["r1", "r2", "r3"] {
         fleet.start(r);
     }
-    let members = fleet.live();
+    let members = live(&fleet);
     eventually(Duration::from_secs(60), "3 replicas holding 10 or 11 shards each", || balanced(&client, &ops_ns, &members)).await;
     eventually(Duration::from_secs(60), "all 300 workflows labelled and Started", || async {
         let l = wfs.list(&ListParams::default()).await.ok()?;
@@ -194,7 +130,7 @@ async fn replicas_share_shards_with_fencing() {
     let victim = "r3";
     let its: Vec<u32> = before.iter().filter(|(_, h)| *h == victim).map(|(s, _)| *s).collect();
     let t0 = Instant::now();
-    fleet.signal(victim, Signal::SIGTERM);
+    signal(&fleet, victim, Signal::SIGTERM);
     let took = eventually(Duration::from_secs(10), "graceful handover", || async {
         let h = holders(&client, &ops_ns).await;
         its.iter().all(|s| h.get(s).is_some_and(|x| x != victim)).then(|| t0.elapsed())
@@ -211,12 +147,12 @@ async fn replicas_share_shards_with_fencing() {
         let name = format!("r{next}");
         next += 1;
         fleet.start(&name);
-        let members = fleet.live();
+        let members = live(&fleet);
         eventually(Duration::from_secs(60), "balanced ring before the crash", || balanced(&client, &ops_ns, &members)).await;
         let h = holders(&client, &ops_ns).await;
         let its: Vec<u32> = h.iter().filter(|(_, x)| **x == name).map(|(s, _)| *s).collect();
         let t0 = Instant::now();
-        fleet.signal(&name, Signal::SIGKILL);
+        signal(&fleet, &name, Signal::SIGKILL);
         fleet.reap(&name);
         let took = eventually(Duration::from_secs(30), "crash failover", || async {
             let h = holders(&client, &ops_ns).await;
@@ -235,11 +171,11 @@ async fn replicas_share_shards_with_fencing() {
     let name = format!("r{next}");
     next += 1;
     fleet.start(&name);
-    let members = fleet.live();
+    let members = live(&fleet);
     eventually(Duration::from_secs(60), "balanced ring before the pause", || balanced(&client, &ops_ns, &members)).await;
     let h = holders(&client, &ops_ns).await;
     let its: Vec<u32> = h.iter().filter(|(_, x)| **x == name).map(|(s, _)| *s).collect();
-    fleet.signal(&name, Signal::SIGSTOP);
+    signal(&fleet, &name, Signal::SIGSTOP);
     eventually(Duration::from_secs(30), "others hold the paused replica's shards", || async {
         let h = holders(&client, &ops_ns).await;
         its.iter().all(|s| h.get(s).is_some_and(|x| *x != name)).then_some(())
@@ -247,13 +183,13 @@ async fn replicas_share_shards_with_fencing() {
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let resumed_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    fleet.signal(&name, Signal::SIGCONT);
+    signal(&fleet, &name, Signal::SIGCONT);
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     // Join: a new replica takes its share and nothing is acted on twice at once.
     let joiner = format!("r{next}");
     fleet.start(&joiner);
-    let members = fleet.live();
+    let members = live(&fleet);
     eventually(Duration::from_secs(60), "balanced ring after the join", || balanced(&client, &ops_ns, &members)).await;
     assert!(holders(&client, &ops_ns).await.values().any(|h| *h == joiner), "the joiner holds shards");
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -73,18 +73,8 @@ impl Operator {
 
 /// Scrape one metric value (first sample whose line starts with `prefix`) from a replica.
 pub async fn metric(port: u16, prefix: &str) -> Option<f64> {
-    let prefix = prefix.to_string();
-    let body = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut b = String::new();
-        s.read_to_string(&mut b).ok()?;
-        Some(b)
-    })
-    .await
-    .ok()??;
-    body.lines().find(|l| l.starts_with(&prefix))?.split_whitespace().nth(1)?.parse().ok()
+    let body = metrics_page(port).await?;
+    body.lines().find(|l| l.starts_with(prefix))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The whole metrics page of a replica.
