@@ -125,6 +125,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         jobs: job_informer,
         recorder,
         metrics: crate::controllers::Metrics::new(&mut registry),
+        superseded: Default::default(),
     });
     {
         let ctx = ctx.clone();

@@ -49,6 +49,29 @@ pub struct Context {
     pub jobs: Arc<Informer<Job>>,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    /// For each object whose status this replica patched: the resourceVersion the patch
+    /// replaced. A cached copy still at that version predates our own write (the watch has
+    /// not caught up); planning from it could repeat work, so it is skipped.
+    pub superseded: std::sync::Mutex<std::collections::HashMap<crate::ha::Key, String>>,
+}
+
+impl Context {
+    /// True if `rv` is a version this replica has already replaced with its own write.
+    /// Once the cache has a newer copy the entry is dropped, so the map stays small.
+    pub fn is_superseded(&self, key: &crate::ha::Key, rv: Option<&str>) -> bool {
+        let Ok(mut m) = self.superseded.lock() else { return false };
+        let stale = matches!((m.get(key), rv), (Some(old), Some(rv)) if old == rv);
+        if !stale {
+            m.remove(key);
+        }
+        stale
+    }
+
+    pub fn mark_superseded(&self, key: crate::ha::Key, rv: Option<String>) {
+        if let (Ok(mut m), Some(rv)) = (self.superseded.lock(), rv) {
+            m.insert(key, rv);
+        }
+    }
 }
 
 pub type Ctx = Arc<Context>;

@@ -67,6 +67,10 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
     }
     let ns = wf.namespace().unwrap_or_default();
     let name = wf.name_any();
+    if ctx.is_superseded(&(ns.clone(), name.clone()), wf.metadata.resource_version.as_deref()) {
+        // Our own status write is newer than this cached copy; its watch event brings it.
+        return Ok(Action::AwaitChange);
+    }
     let generation = wf.metadata.generation.unwrap_or(0);
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let mut status = wf.status.clone().unwrap_or_default();
@@ -226,7 +230,10 @@ async fn write_status(wf: &Workflow, new: &WorkflowStatus, fence: Fence, ctx: &C
     let patch = json!({"metadata": {"resourceVersion": wf.resource_version()}, "status": new});
     ctx.metrics.status_writes.inc();
     match api.patch_status(&wf.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
-        Ok(_) => Ok(Action::Requeue(ctx.resync)),
+        Ok(_) => {
+            ctx.mark_superseded((wf.namespace().unwrap_or_default(), wf.name_any()), wf.metadata.resource_version.clone());
+            Ok(Action::Requeue(ctx.resync))
+        }
         // Changed since we read it; the watch brings the new version and we plan again.
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(Action::AwaitChange),
         Err(e) => Err(e.into()),
