@@ -44,7 +44,9 @@ impl Operator {
     pub fn start(&mut self, name: &str) {
         let port = free_port();
         let log = std::fs::File::create(self.dir.join(format!("{name}.stderr"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        // SHOAL_BIN runs another build (e.g. target/release/shoal for CPU measurements).
+        let bin = std::env::var("SHOAL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_shoal").to_string());
+        let child = Command::new(bin)
             .args(["run", "--identity", name, "--namespace", &self.ops_ns, "--watch-namespace", &self.work_ns])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(["--action-log", &self.dir.join(format!("{name}.actions")).display().to_string()])
