@@ -39,8 +39,10 @@ const GO_SUM: &str = include_str!("../../tests/cluster/go.sum");
 const BUILD_SH: &str = include_str!("../../tests/cluster/build.sh");
 const KWOK_GO_MOD: &str = include_str!("../../tests/cluster/kwok/go.mod");
 const KWOK_GO_SUM: &str = include_str!("../../tests/cluster/kwok/go.sum");
+const HELM_GO_MOD: &str = include_str!("../../tests/cluster/helm/go.mod");
+const HELM_GO_SUM: &str = include_str!("../../tests/cluster/helm/go.sum");
 const KWOK_STAGES: &str = include_str!("kwok-stages.yaml");
-const COMPONENTS: [&str; 6] = ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd", "kwok"];
+const COMPONENTS: [&str; 7] = ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd", "kwok", "helm"];
 
 /// Options of [`up`].
 #[derive(Debug, Clone)]
@@ -109,6 +111,9 @@ pub fn ensure_binaries(build: bool) -> Result<PathBuf> {
     std::fs::create_dir_all(src.join("kwok"))?;
     std::fs::write(src.join("kwok/go.mod"), KWOK_GO_MOD)?;
     std::fs::write(src.join("kwok/go.sum"), KWOK_GO_SUM)?;
+    std::fs::create_dir_all(src.join("helm"))?;
+    std::fs::write(src.join("helm/go.mod"), HELM_GO_MOD)?;
+    std::fs::write(src.join("helm/go.sum"), HELM_GO_SUM)?;
     eprintln!("building the control plane ({missing:?}) into {}; this takes several minutes on a cold cache", bin.display());
     let status = Command::new("bash").arg(src.join("build.sh")).env("SHOAL_CACHE_DIR", bin.parent().and_then(Path::parent).unwrap_or(&bin)).status()
         .context("running the control-plane build (is Go installed?)")?;

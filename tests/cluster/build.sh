@@ -3,7 +3,7 @@
 # kube-scheduler, kubectl, kwok) from the Go modules pinned in go.mod, into a cache
 # outside the repository (SHOAL_CACHE_DIR, default ~/.cache/shoal). A second run finds the
 # binaries and does nothing. Pinned: Kubernetes v1.35.4 and etcd v3.6.16 (go.mod here),
-# kwok v0.7.0 (kwok/go.mod, because it needs an older apimachinery).
+# kwok v0.7.0 (kwok/go.mod, because it needs an older apimachinery), helm v3.19.2 (helm/go.mod).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 K8S_VERSION=v1.35.4
@@ -31,4 +31,7 @@ build etcd go.etcd.io/etcd/server/v3
 # kwok v0.7.0 needs apimachinery v0.33, so it has a module of its own.
 (cd "$here/kwok" && go mod download)
 build kwok sigs.k8s.io/kwok/cmd/kwok "$here/kwok"
+# helm, to render and check the chart in helm/ (its own module: it pins its own client-go).
+(cd "$here/helm" && go mod download)
+build helm helm.sh/helm/v3/cmd/helm "$here/helm"
 echo "control plane binaries ready in $BIN ($((SECONDS - t0)) s)"

@@ -8,5 +8,6 @@ mod common;
 mod crds;
 mod examples;
 mod ha;
+mod helm;
 mod operator;
 mod workflow;
