@@ -103,6 +103,13 @@ async fn failures_fail_fast_and_cycles() {
     assert_ne!(step_phase(&f, "after-bad"), StepPhase::Running);
     assert!(f.status.as_ref().unwrap().message.as_deref().unwrap().contains("bad"));
 
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    eventually(T, "a StepFailed Event on the workflow", || async {
+        let l = events.list(&ListParams::default()).await.ok()?;
+        l.items.iter().any(|e| e.reason.as_deref() == Some("StepFailed") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("fast")).then_some(())
+    })
+    .await;
+
     let s = wait_phase(&api, "slow", WorkflowPhase::Failed).await;
     assert_eq!(step_phase(&s, "after-ok"), StepPhase::Succeeded, "failFast: false lets the other branch finish");
     assert_eq!(step_phase(&s, "after-bad"), StepPhase::Skipped);
