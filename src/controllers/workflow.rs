@@ -45,6 +45,15 @@ pub fn owner_key(job: &Job) -> Option<(String, String)> {
     Some((job.namespace()?, job.labels().get(WORKFLOW_LABEL)?.clone()))
 }
 
+/// Only a Job's arrival, its finishing (or failing) and its removal matter to its workflow;
+/// the Job controller's other status updates do not wake it.
+pub fn job_change_matters(old: Option<&Job>, new: &Job) -> bool {
+    match old {
+        None => true,
+        Some(old) => job_state(old) != job_state(new),
+    }
+}
+
 fn job_state(job: &Job) -> plan::JobState {
     let Some(status) = &job.status else { return plan::JobState::Active };
     for c in status.conditions.iter().flatten() {
@@ -143,31 +152,40 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
     let fail_fast = wf.spec.fail_fast.unwrap_or(true);
     let mut p = plan::plan(&name, generation, &steps, &status.steps, &observed, fail_fast, now);
 
-    // Act: create the Jobs the plan asks for.
+    // Act: create the Jobs the plan asks for, concurrently (they are independent).
     let outputs: HashMap<String, String> = p.steps.iter().filter_map(|s| Some((s.step_name.clone(), s.output.clone()?))).collect();
+    let mut pending = Vec::new();
     for c in &p.creates {
         let Some(step) = wf.spec.containers.iter().find(|s| s.step_name == c.step) else { continue };
         let job = build_job(&wf, step, c, generation, &outputs)?;
         if !ctx.own.record(fence, wf.as_ref(), &format!("create-job:{}", c.job_name)) {
             return Ok(Action::AwaitChange);
         }
-        let uid = match jobs_api.create(&PostParams::default(), &job).await {
-            Ok(j) => {
-                ctx.metrics.jobs_created.inc();
-                j.uid()
-            }
-            Err(kube::Error::Api(e)) if e.code == 409 => jobs_api.get_opt(&c.job_name).await?.and_then(|j| j.uid()),
-            Err(e) => return Err(e.into()),
-        };
         // Dispatch latency: from seeing the last dependency's Job finish to this create.
         let deps_seen: Option<Instant> = step.depends_on.iter().flatten().filter_map(|d| {
             let dep = p.steps.iter().find(|s| &s.step_name == d)?;
             ctx.jobs.seen_at(&(ns.clone(), dep.job_name.clone()?))
         }).max();
-        if let Some(seen) = deps_seen {
-            ctx.metrics.dispatch_latency.observe(seen.elapsed().as_secs_f64());
-        }
-        if let Some(st) = p.steps.iter_mut().find(|s| s.step_name == c.step) {
+        let jobs_api = jobs_api.clone();
+        let ctx = ctx.clone();
+        pending.push(async move {
+            let uid = match jobs_api.create(&PostParams::default(), &job).await {
+                Ok(j) => {
+                    ctx.metrics.jobs_created.inc();
+                    j.uid()
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => jobs_api.get_opt(&c.job_name).await?.and_then(|j| j.uid()),
+                Err(e) => return Err(Error::from(e)),
+            };
+            if let Some(seen) = deps_seen {
+                ctx.metrics.dispatch_latency.observe(seen.elapsed().as_secs_f64());
+            }
+            Ok((c.step.clone(), uid))
+        });
+    }
+    for r in futures::future::join_all(pending).await {
+        let (step, uid) = r?;
+        if let Some(st) = p.steps.iter_mut().find(|s| s.step_name == step) {
             st.job_uid = uid;
         }
     }

@@ -117,6 +117,8 @@ pub struct Informer<K: Resource> {
     seen: RwLock<HashMap<Key, std::time::Instant>>,
     /// Which queue key an event on an object wakes (the object itself, or its owner).
     map: Box<dyn Fn(&K) -> Option<Key> + Send + Sync>,
+    /// Whether a change from the cached copy (if any) to the new one is worth a wake-up.
+    relevant: Box<dyn Fn(Option<&K>, &K) -> bool + Send + Sync>,
     tasks: Mutex<HashMap<u32, JoinHandle<()>>>,
     queue: Queue,
     own: Ownership,
@@ -128,13 +130,30 @@ where
     K::DynamicType: Default,
 {
     pub fn new(api: Api<K>, own: Ownership, queue: Queue) -> Arc<Self> {
-        Self::new_mapped(api, own, queue, |o| Some(key_of(o)))
+        Self::new_mapped(api, own, queue, |o| Some(key_of(o)), |_, _| true)
     }
 
-    /// An informer whose events wake `map(object)` in the queue, e.g. a child's owner.
-    pub fn new_mapped(api: Api<K>, own: Ownership, queue: Queue, map: impl Fn(&K) -> Option<Key> + Send + Sync + 'static) -> Arc<Self> {
+    /// An informer whose events wake `map(object)` in the queue (e.g. a child's owner), and
+    /// only when `relevant(cached, new)` says the change matters to it.
+    pub fn new_mapped(
+        api: Api<K>,
+        own: Ownership,
+        queue: Queue,
+        map: impl Fn(&K) -> Option<Key> + Send + Sync + 'static,
+        relevant: impl Fn(Option<&K>, &K) -> bool + Send + Sync + 'static,
+    ) -> Arc<Self> {
         let kind = K::kind(&K::DynamicType::default()).to_string();
-        Arc::new(Self { api, kind, store: RwLock::new(HashMap::new()), seen: RwLock::new(HashMap::new()), map: Box::new(map), tasks: Mutex::new(HashMap::new()), queue, own })
+        Arc::new(Self {
+            api,
+            kind,
+            store: RwLock::new(HashMap::new()),
+            seen: RwLock::new(HashMap::new()),
+            map: Box::new(map),
+            relevant: Box::new(relevant),
+            tasks: Mutex::new(HashMap::new()),
+            queue,
+            own,
+        })
     }
 
     /// When the object last changed in this cache.
@@ -236,12 +255,15 @@ where
                     o.meta_mut().managed_fields = None;
                     let key = key_of(&o);
                     seen.insert(key.clone());
-                    let wake = (self.map)(&o);
+                    let old = self.get(&key);
+                    let wake = if (self.relevant)(old.as_deref(), &o) { (self.map)(&o) } else { None };
                     if let Ok(mut s) = self.store.write() {
                         s.insert(key.clone(), Arc::new(o));
                     }
-                    if let Ok(mut s) = self.seen.write() {
-                        s.insert(key, std::time::Instant::now());
+                    if wake.is_some() || old.is_none() {
+                        if let Ok(mut s) = self.seen.write() {
+                            s.insert(key, std::time::Instant::now());
+                        }
                     }
                     self.publish_size();
                     if let Some(w) = wake {
