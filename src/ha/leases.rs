@@ -65,7 +65,7 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
     let api: Api<Lease> = Api::namespaced(client, &ns);
     let lp = Loop { api: api.clone(), member: member_lease_name(own.identity()), lease_secs: cfg.lease_duration.as_secs().max(1) as i32, own };
     let notify = Arc::new(Notify::new());
-    let watch_task = tokio::spawn(watch_leases(api, notify.clone(), lp.own.identity().to_string()));
+    let watch_task = tokio::spawn(watch_leases(api, notify.clone()));
     let mut last_ok = Instant::now();
     loop {
         if shutdown.is_cancelled() {
@@ -94,7 +94,7 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
 
 /// Wake the loop early when membership changes or a shard Lease is freed, so handover does
 /// not wait for the next retry period. Plain renewals do not wake it.
-async fn watch_leases(api: Api<Lease>, notify: Arc<Notify>, me: String) {
+async fn watch_leases(api: Api<Lease>, notify: Arc<Notify>) {
     let mut known_members: HashSet<String> = HashSet::new();
     let mut stream = watcher(api, watcher::Config::default().labels(MANAGED)).boxed();
     while let Some(ev) = stream.next().await {
@@ -109,7 +109,6 @@ async fn watch_leases(api: Api<Lease>, notify: Arc<Notify>, me: String) {
                         }
                     }
                     Some("shard") | Some("leader") if holder(&l).is_none() => notify.notify_one(),
-                    Some("shard") if holder(&l) != Some(me.as_str()) => {}
                     _ => {}
                 }
             }
