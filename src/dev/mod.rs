@@ -167,6 +167,16 @@ pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
 /// the default service account exists and (optionally) the CRDs are established.
 pub async fn up(opts: &UpOptions) -> Result<DevCluster> {
     let dir = std::path::absolute(&opts.dir)?;
+    let result = start(opts, &dir).await;
+    if result.is_err() {
+        // Leave nothing running behind a failed start.
+        let _ = down(&dir);
+    }
+    result
+}
+
+async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
+    let dir = dir.to_path_buf();
     std::fs::create_dir_all(&dir)?;
     if let Some(existing) = DevCluster::load(&dir) {
         if existing.all_alive() {
