@@ -175,18 +175,32 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
                     j.uid()
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => jobs_api.get_opt(&c.job_name).await?.and_then(|j| j.uid()),
+                // The API server refuses the Job (say, an invalid env var name): a spec error
+                // that retrying cannot fix. The step fails with the server's message.
+                Err(kube::Error::Api(e)) if e.code == 422 => return Ok((c.step.clone(), Err(e.message.clone()))),
                 Err(e) => return Err(Error::from(e)),
             };
             if let Some(seen) = deps_seen {
                 ctx.metrics.dispatch_latency.observe(seen.elapsed().as_secs_f64());
             }
-            Ok((c.step.clone(), uid))
+            Ok((c.step.clone(), Ok(uid)))
         });
     }
     for r in futures::future::join_all(pending).await {
-        let (step, uid) = r?;
-        if let Some(st) = p.steps.iter_mut().find(|s| s.step_name == step) {
-            st.job_uid = uid;
+        let (step, created) = r?;
+        let Some(st) = p.steps.iter_mut().find(|s| s.step_name == step) else { continue };
+        match created {
+            Ok(uid) => st.job_uid = uid,
+            Err(msg) => {
+                st.phase = StepPhase::Failed;
+                st.finished_at = Some(Time(now));
+                st.message = Some(format!("Job rejected by the API server: {msg}"));
+                p.events.push(("StepFailed", format!("step {step}: Job rejected by the API server: {msg}")));
+                if fail_fast {
+                    p.phase = WorkflowPhase::Failed;
+                    p.message = format!("step {step} failed");
+                }
+            }
         }
     }
 

@@ -96,6 +96,7 @@ async fn failures_fail_fast_and_cycles() {
         {"stepName": "ok", "image": "busybox", "dependsOn": ["a"], "metadata": {"annotations": {"kwok.shoal.dev/delay": "2s"}}},
         step("after-ok", &["ok"]),
     ]}))).await.unwrap();
+    api.create(&PostParams::default(), &wf("rejected", json!({"containers": [{"stepName": "a", "image": "busybox", "env": [{"name": "A=B", "value": "x"}]}]}))).await.unwrap();
     api.create(&PostParams::default(), &wf("cycle", json!({"containers": [step("a", &["c"]), step("b", &["a"]), step("c", &["b"])]}))).await.unwrap();
 
     let f = wait_phase(&api, "fast", WorkflowPhase::Failed).await;
@@ -113,6 +114,11 @@ async fn failures_fail_fast_and_cycles() {
     let s = wait_phase(&api, "slow", WorkflowPhase::Failed).await;
     assert_eq!(step_phase(&s, "after-ok"), StepPhase::Succeeded, "failFast: false lets the other branch finish");
     assert_eq!(step_phase(&s, "after-bad"), StepPhase::Skipped);
+
+    // A Job the API server refuses fails its step with the server's reason, once.
+    let r = wait_phase(&api, "rejected", WorkflowPhase::Failed).await;
+    let m = r.status.as_ref().unwrap().steps[0].message.clone().unwrap_or_default();
+    assert!(m.contains("Job rejected by the API server") && m.contains("A=B"), "{m}");
 
     let c = wait_phase(&api, "cycle", WorkflowPhase::Failed).await;
     let cond = c.status.as_ref().unwrap().conditions.iter().find(|x| x.type_ == "Failed").unwrap().clone();
