@@ -209,24 +209,16 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
     let total = p.steps.len();
     let done = p.steps.iter().filter(|s| s.phase == StepPhase::Succeeded).count();
     let mut conds = status.conditions.clone();
+    // (Ready, Progressing, Failed) and the reason they share, for each phase.
+    let (ready, progressing, failed, reason) = match p.phase {
+        WorkflowPhase::Completed => (true, false, false, "Completed"),
+        WorkflowPhase::Failed => (false, false, true, "StepFailed"),
+        _ => (false, true, false, "Running"),
+    };
     let g = Some(generation);
-    match p.phase {
-        WorkflowPhase::Completed => {
-            conditions::set_condition(&mut conds, conditions::condition(types::READY, true, "Completed", &p.message, g, t.clone()));
-            conditions::set_condition(&mut conds, conditions::condition(types::PROGRESSING, false, "Completed", &p.message, g, t.clone()));
-            conditions::set_condition(&mut conds, conditions::condition(types::FAILED, false, "Completed", "", g, t.clone()));
-        }
-        WorkflowPhase::Failed => {
-            conditions::set_condition(&mut conds, conditions::condition(types::READY, false, "StepFailed", &p.message, g, t.clone()));
-            conditions::set_condition(&mut conds, conditions::condition(types::PROGRESSING, false, "StepFailed", &p.message, g, t.clone()));
-            conditions::set_condition(&mut conds, conditions::condition(types::FAILED, true, "StepFailed", &p.message, g, t.clone()));
-        }
-        _ => {
-            conditions::set_condition(&mut conds, conditions::condition(types::READY, false, "Running", &p.message, g, t.clone()));
-            conditions::set_condition(&mut conds, conditions::condition(types::PROGRESSING, true, "Running", &p.message, g, t.clone()));
-            conditions::set_condition(&mut conds, conditions::condition(types::FAILED, false, "Running", "", g, t.clone()));
-        }
-    }
+    conditions::set_condition(&mut conds, conditions::condition(types::READY, ready, reason, &p.message, g, t.clone()));
+    conditions::set_condition(&mut conds, conditions::condition(types::PROGRESSING, progressing, reason, &p.message, g, t.clone()));
+    conditions::set_condition(&mut conds, conditions::condition(types::FAILED, failed, reason, if failed { p.message.as_str() } else { "" }, g, t.clone()));
     let phase_changed = status.workflow_status != Some(p.phase);
     let new = WorkflowStatus {
         workflow_status: Some(p.phase),
@@ -284,6 +276,7 @@ async fn read_output(ctx: &Ctx, ns: &str, job: &str) -> Result<Option<String>, E
 
 fn build_job(wf: &Workflow, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>) -> Result<Job, Error> {
     let mut labels = user_labels(wf);
+    let cascaded: Vec<String> = labels.keys().cloned().collect();
     let shard = wf.labels().get(SHARD_LABEL).cloned().unwrap_or_default();
     let step_label: String = step.step_name.to_lowercase().chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' || ch == '_' { ch } else { '-' }).collect();
     labels.insert(SHARD_LABEL.into(), shard);
@@ -291,7 +284,6 @@ fn build_job(wf: &Workflow, step: &crate::api::workflow::WorkflowStep, c: &plan:
     labels.insert(STEP_LABEL.into(), step_label.clone());
     labels.insert(GENERATION_LABEL.into(), generation.to_string());
     labels.insert(ATTEMPT_LABEL.into(), c.attempt.to_string());
-    let cascaded: Vec<String> = user_labels(wf).keys().cloned().collect();
 
     let mut env: Vec<EnvVar> = step.env.clone().unwrap_or_default();
     let deps = step.depends_on.clone().unwrap_or_default();

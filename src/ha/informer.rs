@@ -70,14 +70,6 @@ impl Queue {
         });
     }
 
-    pub fn len(&self) -> usize {
-        self.inner.state.lock().map(|s| s.ready.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     async fn pop(&self) -> Key {
         loop {
             if let Ok(mut s) = self.inner.state.lock() {
@@ -170,20 +162,9 @@ where
         self.store.read().ok()?.get(key).cloned()
     }
 
-    pub fn len(&self) -> usize {
-        self.store.read().map(|s| s.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn snapshot(&self) -> Vec<Arc<K>> {
-        self.store.read().map(|s| s.values().cloned().collect()).unwrap_or_default()
-    }
-
     fn publish_size(&self) {
-        self.own.metrics().cache_objects.get_or_create(&KindLabel { kind: self.kind.clone() }).set(self.len() as i64);
+        let size = self.store.read().map(|s| s.len()).unwrap_or(0);
+        self.own.metrics().cache_objects.get_or_create(&KindLabel { kind: self.kind.clone() }).set(size as i64);
     }
 
     /// Follow shard acquisitions and releases until `shutdown`.
@@ -381,7 +362,6 @@ where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default,
 {
-    let shards = own.config().shards;
     loop {
         while own.leader_fence().is_none() {
             tokio::select! {
@@ -401,8 +381,7 @@ where
                 o = stream.next() => match o {
                     Some(Ok(o)) => {
                         if own.leader_fence().is_none() { break }
-                        let Some(uid) = o.meta().uid.clone() else { continue };
-                        let shard = crate::core::shard::shard_of(&uid, shards);
+                        let Some(shard) = own.shard_for(&o) else { continue };
                         let ns = o.meta().namespace.clone().unwrap_or_default();
                         let api_ns: Api<K> = Api::namespaced(api.clone().into_client(), &ns);
                         let patch = serde_json::json!({"metadata": {"labels": {SHARD_LABEL: shard.to_string()}}});

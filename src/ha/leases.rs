@@ -45,6 +45,15 @@ fn holder(lease: &Lease) -> Option<&str> {
     lease.spec.as_ref()?.holder_identity.as_deref().filter(|h| !h.is_empty())
 }
 
+/// Free a Lease for the next holder without waiting for it to expire.
+fn clear_holder(lease: &mut Lease) {
+    if let Some(spec) = lease.spec.as_mut() {
+        spec.holder_identity = None;
+        spec.acquire_time = None;
+        spec.renew_time = None;
+    }
+}
+
 fn role(lease: &Lease) -> Option<&str> {
     lease.metadata.labels.as_ref()?.get(ROLE).map(String::as_str)
 }
@@ -144,6 +153,19 @@ impl Loop {
                 ..Default::default()
             }),
         }
+    }
+
+    /// Make `l` ours from `now`: a new holder is a new fencing epoch, so the transition
+    /// count goes up. Returns that count.
+    fn take_over(&self, l: &mut Lease, now: Timestamp) -> i32 {
+        let spec = l.spec.get_or_insert_with(Default::default);
+        let transitions = spec.lease_transitions.unwrap_or(0) + 1;
+        spec.holder_identity = Some(self.own.identity().to_string());
+        spec.lease_duration_seconds = Some(self.lease_secs);
+        spec.acquire_time = Some(MicroTime(now));
+        spec.renew_time = Some(MicroTime(now));
+        spec.lease_transitions = Some(transitions);
+        transitions
     }
 
     async fn tick(&self) -> Result<()> {
@@ -264,13 +286,7 @@ impl Loop {
                     return;
                 }
                 let reason = if free { "free" } else if mine { "restart" } else { "expired" };
-                let spec = l.spec.get_or_insert_with(Default::default);
-                let transitions = spec.lease_transitions.unwrap_or(0) + 1;
-                spec.holder_identity = Some(self.own.identity().to_string());
-                spec.lease_duration_seconds = Some(self.lease_secs);
-                spec.acquire_time = Some(MicroTime(now));
-                spec.renew_time = Some(MicroTime(now));
-                spec.lease_transitions = Some(transitions);
+                let transitions = self.take_over(&mut l, now);
                 (self.api.replace(name, &PostParams::default(), &l).await, reason, transitions)
             }
         };
@@ -303,11 +319,7 @@ impl Loop {
         }
         if let Some(mut l) = lease {
             if holder(&l) == Some(self.own.identity()) {
-                if let Some(spec) = l.spec.as_mut() {
-                    spec.holder_identity = None;
-                    spec.acquire_time = None;
-                    spec.renew_time = None;
-                }
+                clear_holder(&mut l);
                 if let Err(e) = self.api.replace(&shard_lease_name(s), &PostParams::default(), &l).await {
                     tracing::debug!(shard = s, error = %e, "release write failed; the Lease will expire");
                 }
@@ -332,7 +344,7 @@ impl Loop {
     async fn leader(&self, lease: Option<Lease>, now: Timestamp) {
         let me = self.own.identity();
         let sent = Instant::now();
-        let was_leader = self.own.inner.is_leader.load(Ordering::SeqCst);
+        let was_leader = self.own.inner.leader_renewed.lock().map(|r| r.is_some()).unwrap_or(false);
         let outcome = match lease {
             None => {
                 let l = self.new_lease(LEADER_LEASE, "leader", now, 1);
@@ -347,13 +359,7 @@ impl Loop {
                     let t = l.spec.as_ref().and_then(|s| s.lease_transitions).unwrap_or(0);
                     self.api.replace(LEADER_LEASE, &PostParams::default(), &l).await.map(|_| Some(t))
                 } else if holder(&l).is_none() || expired(&l, now) || mine {
-                    let spec = l.spec.get_or_insert_with(Default::default);
-                    let t = spec.lease_transitions.unwrap_or(0) + 1;
-                    spec.holder_identity = Some(me.to_string());
-                    spec.lease_duration_seconds = Some(self.lease_secs);
-                    spec.acquire_time = Some(MicroTime(now));
-                    spec.renew_time = Some(MicroTime(now));
-                    spec.lease_transitions = Some(t);
+                    let t = self.take_over(&mut l, now);
                     self.api.replace(LEADER_LEASE, &PostParams::default(), &l).await.map(|_| Some(t))
                 } else {
                     Ok(None)
@@ -367,12 +373,11 @@ impl Loop {
                 if let Ok(mut r) = self.own.inner.leader_renewed.lock() {
                     *r = Some(sent);
                 }
-                self.own.inner.is_leader.store(true, Ordering::SeqCst);
                 if !was_leader {
                     tracing::info!(epoch = t, "became leader");
                 }
             }
-            Ok(None) => self.own.inner.is_leader.store(false, Ordering::SeqCst),
+            Ok(None) => self.own.step_down(),
             Err(e) => tracing::debug!(error = %e, "leader lease write failed"),
         }
         self.own.metrics().leader.get_or_create(&label).set(i64::from(self.own.leader_fence().is_some()));
@@ -398,12 +403,8 @@ impl Loop {
         futures::future::join_all(shards.iter().map(|s| self.release(*s, by_name.get(&shard_lease_name(*s)).cloned(), "shutdown"))).await;
         if let Some(mut l) = by_name.get(LEADER_LEASE).cloned() {
             if holder(&l) == Some(self.own.identity()) {
-                self.own.inner.is_leader.store(false, Ordering::SeqCst);
-                if let Some(spec) = l.spec.as_mut() {
-                    spec.holder_identity = None;
-                    spec.renew_time = None;
-                    spec.acquire_time = None;
-                }
+                self.own.step_down();
+                clear_holder(&mut l);
                 let _ = self.api.replace(LEADER_LEASE, &PostParams::default(), &l).await;
             }
         }

@@ -15,7 +15,7 @@ mod leases;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -188,8 +188,8 @@ struct Inner {
     held: Mutex<HashMap<u32, Hold>>,
     in_flight: Mutex<HashMap<u32, usize>>,
     leader_epoch: AtomicI64,
+    /// When the leader Lease was last renewed (sent); `None` when not the leader.
     leader_renewed: Mutex<Option<Instant>>,
-    is_leader: AtomicBool,
     events: broadcast::Sender<ShardEvent>,
     metrics: HaMetrics,
     action_log: Option<Mutex<std::fs::File>>,
@@ -229,7 +229,6 @@ impl Ownership {
                 in_flight: Mutex::new(HashMap::new()),
                 leader_epoch: AtomicI64::new(-1),
                 leader_renewed: Mutex::new(None),
-                is_leader: AtomicBool::new(false),
                 events,
                 metrics,
                 action_log: action_log.map(Mutex::new),
@@ -258,7 +257,7 @@ impl Ownership {
         obj.meta().labels.as_ref()?.get(SHARD_LABEL)?.parse().ok()
     }
 
-    /// The shard an object belongs in, from its UID.
+    /// The shard an object belongs in, from its UID (what the leader labels it with).
     pub fn shard_for<K: Resource>(&self, obj: &K) -> Option<u32> {
         obj.meta().uid.as_deref().map(|u| crate::core::shard::shard_of(u, self.inner.cfg.shards))
     }
@@ -282,11 +281,14 @@ impl Ownership {
 
     /// Am I the leader right now (within the renew deadline of the leader Lease)?
     pub fn leader_fence(&self) -> Option<i64> {
-        if !self.inner.is_leader.load(Ordering::SeqCst) {
-            return None;
-        }
         let renewed = (*self.inner.leader_renewed.lock().ok()?)?;
         (renewed.elapsed() < self.inner.cfg.renew_deadline).then(|| self.inner.leader_epoch.load(Ordering::SeqCst))
+    }
+
+    fn step_down(&self) {
+        if let Ok(mut r) = self.inner.leader_renewed.lock() {
+            *r = None;
+        }
     }
 
     /// Count a reconcile as in flight on `shard` until the guard drops. `None` if the shard

@@ -2,20 +2,13 @@
 //! and CEL rules, with a message that says what is wrong.
 
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, PostParams};
-use kube::core::GroupVersionKind;
+use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::{Value, json};
 
 use crate::common;
 
 async fn create(client: &Client, ns: &str, obj: Value) -> Result<(), String> {
-    let kind = obj["kind"].as_str().unwrap().to_string();
-    let plural = match kind.as_str() {
-        "Activity" => "activities".to_string(),
-        k => format!("{}s", k.to_lowercase()),
-    };
-    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("shoal.dev", "v1alpha1", &kind), &plural);
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    let api = common::shoal_api(client, ns, obj["kind"].as_str().unwrap());
     let obj: DynamicObject = serde_json::from_value(obj).unwrap();
     match api.create(&PostParams::default(), &obj).await {
         Ok(_) => Ok(()),

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams};
+use kube::core::GroupVersionKind;
 
 /// Kubeconfig of the shared cluster: `SHOAL_TEST_KUBECONFIG` (set by `make test`), or a
 /// cluster this binary starts once in `target/shoal-test-cluster` and leaves running for the
@@ -87,3 +88,14 @@ where
 /// Tests that load the whole machine (many replicas, a thousand Jobs) take turns, so that
 /// their timing bounds measure shoal and not each other.
 pub static HEAVY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// An untyped API for a shoal kind in `ns`, for objects the typed structs cannot hold
+/// (invalid ones, or samples read from YAML).
+pub fn shoal_api(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
+    let plural = match kind {
+        "Activity" => "activities".to_string(),
+        k => format!("{}s", k.to_lowercase()),
+    };
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("shoal.dev", "v1alpha1", kind), &plural);
+    Api::namespaced_with(client.clone(), ns, &ar)
+}

@@ -2,8 +2,7 @@
 
 use std::path::PathBuf;
 
-use kube::api::{Api, ApiResource, DynamicObject, PostParams};
-use kube::core::GroupVersionKind;
+use kube::api::{DynamicObject, PostParams};
 use serde::Deserialize;
 
 use crate::common;
@@ -30,12 +29,7 @@ async fn every_example_is_accepted() {
                 continue;
             }
             let kind = value["kind"].as_str().unwrap().to_string();
-            let plural = match kind.as_str() {
-                "Activity" => "activities".to_string(),
-                k => format!("{}s", k.to_lowercase()),
-            };
-            let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("shoal.dev", "v1alpha1", &kind), &plural);
-            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+            let api = common::shoal_api(&client, &ns, &kind);
             let mut obj: DynamicObject = serde_json::from_value(value).unwrap();
             obj.metadata.namespace = None;
             api.create(&PostParams::default(), &obj).await.unwrap_or_else(|e| panic!("{} ({kind}) rejected: {e}", file.display()));

@@ -55,6 +55,27 @@ async fn balanced(client: &Client, ns: &str, members: &[String]) -> Option<BTree
     ok.then_some(h)
 }
 
+/// The shards `name` holds.
+fn held_by(h: &BTreeMap<u32, String>, name: &str) -> Vec<u32> {
+    h.iter().filter(|(_, x)| *x == name).map(|(s, _)| *s).collect()
+}
+
+/// Start replica `name` and wait until the ring is balanced over every live replica.
+async fn start_balanced(fleet: &mut Operator, client: &Client, ns: &str, name: &str, what: &str) -> BTreeMap<u32, String> {
+    fleet.start(name);
+    let members = live(fleet);
+    eventually(Duration::from_secs(60), what, || balanced(client, ns, &members)).await
+}
+
+/// Wait until replicas other than `from` hold every one of `shards`; the time since `t0`.
+async fn handed_over(client: &Client, ns: &str, shards: &[u32], from: &str, t0: Instant, timeout: Duration, what: &str) -> Duration {
+    eventually(timeout, what, || async {
+        let h = holders(client, ns).await;
+        shards.iter().all(|s| h.get(s).is_some_and(|x| x != from)).then(|| t0.elapsed())
+    })
+    .await
+}
+
 fn read_actions(dir: &Path) -> Vec<ActionRecord> {
     let mut out: Vec<ActionRecord> = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
@@ -126,16 +147,11 @@ async fn replicas_share_shards_with_fencing() {
     assert!(sizes.iter().all(|&s| (50..=150).contains(&s)), "each replica caches about 1/3: {sizes:?}");
 
     // Graceful: SIGTERM hands every shard over in under 2 s.
-    let before = holders(&client, &ops_ns).await;
     let victim = "r3";
-    let its: Vec<u32> = before.iter().filter(|(_, h)| *h == victim).map(|(s, _)| *s).collect();
+    let its = held_by(&holders(&client, &ops_ns).await, victim);
     let t0 = Instant::now();
     signal(&fleet, victim, Signal::SIGTERM);
-    let took = eventually(Duration::from_secs(10), "graceful handover", || async {
-        let h = holders(&client, &ops_ns).await;
-        its.iter().all(|s| h.get(s).is_some_and(|x| x != victim)).then(|| t0.elapsed())
-    })
-    .await;
+    let took = handed_over(&client, &ops_ns, &its, victim, t0, Duration::from_secs(10), "graceful handover").await;
     fleet.reap(victim);
     eprintln!("graceful handover of {} shards: {:.2}s", its.len(), took.as_secs_f64());
     assert!(took < Duration::from_secs(2), "graceful handover took {took:?}");
@@ -146,19 +162,12 @@ async fn replicas_share_shards_with_fencing() {
     for _ in 0..5 {
         let name = format!("r{next}");
         next += 1;
-        fleet.start(&name);
-        let members = live(&fleet);
-        eventually(Duration::from_secs(60), "balanced ring before the crash", || balanced(&client, &ops_ns, &members)).await;
-        let h = holders(&client, &ops_ns).await;
-        let its: Vec<u32> = h.iter().filter(|(_, x)| **x == name).map(|(s, _)| *s).collect();
+        let h = start_balanced(&mut fleet, &client, &ops_ns, &name, "balanced ring before the crash").await;
+        let its = held_by(&h, &name);
         let t0 = Instant::now();
         signal(&fleet, &name, Signal::SIGKILL);
         fleet.reap(&name);
-        let took = eventually(Duration::from_secs(30), "crash failover", || async {
-            let h = holders(&client, &ops_ns).await;
-            its.iter().all(|s| h.get(s).is_some_and(|x| *x != name)).then(|| t0.elapsed())
-        })
-        .await;
+        let took = handed_over(&client, &ops_ns, &its, &name, t0, Duration::from_secs(30), "crash failover").await;
         trials.push(took.as_secs_f64());
         assert!(took <= LEASE + Duration::from_secs(2), "crash failover took {took:?}");
     }
@@ -170,17 +179,10 @@ async fn replicas_share_shards_with_fencing() {
     // must not act on what it no longer owns.
     let name = format!("r{next}");
     next += 1;
-    fleet.start(&name);
-    let members = live(&fleet);
-    eventually(Duration::from_secs(60), "balanced ring before the pause", || balanced(&client, &ops_ns, &members)).await;
-    let h = holders(&client, &ops_ns).await;
-    let its: Vec<u32> = h.iter().filter(|(_, x)| **x == name).map(|(s, _)| *s).collect();
+    let h = start_balanced(&mut fleet, &client, &ops_ns, &name, "balanced ring before the pause").await;
+    let its = held_by(&h, &name);
     signal(&fleet, &name, Signal::SIGSTOP);
-    eventually(Duration::from_secs(30), "others hold the paused replica's shards", || async {
-        let h = holders(&client, &ops_ns).await;
-        its.iter().all(|s| h.get(s).is_some_and(|x| *x != name)).then_some(())
-    })
-    .await;
+    handed_over(&client, &ops_ns, &its, &name, Instant::now(), Duration::from_secs(30), "others hold the paused replica's shards").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let resumed_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     signal(&fleet, &name, Signal::SIGCONT);
@@ -188,9 +190,7 @@ async fn replicas_share_shards_with_fencing() {
 
     // Join: a new replica takes its share and nothing is acted on twice at once.
     let joiner = format!("r{next}");
-    fleet.start(&joiner);
-    let members = live(&fleet);
-    eventually(Duration::from_secs(60), "balanced ring after the join", || balanced(&client, &ops_ns, &members)).await;
+    start_balanced(&mut fleet, &client, &ops_ns, &joiner, "balanced ring after the join").await;
     assert!(holders(&client, &ops_ns).await.values().any(|h| *h == joiner), "the joiner holds shards");
     tokio::time::sleep(Duration::from_secs(3)).await;
 
