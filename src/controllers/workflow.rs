@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{Job, JobCondition};
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -62,11 +62,31 @@ fn job_state(job: &Job) -> plan::JobState {
         }
         match c.type_.as_str() {
             "Complete" => return plan::JobState::Succeeded { output: None },
-            "Failed" => return plan::JobState::Failed { reason: c.reason.clone().unwrap_or_default(), message: c.message.clone().unwrap_or_default() },
+            "Failed" => {
+                let (mut reason, mut message) = (c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default());
+                if reason != "DeadlineExceeded" && failed_past_deadline(job, c) {
+                    // The Job controller checks the backoff limit before the deadline, so a
+                    // pod it killed at the deadline can be reported as BackoffLimitExceeded
+                    // when the two race. The step still ran out of time.
+                    reason = "DeadlineExceeded".into();
+                    message = format!("Job was active longer than its deadline ({message})");
+                }
+                return plan::JobState::Failed { reason, message };
+            }
             _ => {}
         }
     }
     plan::JobState::Active
+}
+
+/// Whether a Job failed at or after its `activeDeadlineSeconds` (counted from its start).
+fn failed_past_deadline(job: &Job, failed: &JobCondition) -> bool {
+    let deadline = job.spec.as_ref().and_then(|s| s.active_deadline_seconds);
+    let start = job.status.as_ref().and_then(|s| s.start_time.as_ref());
+    match (deadline, start, failed.last_transition_time.as_ref()) {
+        (Some(d), Some(start), Some(at)) => at.0.as_second() - start.0.as_second() >= d,
+        _ => false,
+    }
 }
 
 /// Reconcile one workflow under `fence`.
@@ -370,5 +390,38 @@ async fn publish(ctx: &Ctx, wf: &Workflow, type_: EventType, reason: &str, note:
     let ev = Event { type_, reason: reason.to_string(), note: Some(note), action: "Reconcile".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&ev, &wf.object_ref(&())).await {
         tracing::debug!(error = %e, "publishing an event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn failed_job(deadline: Option<i64>, start: &str, failed_at: &str, reason: &str) -> Job {
+        serde_json::from_value(json!({
+            "metadata": {"name": "j"},
+            "spec": {"activeDeadlineSeconds": deadline, "template": {}},
+            "status": {"startTime": start, "conditions": [
+                {"type": "FailureTarget", "status": "True", "reason": reason, "lastTransitionTime": failed_at},
+                {"type": "Failed", "status": "True", "reason": reason, "message": "Job has reached the specified backoff limit", "lastTransitionTime": failed_at},
+            ]},
+        }))
+        .unwrap()
+    }
+
+    fn reason(j: &Job) -> String {
+        match job_state(j) {
+            plan::JobState::Failed { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failure_at_the_deadline_is_a_timeout_whatever_the_job_controller_says() {
+        assert_eq!(reason(&failed_job(Some(2), "2026-01-01T00:00:00Z", "2026-01-01T00:00:03Z", "BackoffLimitExceeded")), "DeadlineExceeded");
+        assert_eq!(reason(&failed_job(Some(2), "2026-01-01T00:00:00Z", "2026-01-01T00:00:01Z", "BackoffLimitExceeded")), "BackoffLimitExceeded");
+        assert_eq!(reason(&failed_job(None, "2026-01-01T00:00:00Z", "2026-01-01T00:09:00Z", "BackoffLimitExceeded")), "BackoffLimitExceeded");
+        assert_eq!(reason(&failed_job(Some(2), "2026-01-01T00:00:00Z", "2026-01-01T00:00:02Z", "DeadlineExceeded")), "DeadlineExceeded");
     }
 }
