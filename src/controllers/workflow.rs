@@ -104,7 +104,7 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let mut status = wf.status.clone().unwrap_or_default();
     let spec_changed = status.observed_generation.is_some_and(|g| g != generation);
-    let my_jobs = ctx.jobs.filter(|j| j.namespace().as_deref() == Some(&ns) && j.labels().get(WORKFLOW_LABEL) == Some(&name));
+    let my_jobs = ctx.jobs.children_of(&(ns.clone(), name.clone()));
 
     // Relabelling cascades to the Jobs (seed 001), whatever the phase.
     cascade_labels(&wf, &my_jobs, fence, &ctx, &jobs_api).await?;

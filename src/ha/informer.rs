@@ -100,11 +100,54 @@ impl Queue {
     }
 }
 
+/// The cached objects, indexed by the queue key each one wakes (its owner), so that a
+/// reconcile finds its children without scanning the whole cache.
+struct Store<K> {
+    objects: HashMap<Key, Arc<K>>,
+    by_owner: HashMap<Key, HashSet<Key>>,
+}
+
+impl<K> Store<K> {
+    fn insert(&mut self, key: Key, o: Arc<K>, map: impl Fn(&K) -> Option<Key>) {
+        let owner = map(&o);
+        if let Some(old) = self.objects.insert(key.clone(), o) {
+            let old_owner = map(&old);
+            if old_owner != owner {
+                self.unindex(&key, old_owner);
+            }
+        }
+        if let Some(owner) = owner {
+            self.by_owner.entry(owner).or_default().insert(key);
+        }
+    }
+
+    fn remove(&mut self, key: &Key, map: impl Fn(&K) -> Option<Key>) {
+        if let Some(o) = self.objects.remove(key) {
+            self.unindex(key, map(&o));
+        }
+    }
+
+    fn children_of(&self, owner: &Key) -> Vec<Arc<K>> {
+        self.by_owner.get(owner).map(|keys| keys.iter().filter_map(|k| self.objects.get(k).cloned()).collect()).unwrap_or_default()
+    }
+
+    fn unindex(&mut self, key: &Key, owner: Option<Key>) {
+        if let Some(owner) = owner {
+            if let Some(set) = self.by_owner.get_mut(&owner) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.by_owner.remove(&owner);
+                }
+            }
+        }
+    }
+}
+
 /// A cache of one kind, filled only from the shards this replica holds.
 pub struct Informer<K: Resource> {
     api: Api<K>,
     kind: String,
-    store: RwLock<HashMap<Key, Arc<K>>>,
+    store: RwLock<Store<K>>,
     /// When each object last changed in this cache (for dispatch latency).
     seen: RwLock<HashMap<Key, std::time::Instant>>,
     /// Which queue key an event on an object wakes (the object itself, or its owner).
@@ -138,7 +181,7 @@ where
         Arc::new(Self {
             api,
             kind,
-            store: RwLock::new(HashMap::new()),
+            store: RwLock::new(Store { objects: HashMap::new(), by_owner: HashMap::new() }),
             seen: RwLock::new(HashMap::new()),
             map: Box::new(map),
             relevant: Box::new(relevant),
@@ -153,17 +196,44 @@ where
         self.seen.read().ok()?.get(key).copied()
     }
 
-    /// Objects for which `f` holds.
-    pub fn filter(&self, f: impl Fn(&K) -> bool) -> Vec<Arc<K>> {
-        self.store.read().map(|s| s.values().filter(|o| f(o)).cloned().collect()).unwrap_or_default()
+    /// The cached objects whose events wake `owner` (for a child informer: its children).
+    pub fn children_of(&self, owner: &Key) -> Vec<Arc<K>> {
+        self.store.read().map(|s| s.children_of(owner)).unwrap_or_default()
     }
 
     pub fn get(&self, key: &Key) -> Option<Arc<K>> {
-        self.store.read().ok()?.get(key).cloned()
+        self.store.read().ok()?.objects.get(key).cloned()
+    }
+
+    fn insert(&self, key: Key, o: Arc<K>) {
+        if let Ok(mut s) = self.store.write() {
+            s.insert(key, o, &self.map);
+        }
+    }
+
+    fn remove(&self, key: &Key) {
+        if let Ok(mut s) = self.store.write() {
+            s.remove(key, &self.map);
+        }
+        if let Ok(mut seen) = self.seen.write() {
+            seen.remove(key);
+        }
+    }
+
+    fn remove_where(&self, mut gone: impl FnMut(&Key, &K) -> bool) {
+        if let Ok(mut s) = self.store.write() {
+            let keys: Vec<Key> = s.objects.iter().filter(|(k, o)| gone(k, o)).map(|(k, _)| k.clone()).collect();
+            for k in keys {
+                s.remove(&k, &self.map);
+            }
+            if let Ok(mut seen) = self.seen.write() {
+                seen.retain(|k, _| s.objects.contains_key(k));
+            }
+        }
     }
 
     fn publish_size(&self) {
-        let size = self.store.read().map(|s| s.len()).unwrap_or(0);
+        let size = self.store.read().map(|s| s.objects.len()).unwrap_or(0);
         self.own.metrics().cache_objects.get_or_create(&KindLabel { kind: self.kind.clone() }).set(size as i64);
     }
 
@@ -214,12 +284,7 @@ where
         if let Some(t) = self.tasks.lock().ok().and_then(|mut t| t.remove(&shard)) {
             t.abort();
         }
-        if let Ok(mut store) = self.store.write() {
-            store.retain(|_, o| Ownership::shard_label(o.as_ref()) != Some(shard));
-            if let Ok(mut seen) = self.seen.write() {
-                seen.retain(|k, _| store.contains_key(k));
-            }
-        }
+        self.remove_where(|_, o| Ownership::shard_label(o) == Some(shard));
         self.publish_size();
     }
 
@@ -238,9 +303,7 @@ where
                     seen.insert(key.clone());
                     let old = self.get(&key);
                     let wake = if (self.relevant)(old.as_deref(), &o) { (self.map)(&o) } else { None };
-                    if let Ok(mut s) = self.store.write() {
-                        s.insert(key.clone(), Arc::new(o));
-                    }
+                    self.insert(key.clone(), Arc::new(o));
                     if wake.is_some() || old.is_none() {
                         if let Ok(mut s) = self.seen.write() {
                             s.insert(key, std::time::Instant::now());
@@ -252,19 +315,12 @@ where
                     }
                 }
                 watcher::Event::InitDone => {
-                    if let Ok(mut s) = self.store.write() {
-                        s.retain(|k, o| Ownership::shard_label(o.as_ref()) != Some(shard) || seen.contains(k));
-                    }
+                    self.remove_where(|k, o| Ownership::shard_label(o) == Some(shard) && !seen.contains(k));
                     self.publish_size();
                 }
                 watcher::Event::Delete(o) => {
                     let key = key_of(&o);
-                    if let Ok(mut s) = self.store.write() {
-                        s.remove(&key);
-                    }
-                    if let Ok(mut s) = self.seen.write() {
-                        s.remove(&key);
-                    }
+                    self.remove(&key);
                     self.publish_size();
                     if let Some(w) = (self.map)(&o) {
                         self.queue.add(w);
@@ -394,5 +450,42 @@ where
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (name, owner) pairs stand in for objects; the owner key is the "map".
+    fn owner(o: &(String, Option<String>)) -> Option<Key> {
+        o.1.clone().map(|w| ("ns".to_string(), w))
+    }
+
+    fn names(v: Vec<Arc<(String, Option<String>)>>) -> Vec<String> {
+        let mut n: Vec<String> = v.iter().map(|o| o.0.clone()).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn the_owner_index_follows_inserts_relabels_and_removals() {
+        let mut s = Store { objects: HashMap::new(), by_owner: HashMap::new() };
+        let k = |n: &str| ("ns".to_string(), n.to_string());
+        let obj = |n: &str, w: Option<&str>| Arc::new((n.to_string(), w.map(String::from)));
+        s.insert(k("a-1"), obj("a-1", Some("a")), owner);
+        s.insert(k("a-2"), obj("a-2", Some("a")), owner);
+        s.insert(k("b-1"), obj("b-1", Some("b")), owner);
+        s.insert(k("orphan"), obj("orphan", None), owner);
+        assert_eq!(names(s.children_of(&k("a"))), ["a-1", "a-2"]);
+        // An update that moves a child to another owner moves it in the index too.
+        s.insert(k("a-2"), obj("a-2", Some("b")), owner);
+        assert_eq!(names(s.children_of(&k("a"))), ["a-1"]);
+        assert_eq!(names(s.children_of(&k("b"))), ["a-2", "b-1"]);
+        s.remove(&k("a-1"), owner);
+        assert!(s.children_of(&k("a")).is_empty());
+        assert!(!s.by_owner.contains_key(&k("a")), "empty owner entries are dropped");
+        s.remove(&k("orphan"), owner);
+        assert_eq!(s.objects.len(), 2);
     }
 }
