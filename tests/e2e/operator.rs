@@ -65,6 +65,28 @@ impl Operator {
         self.replicas.iter().find(|r| r.name == name).unwrap().child.id() as i32
     }
 
+    /// CPU seconds (user + system, from /proc at 100 ticks/s) each running replica has used.
+    pub fn cpu_seconds(&self) -> std::collections::HashMap<String, f64> {
+        self.replicas
+            .iter()
+            .filter_map(|r| {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", r.child.id())).ok()?;
+                let after: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+                let ticks = after.get(11)?.parse::<f64>().ok()? + after.get(12)?.parse::<f64>().ok()?;
+                Some((r.name.clone(), ticks / 100.0))
+            })
+            .collect()
+    }
+
+    /// The sum of one metric over the running replicas.
+    pub async fn metric_sum(&self, prefix: &str) -> f64 {
+        let mut sum = 0.0;
+        for r in &self.replicas {
+            sum += metric(r.metrics_port, prefix).await.unwrap_or(0.0);
+        }
+        sum
+    }
+
     pub fn reap(&mut self, name: &str) {
         if let Some(i) = self.replicas.iter().position(|r| r.name == name) {
             let mut r = self.replicas.remove(i);
@@ -91,4 +113,24 @@ pub async fn metrics_page(port: u16) -> Option<String> {
     })
     .await
     .ok()?
+}
+
+/// The upper bound of the histogram bucket holding quantile `q`, over the `_bucket` lines of
+/// `name` in several replicas' metrics pages (buckets summed across replicas).
+pub fn histogram_quantile(pages: &[String], name: &str, q: f64) -> Option<f64> {
+    let mut buckets: std::collections::BTreeMap<u64, (f64, f64)> = Default::default();
+    let prefix = format!("{name}_bucket{{le=\"");
+    for page in pages {
+        for line in page.lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else { continue };
+            let (le, count) = rest.split_once("\"} ")?;
+            let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let count: f64 = count.split_whitespace().next()?.parse().ok()?;
+            buckets.entry(le.to_bits()).or_insert((le, 0.0)).1 += count;
+        }
+    }
+    let mut sorted: Vec<(f64, f64)> = buckets.into_values().collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = sorted.last()?.1;
+    sorted.into_iter().find(|(_, c)| *c >= q * total).map(|(le, _)| le)
 }
