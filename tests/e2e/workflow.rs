@@ -216,13 +216,13 @@ async fn many_workflows(prefix: &str, kill_one: bool) {
         op.start(r);
     }
     let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
-    // Let the replicas settle (all shards held), then sample their idle CPU for 5 s, so the
-    // report can separate the work's CPU from the Lease upkeep.
+    // Let the replicas settle (all shards held), then sample their idle CPU for 10 s (/proc
+    // counts 10 ms ticks), so the report can separate the work's CPU from the Lease upkeep.
     eventually(T, "all 32 shards held", || async { (op.metric_sum("shoal_shards_owned").await == 32.0).then_some(()) }).await;
     let idle_from = op.cpu_seconds();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
     let at_start = op.cpu_seconds();
-    let idle_per_s: f64 = at_start.iter().map(|(r, c)| c - idle_from.get(r).copied().unwrap_or(*c)).sum::<f64>() / 5.0;
+    let idle_per_s: f64 = at_start.iter().map(|(r, c)| c - idle_from.get(r).copied().unwrap_or(*c)).sum::<f64>() / 10.0;
     let t0 = Instant::now();
     let creates = (0..200).map(|i| {
         let api = api.clone();
