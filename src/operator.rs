@@ -18,7 +18,6 @@ use kube::Client;
 use kube::api::Api;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
-use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::events::{Recorder, Reporter};
 use tokio_util::sync::CancellationToken;
 
@@ -114,7 +113,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let wf_queue = Queue::default();
     let wf_informer = Informer::new(api_for::<crate::api::Workflow>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone());
     // Jobs wake the workflow that owns them.
-    let job_informer = Informer::new_mapped(api_for::<Job>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone(), crate::controllers::workflow::owner_key, crate::controllers::workflow::job_change_matters);
+    let job_informer = Informer::new_mapped(api_for::<crate::controllers::step_job::StepJob>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone(), crate::controllers::workflow::owner_key, crate::controllers::workflow::job_change_matters);
     tasks.spawn(wf_informer.clone().run(shutdown.clone()));
     tasks.spawn(job_informer.clone().run(shutdown.clone()));
     let recorder = Recorder::new(client.clone(), Reporter { controller: "shoal".into(), instance: Some(identity.clone()) });

@@ -3,12 +3,12 @@
 //! the result in status with a resourceVersion precondition. Every side effect is checked
 //! against the shard fence and written to the action log first.
 
+pub mod step_job;
 pub mod workflow;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::batch::v1::Job;
 use kube::Client;
 use kube::runtime::events::Recorder;
 use prometheus_client::metrics::counter::Counter;
@@ -46,7 +46,7 @@ pub struct Context {
     /// How often an object is looked at again without any change.
     pub resync: Duration,
     /// Jobs of the shards this replica holds.
-    pub jobs: Arc<Informer<Job>>,
+    pub jobs: Arc<Informer<step_job::StepJob>>,
     pub recorder: Recorder,
     pub metrics: Metrics,
     /// For each object whose status this replica patched: the resourceVersion the patch

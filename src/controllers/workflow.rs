@@ -16,6 +16,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use super::step_job::StepJob;
 use super::{Ctx, Error};
 use crate::api::SHARD_LABEL;
 use crate::api::conditions::{self, reasons, types};
@@ -41,20 +42,20 @@ fn user_labels(wf: &Workflow) -> BTreeMap<String, String> {
 }
 
 /// The queue key of the workflow that owns a Job.
-pub fn owner_key(job: &Job) -> Option<(String, String)> {
+pub fn owner_key(job: &StepJob) -> Option<(String, String)> {
     Some((job.namespace()?, job.labels().get(WORKFLOW_LABEL)?.clone()))
 }
 
 /// Only a Job's arrival, its finishing (or failing) and its removal matter to its workflow;
 /// the Job controller's other status updates do not wake it.
-pub fn job_change_matters(old: Option<&Job>, new: &Job) -> bool {
+pub fn job_change_matters(old: Option<&StepJob>, new: &StepJob) -> bool {
     match old {
         None => true,
         Some(old) => job_state(old) != job_state(new),
     }
 }
 
-fn job_state(job: &Job) -> plan::JobState {
+fn job_state(job: &StepJob) -> plan::JobState {
     let Some(status) = &job.status else { return plan::JobState::Active };
     for c in status.conditions.iter().flatten() {
         if c.status != "True" {
@@ -80,7 +81,7 @@ fn job_state(job: &Job) -> plan::JobState {
 }
 
 /// Whether a Job failed at or after its `activeDeadlineSeconds` (counted from its start).
-fn failed_past_deadline(job: &Job, failed: &JobCondition) -> bool {
+fn failed_past_deadline(job: &StepJob, failed: &JobCondition) -> bool {
     let deadline = job.spec.as_ref().and_then(|s| s.active_deadline_seconds);
     let start = job.status.as_ref().and_then(|s| s.start_time.as_ref());
     match (deadline, start, failed.last_transition_time.as_ref()) {
@@ -152,11 +153,10 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
     let mut observed: HashMap<String, plan::JobState> = HashMap::new();
     for st in status.steps.iter().filter(|s| s.phase == StepPhase::Running) {
         let Some(jn) = &st.job_name else { continue };
-        let cached = ctx.jobs.get(&(ns.clone(), jn.clone()));
-        let job = match cached {
-            Some(j) => Some((*j).clone()),
+        let job = match ctx.jobs.get(&(ns.clone(), jn.clone())) {
+            Some(j) => Some(j),
             // Not in the cache: just created, or deleted. Ask the API server.
-            None => jobs_api.get_opt(jn).await?,
+            None => Api::<StepJob>::namespaced(ctx.client.clone(), &ns).get_opt(jn).await?.map(Arc::new),
         };
         let state = match job {
             None => plan::JobState::Gone,
@@ -354,7 +354,7 @@ fn build_job(wf: &Workflow, step: &crate::api::workflow::WorkflowStep, c: &plan:
     Ok(serde_json::from_value(job)?)
 }
 
-async fn cascade_labels(wf: &Workflow, jobs: &[Arc<Job>], fence: Fence, ctx: &Ctx, api: &Api<Job>) -> Result<(), Error> {
+async fn cascade_labels(wf: &Workflow, jobs: &[Arc<StepJob>], fence: Fence, ctx: &Ctx, api: &Api<Job>) -> Result<(), Error> {
     let want = user_labels(wf);
     for j in jobs {
         let previously: Vec<&str> = j.annotations().get(CASCADED_ANNOTATION).map(|s| s.split(',').filter(|x| !x.is_empty()).collect()).unwrap_or_default();
@@ -398,7 +398,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn failed_job(deadline: Option<i64>, start: &str, failed_at: &str, reason: &str) -> Job {
+    fn failed_job(deadline: Option<i64>, start: &str, failed_at: &str, reason: &str) -> StepJob {
         serde_json::from_value(json!({
             "metadata": {"name": "j"},
             "spec": {"activeDeadlineSeconds": deadline, "template": {}},
@@ -410,7 +410,7 @@ mod tests {
         .unwrap()
     }
 
-    fn reason(j: &Job) -> String {
+    fn reason(j: &StepJob) -> String {
         match job_state(j) {
             plan::JobState::Failed { reason, .. } => reason,
             other => panic!("{other:?}"),
