@@ -296,13 +296,15 @@ mod tests {
         assert_eq!(end.steps[0].attempt, 1);
     }
 
+    /// Step `name` of workflow "wf" (generation 1) in `phase`, with its attempt-0 Job recorded.
+    fn first_attempt(name: &str, phase: StepPhase) -> StepStatus {
+        StepStatus { phase, job_name: Some(job_name("wf", 1, name, 0)), job_uid: Some("u".into()), ..fresh(name) }
+    }
+
     #[test]
     fn retry_waits_for_backoff() {
         let s = spec(&[("a", &[], 1)]);
-        let mut st = fresh("a");
-        st.phase = StepPhase::Running;
-        st.job_name = Some(job_name("wf", 1, "a", 0));
-        st.job_uid = Some("u".into());
+        let st = first_attempt("a", StepPhase::Running);
         let jobs: HashMap<_, _> = [(st.job_name.clone().unwrap(), JobState::Failed { reason: "X".into(), message: String::new() })].into();
         let p = plan("wf", 1, &s, &[st], &jobs, true, ts(0));
         assert_eq!(p.steps[0].phase, StepPhase::Retrying);
@@ -328,10 +330,7 @@ mod tests {
     #[test]
     fn terminal_step_never_gets_a_job_again_even_if_its_job_is_gone() {
         let s = spec(&[("a", &[], 3)]);
-        let mut st = fresh("a");
-        st.phase = StepPhase::Succeeded;
-        st.job_name = Some(job_name("wf", 1, "a", 0));
-        st.job_uid = Some("u".into());
+        let st = first_attempt("a", StepPhase::Succeeded);
         let jobs: HashMap<_, _> = [(st.job_name.clone().unwrap(), JobState::Gone)].into();
         let p = plan("wf", 1, &s, &[st], &jobs, true, ts(0));
         assert!(p.creates.is_empty());

@@ -134,18 +134,22 @@ async fn scaling_a_deployment_to_zero_removes_its_pods() {
     common::cleanup(&client, &ns).await;
 }
 
+fn one_step_workflow(name: &str) -> shoal::api::Workflow {
+    serde_json::from_value(json!({
+        "apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow",
+        "metadata": {"name": name},
+        "spec": {"containers": [{"stepName": "a", "image": "busybox"}]}
+    }))
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_an_owner_garbage_collects_its_children() {
     let client = common::client().await;
     let ns = common::namespace(&client, "gc").await;
     // The owner is a shoal Workflow, so this also proves GC works across our CRDs.
     let wfs: Api<shoal::api::Workflow> = Api::namespaced(client.clone(), &ns);
-    let wf: shoal::api::Workflow = serde_json::from_value(json!({
-        "apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow",
-        "metadata": {"name": "owner"},
-        "spec": {"containers": [{"stepName": "a", "image": "busybox"}]}
-    }))
-    .unwrap();
+    let wf = one_step_workflow("owner");
     let wf = wfs.create(&PostParams::default(), &wf).await.unwrap();
     let owner_ref = wf.controller_owner_ref(&()).unwrap();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -162,12 +166,7 @@ async fn kubectl_get_shoal_lists_every_kind() {
     let client = common::client().await;
     let ns = common::namespace(&client, "category").await;
     let wfs: Api<shoal::api::Workflow> = Api::namespaced(client.clone(), &ns);
-    let wf: shoal::api::Workflow = serde_json::from_value(json!({
-        "apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow",
-        "metadata": {"name": "listed"},
-        "spec": {"containers": [{"stepName": "a", "image": "busybox"}]}
-    }))
-    .unwrap();
+    let wf = one_step_workflow("listed");
     wfs.create(&PostParams::default(), &wf).await.unwrap();
     let out = std::process::Command::new(common::bin_dir().join("kubectl"))
         .args(["get", "shoal", "-A"])

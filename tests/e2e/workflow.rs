@@ -23,6 +23,12 @@ fn step(name: &str, deps: &[&str]) -> Value {
     json!({"stepName": name, "image": "busybox", "command": ["true"], "dependsOn": deps})
 }
 
+/// The Jobs of workflow `name` in `ns`.
+async fn jobs_of(client: &Client, ns: &str, name: &str) -> Vec<Job> {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    jobs.list(&ListParams::default().labels(&format!("shoal.dev/workflow={name}"))).await.unwrap().items
+}
+
 async fn setup(client: &Client, prefix: &str) -> (String, Operator) {
     let ops = common::namespace(client, &format!("{prefix}-ops")).await;
     let work = common::namespace(client, prefix).await;
@@ -79,8 +85,7 @@ async fn diamond_and_wide_fan_out() {
     let first_finish = leaves.iter().map(|l| finished(&f, l)).min().unwrap();
     let concurrent = leaves.iter().filter(|l| started(&f, l) <= first_finish).count();
     assert!(concurrent >= 25, "only {concurrent} leaves were running at once");
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-    assert_eq!(jobs.list(&ListParams::default().labels("shoal.dev/workflow=fan")).await.unwrap().items.len(), 52);
+    assert_eq!(jobs_of(&client, &ns, "fan").await.len(), 52);
     common::cleanup(&client, &ns).await;
 }
 
@@ -124,8 +129,7 @@ async fn failures_fail_fast_and_cycles() {
     let cond = c.status.as_ref().unwrap().conditions.iter().find(|x| x.type_ == "Failed").unwrap().clone();
     assert_eq!(cond.reason, "InvalidSpec");
     assert!(cond.message.contains("dependency cycle") && cond.message.contains("a") && cond.message.contains("c"), "{}", cond.message);
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-    assert!(jobs.list(&ListParams::default().labels("shoal.dev/workflow=cycle")).await.unwrap().items.is_empty(), "no Job for a cyclic workflow");
+    assert!(jobs_of(&client, &ns, "cycle").await.is_empty(), "no Job for a cyclic workflow");
     common::cleanup(&client, &ns).await;
 }
 
@@ -152,8 +156,7 @@ async fn timeout_retry_and_outputs() {
     let f = wait_phase(&api, "flaky", WorkflowPhase::Completed).await;
     let st = &f.status.as_ref().unwrap().steps[0];
     assert_eq!(st.attempt, 1, "succeeded on the second attempt");
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-    let names: HashSet<String> = jobs.list(&ListParams::default().labels("shoal.dev/workflow=flaky")).await.unwrap().items.iter().map(|j| j.name_any()).collect();
+    let names: HashSet<String> = jobs_of(&client, &ns, "flaky").await.iter().map(|j| j.name_any()).collect();
     assert_eq!(names.len(), 2, "one Job per attempt: {names:?}");
 
     let p = wait_phase(&api, "pipe", WorkflowPhase::Completed).await;
