@@ -84,7 +84,8 @@ where
 /// fails, it returns an error: the process must not go on acting without fencing.
 pub async fn run(cfg: RunConfig) -> Result<()> {
     cfg.ha.validate().map_err(|e| anyhow::anyhow!(e))?;
-    let client = Client::try_default().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let clients = crate::ha::Clients::infer().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let client = clients.watch.clone();
     check_crds(&client).await?;
     let mut registry = Registry::default();
     let ha_metrics = HaMetrics::new(&mut registry);
@@ -96,7 +97,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let own = Ownership::new(cfg.ha.clone(), identity.clone(), cfg.namespace.clone(), ha_metrics, action_log);
     let shutdown = CancellationToken::new();
 
-    let mut leases = tokio::spawn(crate::ha::run_leases(client.clone(), own.clone(), shutdown.clone()));
+    let mut leases = tokio::spawn(crate::ha::run_leases(clients.request.clone(), own.clone(), shutdown.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     macro_rules! label {
         ($k:ty) => {
@@ -116,16 +117,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let job_informer = Informer::new_mapped(api_for::<crate::controllers::step_job::StepJob>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone(), crate::controllers::workflow::owner_key, crate::controllers::workflow::job_change_matters);
     tasks.spawn(wf_informer.clone().run(shutdown.clone()));
     tasks.spawn(job_informer.clone().run(shutdown.clone()));
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "shoal".into(), instance: Some(identity.clone()) });
-    let ctx = Arc::new(ControllerContext {
-        client: client.clone(),
-        own: own.clone(),
-        resync: cfg.resync,
-        jobs: job_informer,
-        recorder,
-        metrics: crate::controllers::Metrics::new(&mut registry),
-        superseded: Default::default(),
-    });
+    let recorder = Recorder::new(clients.request.clone(), Reporter { controller: "shoal".into(), instance: Some(identity.clone()) });
+    let ctx = Arc::new(ControllerContext::new(clients.clone(), recorder, own.clone(), cfg.resync, job_informer, crate::controllers::Metrics::new(&mut registry)));
     {
         let ctx = ctx.clone();
         tasks.spawn(run_controller(wf_informer, wf_queue, own.clone(), cfg.workers, move |wf, fence| crate::controllers::workflow::reconcile(wf, fence, ctx.clone()), shutdown.clone()));

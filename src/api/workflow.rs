@@ -59,6 +59,12 @@ fn default_max_step_timeout() -> i64 {
         "fieldPath": ".containers"
     },
     {
+        "rule": "self.containers.all(a, self.containers.exists_one(b, b.stepName.lowerAscii().replace('_', '-') == a.stepName.lowerAscii().replace('_', '-')))",
+        "message": "step names must differ in more than case and in '-' versus '_': labels and SHOAL_OUTPUT_<STEP> variables are derived from them",
+        "reason": "FieldValueDuplicate",
+        "fieldPath": ".containers"
+    },
+    {
         "rule": "size(self.containers.filter(c, has(c.env)).map(c, c.env).flatten()) <= 512",
         "message": "a workflow may set at most 512 environment variables in all",
         "reason": "FieldValueForbidden",
@@ -87,8 +93,9 @@ pub struct WorkflowSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowStep {
-    /// Unique name of the step within the workflow.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"))]
+    /// Unique name of the step within the workflow: letters, digits, `-` and `_`. Two steps
+    /// must differ in more than case and in `-` versus `_`.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?$"))]
     pub step_name: String,
     /// Container image.
     #[schemars(length(min = 1, max = 256))]
@@ -156,6 +163,8 @@ pub enum StepPhase {
     Succeeded,
     Failed,
     Skipped,
+    /// The workflow failed fast while this step ran (or waited to retry); its Job was deleted.
+    Cancelled,
 }
 
 /// Observed state of one step.

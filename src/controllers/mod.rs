@@ -3,19 +3,13 @@
 //! the result in status with a resourceVersion precondition. Every side effect is checked
 //! against the shard fence and written to the action log first.
 
+mod context;
 pub mod step_job;
 pub mod workflow;
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use kube::Client;
-use kube::runtime::events::Recorder;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-use crate::ha::{Informer, Ownership};
 
 /// Controller metrics.
 #[derive(Clone)]
@@ -39,42 +33,7 @@ impl Metrics {
     }
 }
 
-/// What every reconciler gets.
-pub struct Context {
-    pub client: Client,
-    pub own: Ownership,
-    /// How often an object is looked at again without any change.
-    pub resync: Duration,
-    /// Jobs of the shards this replica holds.
-    pub jobs: Arc<Informer<step_job::StepJob>>,
-    pub recorder: Recorder,
-    pub metrics: Metrics,
-    /// For each object whose status this replica patched: the resourceVersion the patch
-    /// replaced. A cached copy still at that version predates our own write (the watch has
-    /// not caught up); planning from it could repeat work, so it is skipped.
-    pub superseded: std::sync::Mutex<std::collections::HashMap<crate::ha::Key, String>>,
-}
-
-impl Context {
-    /// True if `rv` is a version this replica has already replaced with its own write.
-    /// Once the cache has a newer copy the entry is dropped, so the map stays small.
-    pub fn is_superseded(&self, key: &crate::ha::Key, rv: Option<&str>) -> bool {
-        let Ok(mut m) = self.superseded.lock() else { return false };
-        let stale = matches!((m.get(key), rv), (Some(old), Some(rv)) if old == rv);
-        if !stale {
-            m.remove(key);
-        }
-        stale
-    }
-
-    pub fn mark_superseded(&self, key: crate::ha::Key, rv: Option<String>) {
-        if let (Ok(mut m), Some(rv)) = (self.superseded.lock(), rv) {
-            m.insert(key, rv);
-        }
-    }
-}
-
-pub type Ctx = Arc<Context>;
+pub use context::{Context, Ctx};
 
 /// Errors of a reconcile; `reason()` names them for Events and metric labels.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +42,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("serialization: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Write(#[from] crate::ha::WriteError),
 }
 
 impl Error {
@@ -90,6 +51,9 @@ impl Error {
         match self {
             Error::Kube(_) => "KubeError",
             Error::Json(_) => "SerializationError",
+            Error::Write(crate::ha::WriteError::Fenced) => "Fenced",
+            Error::Write(crate::ha::WriteError::Deadline) => "FenceDeadline",
+            Error::Write(crate::ha::WriteError::Kube(_)) => "KubeError",
         }
     }
 }

@@ -1,7 +1,12 @@
 //! The Workflow reconciler: observe (the workflow, its Jobs from the sharded cache) → plan
 //! (`core::plan`, pure) → act (create Jobs with deterministic names, delete the Jobs of an
-//! old spec, cascade labels) → record (one status patch with a resourceVersion
-//! precondition). Driven by watch events on the owned Jobs, not by polling.
+//! old spec or of cancelled steps, cascade labels) → record (one status patch with a
+//! resourceVersion precondition, then the Events it decided). Driven by watch events on the
+//! owned Jobs, not by polling. Every write goes through the fenced writer.
+//!
+//! A Job is a step's Job only if its controller ownerReference is this workflow's UID: a Job
+//! found under a step's name but owned by something else (another workflow, an earlier
+//! workflow of the same name, nobody) is never adopted; the step fails and says so.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -9,10 +14,10 @@ use std::time::Instant;
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition};
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
-use kube::runtime::events::{Event, EventType};
+use kube::api::{DeleteParams, ListParams, Patch, PropagationPolicy};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -22,9 +27,12 @@ use crate::api::SHARD_LABEL;
 use crate::api::conditions::{self, reasons, types};
 use crate::api::workflow::{StepPhase, Workflow, WorkflowPhase, WorkflowStatus};
 use crate::core::{dag, plan};
-use crate::ha::{Action, Fence};
+use crate::ha::{Action, Fence, FencedApi, WriteError, Writer};
 
+/// The workflow's name (cut with a hash suffix when longer than 63 characters).
 pub const WORKFLOW_LABEL: &str = "shoal.dev/workflow";
+/// The workflow's UID: selects exactly one workflow's Jobs, whatever its name.
+pub const WORKFLOW_UID_LABEL: &str = "shoal.dev/workflow-uid";
 pub const STEP_LABEL: &str = "shoal.dev/step";
 pub const GENERATION_LABEL: &str = "shoal.dev/generation";
 pub const ATTEMPT_LABEL: &str = "shoal.dev/attempt";
@@ -41,9 +49,23 @@ fn user_labels(wf: &Workflow) -> BTreeMap<String, String> {
     wf.labels().iter().filter(|(k, _)| !k.starts_with("shoal.dev/")).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-/// The queue key of the workflow that owns a Job.
+/// The controller ownerReference of an object, if it is a shoal Workflow.
+fn workflow_owner(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&OwnerReference> {
+    meta.owner_references.as_ref()?.iter().find(|o| o.controller == Some(true) && o.kind == "Workflow" && o.api_version == "shoal.dev/v1alpha1")
+}
+
+/// The queue key of the workflow that owns a Job (by its controller ownerReference).
 pub fn owner_key(job: &StepJob) -> Option<(String, String)> {
-    Some((job.namespace()?, job.labels().get(WORKFLOW_LABEL)?.clone()))
+    Some((job.namespace()?, workflow_owner(&job.metadata)?.name.clone()))
+}
+
+/// Is `job` the workflow `uid`'s own (its controller ownerReference names that UID)?
+fn owned_by(job: &StepJob, uid: &str) -> bool {
+    workflow_owner(&job.metadata).is_some_and(|o| o.uid == uid)
+}
+
+fn foreign(job: &str) -> String {
+    format!("the Job name {job} is taken by an object this workflow does not own; it was not adopted (delete it, or rename the workflow or step)")
 }
 
 /// Only a Job's arrival, its finishing (or failing) and its removal matter to its workflow;
@@ -101,31 +123,42 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
         // Our own status write is newer than this cached copy; its watch event brings it.
         return Ok(Action::AwaitChange);
     }
+    let Some(uid) = wf.uid() else { return Ok(Action::AwaitChange) };
+    match reconcile_owned(&wf, &uid, &ns, &ctx.writer(fence, wf.as_ref()), &ctx).await {
+        // The shard moved on; its next owner takes over from what is recorded.
+        Err(Error::Write(WriteError::Fenced)) => Ok(Action::AwaitChange),
+        r => r,
+    }
+}
+
+async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &Ctx) -> Result<Action, Error> {
+    let name = wf.name_any();
     let generation = wf.metadata.generation.unwrap_or(0);
-    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let id = plan::WorkflowId { name: &name, uid, generation };
+    let jobs_api: FencedApi<'_, Job> = w.api(ns);
     let mut status = wf.status.clone().unwrap_or_default();
     let spec_changed = status.observed_generation.is_some_and(|g| g != generation);
-    let my_jobs = ctx.jobs.children_of(&(ns.clone(), name.clone()));
+    let my_jobs: Vec<Arc<StepJob>> = ctx.jobs.children_of(&(ns.to_string(), name.clone())).into_iter().filter(|j| owned_by(j, uid)).collect();
 
     // Relabelling cascades to the Jobs (seed 001), whatever the phase.
-    cascade_labels(&wf, &my_jobs, fence, &ctx, &jobs_api).await?;
+    cascade_labels(wf, &my_jobs, &jobs_api).await?;
 
+    let this_generation = generation.to_string();
     if spec_changed {
-        // A new spec: delete the old spec's Jobs and start again from scratch.
-        for j in my_jobs.iter().filter(|j| j.labels().get(GENERATION_LABEL).map(String::as_str) != Some(&generation.to_string())) {
-            if !ctx.own.record(fence, wf.as_ref(), &format!("delete-job:{}", j.name_any())) {
-                return Ok(Action::AwaitChange);
-            }
-            match jobs_api.delete(&j.name_any(), &DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() }).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        // A new spec: delete every Job of the old one, server-side by label, so Jobs not yet
+        // in this replica's cache (just created, or created before a takeover) go too; then
+        // start again from scratch.
+        let selector = format!("{WORKFLOW_UID_LABEL}={uid},{GENERATION_LABEL}!={this_generation}");
+        jobs_api.delete_collection(&background(), &ListParams::default().labels(&selector)).await?;
         status = WorkflowStatus { conditions: status.conditions, ..Default::default() };
     } else if matches!(status.workflow_status, Some(WorkflowPhase::Failed) | Some(WorkflowPhase::Completed)) {
         // Finished: nothing more to do (a Failed workflow is ignored, as in seed 001).
         return Ok(Action::Requeue(ctx.resync));
+    }
+    // Level-based: an old generation's Job that shows up later (a create that was in flight
+    // when the spec changed) is deleted as soon as it is seen.
+    for j in my_jobs.iter().filter(|j| j.labels().get(GENERATION_LABEL) != Some(&this_generation)) {
+        jobs_api.delete(&j.name_any(), &background()).await?;
     }
 
     let now = Timestamp::now();
@@ -145,23 +178,27 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
             conditions: conds,
             ..Default::default()
         };
-        publish(&ctx, &wf, EventType::Warning, reasons::INVALID_SPEC, e.to_string()).await;
-        return write_status(&wf, &new, fence, &ctx).await;
+        let (recorded, next) = write_status(wf, &new, w, ctx).await?;
+        if recorded {
+            w.event(EventType::Warning, reasons::INVALID_SPEC, e.to_string()).await;
+        }
+        return Ok(next);
     }
 
     // Observe the Jobs of the steps that are running.
     let mut observed: HashMap<String, plan::JobState> = HashMap::new();
     for st in status.steps.iter().filter(|s| s.phase == StepPhase::Running) {
         let Some(jn) = &st.job_name else { continue };
-        let job = match ctx.jobs.get(&(ns.clone(), jn.clone())) {
+        let job = match ctx.jobs.get(&(ns.to_string(), jn.clone())) {
             Some(j) => Some(j),
             // Not in the cache: just created, or deleted. Ask the API server.
-            None => Api::<StepJob>::namespaced(ctx.client.clone(), &ns).get_opt(jn).await?.map(Arc::new),
+            None => ctx.read::<StepJob>(ns).get_opt(jn).await?.map(Arc::new),
         };
         let state = match job {
             None => plan::JobState::Gone,
+            Some(j) if !owned_by(&j, uid) => plan::JobState::Foreign { message: foreign(jn) },
             Some(j) => match job_state(&j) {
-                plan::JobState::Succeeded { .. } => plan::JobState::Succeeded { output: read_output(&ctx, &ns, jn).await? },
+                plan::JobState::Succeeded { .. } => plan::JobState::Succeeded { output: read_output(ctx, ns, jn).await? },
                 other => other,
             },
         };
@@ -170,58 +207,59 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
 
     let steps: Vec<plan::StepSpec> = wf.spec.containers.iter().map(|c| plan::StepSpec { name: c.step_name.clone(), deps: c.depends_on.clone().unwrap_or_default(), retries: c.retries.unwrap_or(0) }).collect();
     let fail_fast = wf.spec.fail_fast.unwrap_or(true);
-    let mut p = plan::plan(&name, generation, &steps, &status.steps, &observed, fail_fast, now);
+    let mut p = plan::plan(id, &steps, &status.steps, &observed, fail_fast, now);
 
     // Act: create the Jobs the plan asks for, concurrently (they are independent).
     let outputs: HashMap<String, String> = p.steps.iter().filter_map(|s| Some((s.step_name.clone(), s.output.clone()?))).collect();
     let mut pending = Vec::new();
     for c in &p.creates {
         let Some(step) = wf.spec.containers.iter().find(|s| s.step_name == c.step) else { continue };
-        let job = build_job(&wf, step, c, generation, &outputs)?;
-        if !ctx.own.record(fence, wf.as_ref(), &format!("create-job:{}", c.job_name)) {
-            return Ok(Action::AwaitChange);
-        }
+        let job = build_job(wf, uid, step, c, generation, &outputs)?;
         // Dispatch latency: from seeing the last dependency's Job finish to this create.
         let deps_seen: Option<Instant> = step.depends_on.iter().flatten().filter_map(|d| {
             let dep = p.steps.iter().find(|s| &s.step_name == d)?;
-            ctx.jobs.seen_at(&(ns.clone(), dep.job_name.clone()?))
+            ctx.jobs.seen_at(&(ns.to_string(), dep.job_name.clone()?))
         }).max();
-        let jobs_api = jobs_api.clone();
-        let ctx = ctx.clone();
+        let jobs_api = &jobs_api;
         pending.push(async move {
-            let uid = match jobs_api.create(&PostParams::default(), &job).await {
+            let created = match jobs_api.create(&job).await {
                 Ok(j) => {
                     ctx.metrics.jobs_created.inc();
-                    j.uid()
+                    Ok(j.uid())
                 }
-                Err(kube::Error::Api(e)) if e.code == 409 => jobs_api.get_opt(&c.job_name).await?.and_then(|j| j.uid()),
+                // Ours already (a create repeated after a crash), or a foreign object: only
+                // the controller ownerReference tells.
+                Err(e) if e.code() == Some(409) => match ctx.read::<StepJob>(ns).get_opt(&c.job_name).await? {
+                    Some(j) if owned_by(&j, uid) => Ok(j.uid()),
+                    Some(_) => Err(foreign(&c.job_name)),
+                    // Deleted since: try again on the next reconcile.
+                    None => Ok(None),
+                },
                 // The API server refuses the Job (say, an invalid env var name): a spec error
                 // that retrying cannot fix. The step fails with the server's message.
-                Err(kube::Error::Api(e)) if e.code == 422 => return Ok((c.step.clone(), Err(e.message.clone()))),
+                Err(e) if e.code() == Some(422) => Err(format!("Job rejected by the API server: {}", e.api_message().unwrap_or_default())),
                 Err(e) => return Err(Error::from(e)),
             };
             if let Some(seen) = deps_seen {
                 ctx.metrics.dispatch_latency.observe(seen.elapsed().as_secs_f64());
             }
-            Ok((c.step.clone(), Ok(uid)))
+            Ok((c.step.clone(), created))
         });
     }
     for r in futures::future::join_all(pending).await {
         let (step, created) = r?;
-        let Some(st) = p.steps.iter_mut().find(|s| s.step_name == step) else { continue };
         match created {
-            Ok(uid) => st.job_uid = uid,
-            Err(msg) => {
-                st.phase = StepPhase::Failed;
-                st.finished_at = Some(Time(now));
-                st.message = Some(format!("Job rejected by the API server: {msg}"));
-                p.events.push(("StepFailed", format!("step {step}: Job rejected by the API server: {msg}")));
-                if fail_fast {
-                    p.phase = WorkflowPhase::Failed;
-                    p.message = format!("step {step} failed");
+            Ok(job_uid) => {
+                if let Some(st) = p.steps.iter_mut().find(|s| s.step_name == step) {
+                    st.job_uid = job_uid;
                 }
             }
+            Err(msg) => p.fail_step(&step, msg, fail_fast, now),
         }
+    }
+    // Fail-fast: the Jobs of cancelled steps are deleted before the cancellation is recorded.
+    for j in &p.cancels {
+        jobs_api.delete(j, &background()).await?;
     }
 
     // Record.
@@ -251,10 +289,14 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
         observed_generation: Some(generation),
         conditions: conds,
     };
-    let next = write_status(&wf, &new, fence, &ctx).await?;
-    for (reason, msg) in p.events {
-        let warn = matches!(reason, "StepFailed" | "StepTimedOut" | "StepRetried");
-        publish(&ctx, &wf, if warn { EventType::Warning } else { EventType::Normal }, reason, msg).await;
+    let (recorded, next) = write_status(wf, &new, w, ctx).await?;
+    // Events only for transitions this write recorded: a write refused with 409 (or a fence
+    // lost) is planned again from the newer version, and its Events with it.
+    if recorded {
+        for (reason, msg) in p.events {
+            let warn = matches!(reason, "StepFailed" | "StepTimedOut" | "StepRetried" | "StepCancelled");
+            w.event(if warn { EventType::Warning } else { EventType::Normal }, reason, msg).await;
+        }
     }
     Ok(match p.requeue_after {
         Some(d) => Action::Requeue(d),
@@ -262,45 +304,48 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
     })
 }
 
-/// Patch status if it changed, guarded by the resourceVersion we read.
-async fn write_status(wf: &Workflow, new: &WorkflowStatus, fence: Fence, ctx: &Ctx) -> Result<Action, Error> {
+fn background() -> DeleteParams {
+    DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() }
+}
+
+/// Patch status if it changed, guarded by the resourceVersion we read. Returns whether this
+/// write recorded a change, and what to do next.
+async fn write_status(wf: &Workflow, new: &WorkflowStatus, w: &Writer, ctx: &Ctx) -> Result<(bool, Action), Error> {
     if wf.status.as_ref() == Some(new) {
-        return Ok(Action::Requeue(ctx.resync));
+        return Ok((false, Action::Requeue(ctx.resync)));
     }
-    if !ctx.own.record(fence, wf, &format!("status:{:?}", new.workflow_status)) {
-        return Ok(Action::AwaitChange);
-    }
-    let api: Api<Workflow> = Api::namespaced(ctx.client.clone(), &wf.namespace().unwrap_or_default());
+    let ns = wf.namespace().unwrap_or_default();
     let patch = json!({"metadata": {"resourceVersion": wf.resource_version()}, "status": new});
     ctx.metrics.status_writes.inc();
-    match api.patch_status(&wf.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+    match w.api::<Workflow>(&ns).patch_status(&wf.name_any(), &Patch::Merge(&patch)).await {
         Ok(_) => {
-            ctx.mark_superseded((wf.namespace().unwrap_or_default(), wf.name_any()), wf.metadata.resource_version.clone());
-            Ok(Action::Requeue(ctx.resync))
+            ctx.mark_superseded((ns, wf.name_any()), wf.metadata.resource_version.clone());
+            Ok((true, Action::Requeue(ctx.resync)))
         }
         // Changed since we read it; the watch brings the new version and we plan again.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Action::AwaitChange),
+        Err(e) if e.code() == Some(409) => Ok((false, Action::AwaitChange)),
         Err(e) => Err(e.into()),
     }
 }
 
 /// The termination message of the Job's pod, cut to 4 KB.
 async fn read_output(ctx: &Ctx, ns: &str, job: &str) -> Result<Option<String>, Error> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let list = pods.list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"))).await?;
+    let list = ctx.read::<Pod>(ns).list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"))).await?;
     let msg = list.items.iter().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")).find_map(|p| {
         p.status.as_ref()?.container_statuses.as_ref()?.iter().find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
     });
     Ok(msg.filter(|m| !m.is_empty()))
 }
 
-fn build_job(wf: &Workflow, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>) -> Result<Job, Error> {
+fn build_job(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>) -> Result<Job, Error> {
     let mut labels = user_labels(wf);
     let cascaded: Vec<String> = labels.keys().cloned().collect();
     let shard = wf.labels().get(SHARD_LABEL).cloned().unwrap_or_default();
-    let step_label: String = step.step_name.to_lowercase().chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' || ch == '_' { ch } else { '-' }).collect();
+    let step_label = plan::step_key(&step.step_name);
+    let workflow_label = plan::label_value(&wf.name_any());
     labels.insert(SHARD_LABEL.into(), shard);
-    labels.insert(WORKFLOW_LABEL.into(), wf.name_any());
+    labels.insert(WORKFLOW_LABEL.into(), workflow_label.clone());
+    labels.insert(WORKFLOW_UID_LABEL.into(), uid.to_string());
     labels.insert(STEP_LABEL.into(), step_label.clone());
     labels.insert(GENERATION_LABEL.into(), generation.to_string());
     labels.insert(ATTEMPT_LABEL.into(), c.attempt.to_string());
@@ -318,7 +363,8 @@ fn build_job(wf: &Workflow, step: &crate::api::workflow::WorkflowStep, c: &plan:
     }
     let timeout = step.timeout_seconds.unwrap_or(wf.spec.max_step_timeout);
     let mut pod_labels: BTreeMap<String, String> = step.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
-    pod_labels.insert(WORKFLOW_LABEL.into(), wf.name_any());
+    pod_labels.insert(WORKFLOW_LABEL.into(), workflow_label);
+    pod_labels.insert(WORKFLOW_UID_LABEL.into(), uid.to_string());
     pod_labels.insert(STEP_LABEL.into(), step_label);
     pod_labels.insert(ATTEMPT_LABEL.into(), c.attempt.to_string());
     let pod_annotations = step.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
@@ -354,7 +400,7 @@ fn build_job(wf: &Workflow, step: &crate::api::workflow::WorkflowStep, c: &plan:
     Ok(serde_json::from_value(job)?)
 }
 
-async fn cascade_labels(wf: &Workflow, jobs: &[Arc<StepJob>], fence: Fence, ctx: &Ctx, api: &Api<Job>) -> Result<(), Error> {
+async fn cascade_labels(wf: &Workflow, jobs: &[Arc<StepJob>], api: &FencedApi<'_, Job>) -> Result<(), Error> {
     let want = user_labels(wf);
     for j in jobs {
         let previously: Vec<&str> = j.annotations().get(CASCADED_ANNOTATION).map(|s| s.split(',').filter(|x| !x.is_empty()).collect()).unwrap_or_default();
@@ -372,25 +418,15 @@ async fn cascade_labels(wf: &Workflow, jobs: &[Arc<StepJob>], fence: Fence, ctx:
         if patch.is_empty() {
             continue;
         }
-        if !ctx.own.record(fence, wf, &format!("relabel-job:{}", j.name_any())) {
-            return Ok(());
-        }
         let keys: Vec<String> = want.keys().cloned().collect();
         let body = json!({"metadata": {"labels": patch, "annotations": {CASCADED_ANNOTATION: keys.join(",")}}});
-        match api.patch(&j.name_any(), &PatchParams::default(), &Patch::Merge(&body)).await {
+        match api.patch(&j.name_any(), &Patch::Merge(&body)).await {
             Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) if e.code() == Some(404) => {}
             Err(e) => return Err(e.into()),
         }
     }
     Ok(())
-}
-
-async fn publish(ctx: &Ctx, wf: &Workflow, type_: EventType, reason: &str, note: String) {
-    let ev = Event { type_, reason: reason.to_string(), note: Some(note), action: "Reconcile".into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&ev, &wf.object_ref(&())).await {
-        tracing::debug!(error = %e, "publishing an event failed");
-    }
 }
 
 #[cfg(test)]

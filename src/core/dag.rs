@@ -11,6 +11,8 @@ use thiserror::Error;
 pub enum GraphError {
     #[error("step names must be unique; {0:?} appears more than once")]
     DuplicateStep(String),
+    #[error("steps {0:?} and {1:?} differ only in case or in '-', '_' and '.'; the names derived from them would collide")]
+    AmbiguousSteps(String, String),
     #[error("step {step:?} depends on {missing:?}, which is not a step of this workflow")]
     UnknownDependency { step: String, missing: String },
     #[error("step {0:?} depends on itself")]
@@ -39,6 +41,12 @@ pub fn validate(steps: &[Edges<'_>]) -> Result<(), GraphError> {
     for (i, (name, _)) in steps.iter().enumerate() {
         if index.insert(name, i).is_some() {
             return Err(GraphError::DuplicateStep(name.to_string()));
+        }
+    }
+    let mut keys: BTreeMap<String, &str> = BTreeMap::new();
+    for (name, _) in steps {
+        if let Some(other) = keys.insert(crate::core::plan::step_key(name), name) {
+            return Err(GraphError::AmbiguousSteps(other.to_string(), name.to_string()));
         }
     }
     for (name, deps) in steps {
@@ -161,6 +169,16 @@ mod tests {
         assert!(matches!(validate(&edges(&o)), Err(GraphError::UnknownDependency { .. })));
         let o = owned(&[("a", &[]), ("a", &[])]);
         assert_eq!(validate(&edges(&o)), Err(GraphError::DuplicateStep("a".into())));
+    }
+
+    #[test]
+    fn rejects_steps_that_differ_only_in_case_or_separators() {
+        for (a, b) in [("A", "a"), ("load-data", "load_data"), ("v1.2", "V1-2")] {
+            let o = owned(&[(a, &[]), (b, &[])]);
+            assert_eq!(validate(&edges(&o)), Err(GraphError::AmbiguousSteps(a.into(), b.into())));
+        }
+        let o = owned(&[("ab", &[]), ("a-b", &[])]);
+        assert_eq!(validate(&edges(&o)), Ok(()));
     }
 
     proptest! {

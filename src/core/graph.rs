@@ -12,6 +12,7 @@ fn colour(p: Option<StepPhase>) -> (&'static str, &'static str) {
         Some(StepPhase::Running) => ("#1565c0", "white"),
         Some(StepPhase::Retrying) => ("#ef6c00", "white"),
         Some(StepPhase::Skipped) => ("#9e9e9e", "white"),
+        Some(StepPhase::Cancelled) => ("#6d4c41", "white"),
         Some(StepPhase::Pending) | None => ("#eeeeee", "black"),
     }
 }

@@ -34,6 +34,17 @@ pub enum JobState {
     Active,
     Succeeded { output: Option<String> },
     Failed { reason: String, message: String },
+    /// An object holds the step's Job name but is not this workflow's (its controller
+    /// ownerReference is another UID, or none). It is never adopted; the step fails.
+    Foreign { message: String },
+}
+
+/// The workflow being planned: its name, UID and spec generation.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkflowId<'a> {
+    pub name: &'a str,
+    pub uid: &'a str,
+    pub generation: i64,
 }
 
 /// A Job to create.
@@ -52,6 +63,8 @@ pub struct Plan {
     /// New state of every step, in spec order.
     pub steps: Vec<StepStatus>,
     pub creates: Vec<CreateJob>,
+    /// Jobs of steps cancelled because the workflow failed fast: delete them.
+    pub cancels: Vec<String>,
     pub events: Vec<PlannedEvent>,
     pub phase: WorkflowPhase,
     pub message: String,
@@ -64,18 +77,39 @@ pub fn retry_backoff(attempt: i32) -> Duration {
     Duration::from_secs(1u64 << attempt.clamp(0, 8) as u32).min(Duration::from_secs(300))
 }
 
-/// Deterministic Job name for an attempt of a step under a spec generation. Names longer
-/// than 63 characters (the Job name label limit) are cut and suffixed with a hash.
-pub fn job_name(workflow: &str, generation: i64, step: &str, attempt: i32) -> String {
-    let step: String = step.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-    let full = format!("{workflow}-{step}-g{generation}-{attempt}");
-    if full.len() <= 63 {
-        return full;
+/// Deterministic Job name for an attempt of a step of the workflow with UID `uid` under a
+/// spec generation: `<workflow>-<step>-g<generation>-<attempt>-<hash>`, where the hash is of
+/// the workflow UID, the exact step name, the generation and the attempt. The readable head is
+/// lower-cased and cut so the name fits 63 characters (the Job name label limit); the hash
+/// keeps names of different (workflow, step) pairs apart even when their heads are equal
+/// (workflow `etl` step `load-daily` and workflow `etl-load` step `daily`, steps `A` and `a`,
+/// or a workflow recreated under its old name).
+pub fn job_name(workflow: &str, uid: &str, generation: i64, step: &str, attempt: i32) -> String {
+    let clean: String = step.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let id = format!("{uid}\0{step}\0{generation}\0{attempt}");
+    let tail = format!("-g{generation}-{attempt}-{:08x}", crate::core::shard::weight(0, &id) & 0xffff_ffff);
+    let head = format!("{workflow}-{clean}");
+    let head: String = head.chars().take(63usize.saturating_sub(tail.len())).collect();
+    format!("{}{tail}", head.trim_end_matches(['-', '.']))
+}
+
+/// A label value (at most 63 characters) that stands for `value`: the value itself when it
+/// fits, else its head and a hash, so that two long names never share a label value by
+/// accident.
+pub fn label_value(value: &str) -> String {
+    if value.len() <= 63 {
+        return value.to_string();
     }
-    let h = crate::core::shard::weight(0, &full);
-    let tail = format!("-{:010x}", h & 0xff_ffff_ffff);
-    let head: String = full.chars().take(63 - tail.len()).collect();
-    format!("{}{tail}", head.trim_end_matches('-'))
+    let tail = format!("-{:010x}", crate::core::shard::weight(0, value) & 0xff_ffff_ffff);
+    let head: String = value.chars().take(63 - tail.len()).collect();
+    format!("{}{tail}", head.trim_end_matches(['-', '.', '_']))
+}
+
+/// The form of a step name in everything derived from it (Job names, labels, environment
+/// variable names): lower case, with `_` and `.` as `-`. Two steps of one workflow must not
+/// share it (admission refuses them, and `core::dag::validate` checks again).
+pub fn step_key(step: &str) -> String {
+    step.to_lowercase().replace(['_', '.'], "-")
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -94,12 +128,12 @@ fn fresh(name: &str) -> StepStatus {
 }
 
 fn terminal(p: StepPhase) -> bool {
-    matches!(p, StepPhase::Succeeded | StepPhase::Failed | StepPhase::Skipped)
+    matches!(p, StepPhase::Succeeded | StepPhase::Failed | StepPhase::Skipped | StepPhase::Cancelled)
 }
 
 /// Plan one reconcile. `steps` must be a DAG (check with `core::dag::validate` first) and in
 /// any order; `jobs` maps Job names to what was observed of them.
-pub fn plan(workflow: &str, generation: i64, steps: &[StepSpec], previous: &[StepStatus], jobs: &HashMap<String, JobState>, fail_fast: bool, now: Timestamp) -> Plan {
+pub fn plan(wf: WorkflowId<'_>, steps: &[StepSpec], previous: &[StepStatus], jobs: &HashMap<String, JobState>, fail_fast: bool, now: Timestamp) -> Plan {
     let prev: HashMap<&str, &StepStatus> = previous.iter().map(|s| (s.step_name.as_str(), s)).collect();
     let mut state: BTreeMap<String, StepStatus> = steps.iter().map(|s| (s.name.clone(), prev.get(s.name.as_str()).map(|p| (*p).clone()).unwrap_or_else(|| fresh(&s.name)))).collect();
     let mut events = Vec::new();
@@ -124,6 +158,9 @@ pub fn plan(workflow: &str, generation: i64, steps: &[StepSpec], previous: &[Ste
             }
             // A Job that vanished after its creation was confirmed (UID recorded) failed.
             JobState::Gone if st.job_uid.is_none() => {}
+            JobState::Foreign { message } => {
+                fail(st, &s.name, message, &t, &mut events);
+            }
             JobState::Failed { .. } | JobState::Gone => {
                 let (reason, message) = match job {
                     JobState::Failed { reason, message } => (reason.clone(), message.clone()),
@@ -159,7 +196,7 @@ pub fn plan(workflow: &str, generation: i64, steps: &[StepSpec], previous: &[Ste
                     st.phase = StepPhase::Skipped;
                     st.message = Some("an upstream step failed".into());
                 } else if dep_phases.iter().all(|p| *p == StepPhase::Succeeded) && !(fail_fast && any_failed) {
-                    start(workflow, generation, st, 0, &t, &mut creates);
+                    start(wf, st, 0, &t, &mut creates);
                 }
             }
             StepPhase::Retrying => {
@@ -170,7 +207,7 @@ pub fn plan(workflow: &str, generation: i64, steps: &[StepSpec], previous: &[Ste
                 let due = failed_at + SignedDuration::try_from(retry_backoff(st.attempt)).unwrap_or(SignedDuration::ZERO);
                 if now >= due {
                     let next = st.attempt + 1;
-                    start(workflow, generation, st, next, &t, &mut creates);
+                    start(wf, st, next, &t, &mut creates);
                 } else {
                     let wait = Duration::try_from(due.duration_since(now)).unwrap_or_default();
                     requeue = Some(requeue.map_or(wait, |r| r.min(wait)));
@@ -189,23 +226,65 @@ pub fn plan(workflow: &str, generation: i64, steps: &[StepSpec], previous: &[Ste
     }
 
     // 3. The workflow's phase.
-    let list: Vec<StepStatus> = steps.iter().map(|s| state[&s.name].clone()).collect();
-    let all_ok = list.iter().all(|s| s.phase == StepPhase::Succeeded);
-    let failed: Vec<&str> = list.iter().filter(|s| s.phase == StepPhase::Failed).map(|s| s.step_name.as_str()).collect();
-    let all_terminal = list.iter().all(|s| terminal(s.phase));
-    let (phase, message) = if all_ok {
-        (WorkflowPhase::Completed, format!("all {} steps succeeded", list.len()))
-    } else if !failed.is_empty() && (fail_fast || all_terminal) {
-        (WorkflowPhase::Failed, format!("step {} failed", failed.join(", ")))
-    } else {
-        let done = list.iter().filter(|s| s.phase == StepPhase::Succeeded).count();
-        (WorkflowPhase::Started, format!("{done}/{} steps succeeded", list.len()))
-    };
-    Plan { steps: list, creates, events, phase, message, requeue_after: requeue }
+    let mut p = Plan { steps: steps.iter().map(|s| state[&s.name].clone()).collect(), creates, cancels: Vec::new(), events, phase: WorkflowPhase::Started, message: String::new(), requeue_after: requeue };
+    p.conclude(fail_fast, now);
+    p
 }
 
-fn start(workflow: &str, generation: i64, st: &mut StepStatus, attempt: i32, now: &Time, creates: &mut Vec<CreateJob>) {
-    let name = job_name(workflow, generation, &st.step_name, attempt);
+impl Plan {
+    /// Fail `step` outright (no retry) with `message`: for a Job the API server refused, or a
+    /// name taken by an object this workflow does not own. Then conclude again, so fail-fast
+    /// cancels what is still running.
+    pub fn fail_step(&mut self, step: &str, message: String, fail_fast: bool, now: Timestamp) {
+        let Some(st) = self.steps.iter_mut().find(|s| s.step_name == step) else { return };
+        fail(st, step, &message, &Time(now), &mut self.events);
+        self.creates.retain(|c| c.step != step);
+        self.conclude(fail_fast, now);
+    }
+
+    /// Set the workflow's phase from its steps. A workflow that failed fast cancels the steps
+    /// still running or waiting to retry: their Jobs go in `cancels`, the steps become
+    /// `Cancelled`, so status never shows a step running for ever.
+    fn conclude(&mut self, fail_fast: bool, now: Timestamp) {
+        let all_ok = self.steps.iter().all(|s| s.phase == StepPhase::Succeeded);
+        let failed: Vec<String> = self.steps.iter().filter(|s| s.phase == StepPhase::Failed).map(|s| s.step_name.clone()).collect();
+        let all_terminal = self.steps.iter().all(|s| terminal(s.phase));
+        let (phase, message) = if all_ok {
+            (WorkflowPhase::Completed, format!("all {} steps succeeded", self.steps.len()))
+        } else if !failed.is_empty() && (fail_fast || all_terminal) {
+            (WorkflowPhase::Failed, format!("step {} failed", failed.join(", ")))
+        } else {
+            let done = self.steps.iter().filter(|s| s.phase == StepPhase::Succeeded).count();
+            (WorkflowPhase::Started, format!("{done}/{} steps succeeded", self.steps.len()))
+        };
+        if phase == WorkflowPhase::Failed && fail_fast {
+            for st in self.steps.iter_mut().filter(|s| matches!(s.phase, StepPhase::Running | StepPhase::Retrying)) {
+                if st.phase == StepPhase::Running {
+                    if let Some(j) = &st.job_name {
+                        self.cancels.push(j.clone());
+                    }
+                }
+                st.phase = StepPhase::Cancelled;
+                st.finished_at = Some(Time(now));
+                st.message = Some(format!("cancelled: step {} failed and failFast is on", failed.join(", ")));
+                self.events.push(("StepCancelled", format!("step {} cancelled: step {} failed", st.step_name, failed.join(", "))));
+            }
+            self.creates.retain(|c| self.steps.iter().any(|s| s.step_name == c.step && s.phase == StepPhase::Running));
+        }
+        self.phase = phase;
+        self.message = message;
+    }
+}
+
+fn fail(st: &mut StepStatus, name: &str, message: &str, now: &Time, events: &mut Vec<PlannedEvent>) {
+    st.phase = StepPhase::Failed;
+    st.finished_at = Some(now.clone());
+    st.message = Some(message.to_string());
+    events.push(("StepFailed", format!("step {name}: {message}")));
+}
+
+fn start(wf: WorkflowId<'_>, st: &mut StepStatus, attempt: i32, now: &Time, creates: &mut Vec<CreateJob>) {
+    let name = job_name(wf.name, wf.uid, wf.generation, &st.step_name, attempt);
     st.phase = StepPhase::Running;
     st.attempt = attempt;
     st.job_name = Some(name.clone());
@@ -231,6 +310,8 @@ mod tests {
         v.iter().map(|(n, d, r)| StepSpec { name: n.to_string(), deps: d.iter().map(|s| s.to_string()).collect(), retries: *r }).collect()
     }
 
+    const WF: WorkflowId<'static> = WorkflowId { name: "wf", uid: "uid-1", generation: 1 };
+
     fn ts(s: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + s).unwrap()
     }
@@ -243,7 +324,7 @@ mod tests {
         let mut clock = 0;
         for _ in 0..1000 {
             clock += 400;
-            let p = plan("wf", 1, steps, &status, &jobs, fail_fast, ts(clock));
+            let p = plan(WF, steps, &status, &jobs, fail_fast, ts(clock));
             for c in &p.creates {
                 // Record the Job as created (UID recorded) and let it finish.
                 jobs.insert(c.job_name.clone(), outcome(&c.step, c.attempt));
@@ -265,7 +346,7 @@ mod tests {
     #[test]
     fn diamond_runs_in_order_and_completes() {
         let s = spec(&[("a", &[], 0), ("b", &["a"], 0), ("c", &["a"], 0), ("d", &["b", "c"], 0)]);
-        let p0 = plan("wf", 1, &s, &[], &HashMap::new(), true, ts(0));
+        let p0 = plan(WF, &s, &[], &HashMap::new(), true, ts(0));
         assert_eq!(p0.creates.iter().map(|c| c.step.as_str()).collect::<Vec<_>>(), vec!["a"]);
         let (end, created) = run(&s, true, |_, _| JobState::Succeeded { output: Some("x".into()) });
         assert_eq!(end.phase, WorkflowPhase::Completed);
@@ -298,7 +379,7 @@ mod tests {
 
     /// Step `name` of workflow "wf" (generation 1) in `phase`, with its attempt-0 Job recorded.
     fn first_attempt(name: &str, phase: StepPhase) -> StepStatus {
-        StepStatus { phase, job_name: Some(job_name("wf", 1, name, 0)), job_uid: Some("u".into()), ..fresh(name) }
+        StepStatus { phase, job_name: Some(job_name("wf", "uid-1", 1, name, 0)), job_uid: Some("u".into()), ..fresh(name) }
     }
 
     #[test]
@@ -306,11 +387,11 @@ mod tests {
         let s = spec(&[("a", &[], 1)]);
         let st = first_attempt("a", StepPhase::Running);
         let jobs: HashMap<_, _> = [(st.job_name.clone().unwrap(), JobState::Failed { reason: "X".into(), message: String::new() })].into();
-        let p = plan("wf", 1, &s, &[st], &jobs, true, ts(0));
+        let p = plan(WF, &s, &[st], &jobs, true, ts(0));
         assert_eq!(p.steps[0].phase, StepPhase::Retrying);
         assert!(p.creates.is_empty());
         assert_eq!(p.requeue_after, Some(Duration::from_secs(1)));
-        let p2 = plan("wf", 1, &s, &p.steps, &HashMap::new(), true, ts(1));
+        let p2 = plan(WF, &s, &p.steps, &HashMap::new(), true, ts(1));
         assert_eq!(p2.creates.len(), 1);
         assert_eq!(p2.creates[0].attempt, 1);
     }
@@ -318,11 +399,11 @@ mod tests {
     #[test]
     fn timeout_is_reported_as_such() {
         let s = spec(&[("a", &[], 0)]);
-        let p = plan("wf", 1, &s, &[], &HashMap::new(), true, ts(0));
+        let p = plan(WF, &s, &[], &HashMap::new(), true, ts(0));
         let mut steps = p.steps;
         steps[0].job_uid = Some("u".into());
         let jobs: HashMap<_, _> = [(p.creates[0].job_name.clone(), JobState::Failed { reason: "DeadlineExceeded".into(), message: "Job was active longer than specified deadline".into() })].into();
-        let p = plan("wf", 1, &s, &steps, &jobs, true, ts(5));
+        let p = plan(WF, &s, &steps, &jobs, true, ts(5));
         assert_eq!(p.phase, WorkflowPhase::Failed);
         assert_eq!(p.events[0].0, "StepTimedOut");
     }
@@ -332,18 +413,94 @@ mod tests {
         let s = spec(&[("a", &[], 3)]);
         let st = first_attempt("a", StepPhase::Succeeded);
         let jobs: HashMap<_, _> = [(st.job_name.clone().unwrap(), JobState::Gone)].into();
-        let p = plan("wf", 1, &s, &[st], &jobs, true, ts(0));
+        let p = plan(WF, &s, &[st], &jobs, true, ts(0));
         assert!(p.creates.is_empty());
         assert_eq!(p.phase, WorkflowPhase::Completed);
     }
 
     #[test]
-    fn long_names_are_cut_deterministically() {
-        let n = job_name(&"w".repeat(60), 12, "Step_With.Odd", 3);
+    fn job_names_are_unambiguous_and_fit() {
+        let n = job_name(&"w".repeat(60), "u", 12, "Step_With.Odd", 3);
         assert!(n.len() <= 63, "{n}");
-        assert_eq!(n, job_name(&"w".repeat(60), 12, "Step_With.Odd", 3));
-        assert_ne!(n, job_name(&"w".repeat(60), 12, "Step_With.Odd", 4));
-        assert_eq!(job_name("wf", 1, "Fetch_Data", 0), "wf-fetch-data-g1-0");
+        assert_eq!(n, job_name(&"w".repeat(60), "u", 12, "Step_With.Odd", 3));
+        assert_ne!(n, job_name(&"w".repeat(60), "u", 12, "Step_With.Odd", 4));
+        assert!(job_name("wf", "u", 1, "Fetch_Data", 0).starts_with("wf-fetch-data-g1-0-"));
+        // Equal readable heads, different (workflow, step) pairs: different names.
+        assert_ne!(job_name("etl", "u1", 1, "load-daily", 0), job_name("etl-load", "u2", 1, "daily", 0));
+        assert_ne!(job_name("etl", "u1", 1, "load-daily", 0), job_name("etl-load", "u1", 1, "daily", 0));
+        assert_ne!(job_name("wf", "u", 1, "A", 0), job_name("wf", "u", 1, "a", 0));
+        // The same workflow name recreated (a new UID) never reuses an old Job's name.
+        assert_ne!(job_name("wf", "old-uid", 1, "a", 0), job_name("wf", "new-uid", 1, "a", 0));
+        // A 253-character workflow name still makes a valid Job name.
+        let long = job_name(&format!("{}.x", "a".repeat(251)), "u", 1, "s", 0);
+        assert!(long.len() <= 63 && !long.contains(".-"), "{long}");
+    }
+
+    #[test]
+    fn label_values_fit_and_stay_distinct() {
+        assert_eq!(label_value("short"), "short");
+        let a = label_value(&"a".repeat(253));
+        let b = label_value(&format!("{}b", "a".repeat(252)));
+        assert!(a.len() <= 63 && b.len() <= 63);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn step_keys_fold_case_and_separators() {
+        assert_eq!(step_key("Load_Data.v2"), step_key("load-data-v2"));
+        assert_ne!(step_key("a-b"), step_key("ab"));
+    }
+
+    #[test]
+    fn a_foreign_job_fails_its_step_without_retry() {
+        let s = spec(&[("a", &[], 3)]);
+        let st = first_attempt("a", StepPhase::Running);
+        let jobs: HashMap<_, _> = [(st.job_name.clone().unwrap(), JobState::Foreign { message: "taken".into() })].into();
+        let p = plan(WF, &s, &[st], &jobs, true, ts(0));
+        assert_eq!(p.steps[0].phase, StepPhase::Failed);
+        assert!(p.creates.is_empty());
+        assert_eq!(p.phase, WorkflowPhase::Failed);
+    }
+
+    #[test]
+    fn fail_fast_cancels_running_steps_and_deletes_their_jobs() {
+        let s = spec(&[("a", &[], 0), ("b", &[], 0), ("c", &[], 2)]);
+        let p0 = plan(WF, &s, &[], &HashMap::new(), true, ts(0));
+        let mut steps = p0.steps.clone();
+        for st in steps.iter_mut() {
+            st.job_uid = Some("u".into());
+        }
+        let name = |n: &str| steps.iter().find(|x| x.step_name == n).unwrap().job_name.clone().unwrap();
+        let jobs: HashMap<_, _> = [
+            (name("a"), JobState::Failed { reason: "BackoffLimitExceeded".into(), message: "exit 1".into() }),
+            (name("b"), JobState::Active),
+            (name("c"), JobState::Failed { reason: "BackoffLimitExceeded".into(), message: "exit 1".into() }),
+        ]
+        .into();
+        let p = plan(WF, &s, &steps, &jobs, true, ts(1));
+        assert_eq!(p.phase, WorkflowPhase::Failed);
+        let ph: HashMap<_, _> = p.steps.iter().map(|s| (s.step_name.as_str(), s.phase)).collect();
+        assert_eq!(ph["a"], StepPhase::Failed);
+        assert_eq!(ph["b"], StepPhase::Cancelled);
+        assert_eq!(ph["c"], StepPhase::Cancelled, "a step waiting to retry is cancelled too");
+        assert_eq!(p.cancels, vec![name("b")]);
+        assert!(p.creates.is_empty());
+        // Without failFast the running step is followed to its end.
+        let p = plan(WF, &s, &steps, &jobs, false, ts(1));
+        assert!(p.cancels.is_empty());
+        assert_eq!(p.phase, WorkflowPhase::Started);
+    }
+
+    #[test]
+    fn a_step_failed_after_planning_concludes_the_workflow() {
+        let s = spec(&[("a", &[], 0), ("b", &[], 0)]);
+        let mut p = plan(WF, &s, &[], &HashMap::new(), true, ts(0));
+        assert_eq!(p.creates.len(), 2);
+        p.fail_step("a", "Job rejected by the API server: bad env".into(), true, ts(0));
+        assert_eq!(p.phase, WorkflowPhase::Failed);
+        let b = p.steps.iter().find(|x| x.step_name == "b").unwrap();
+        assert_eq!(b.phase, StepPhase::Cancelled);
+        assert_eq!(p.cancels, vec![b.job_name.clone().unwrap()]);
     }
 
     fn arb_dag() -> impl Strategy<Value = Vec<StepSpec>> {
@@ -370,7 +527,7 @@ mod tests {
             let mut last = None;
             for _ in 0..2000 {
                 clock += 400;
-                let p = plan("wf", 1, &steps, &status, &jobs, fail_fast, ts(clock));
+                let p = plan(WF, &steps, &status, &jobs, fail_fast, ts(clock));
                 let succeeded: HashSet<&str> = status.iter().filter(|s| s.phase == StepPhase::Succeeded).map(|s| s.step_name.as_str()).collect();
                 let newly_ok: HashSet<&str> = p.steps.iter().filter(|s| s.phase == StepPhase::Succeeded).map(|s| s.step_name.as_str()).collect();
                 for c in &p.creates {
@@ -386,7 +543,7 @@ mod tests {
                 for s in status.iter_mut() { if s.phase == StepPhase::Running { s.job_uid = Some("u".into()); } }
                 // Replaying the same observation (the Jobs now exist, status recorded) plans
                 // nothing new.
-                let replay = plan("wf", 1, &steps, &status, &jobs, fail_fast, ts(clock));
+                let replay = plan(WF, &steps, &status, &jobs, fail_fast, ts(clock));
                 prop_assert!(replay.creates.is_empty(), "replay planned {:?}", replay.creates);
                 for c in &p.creates {
                     jobs.insert(c.job_name.clone(), if fails(&c.step, c.attempt) { JobState::Failed { reason: "X".into(), message: String::new() } } else { JobState::Succeeded { output: None } });

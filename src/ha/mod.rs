@@ -12,6 +12,7 @@
 
 mod informer;
 mod leases;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -31,6 +32,7 @@ use tokio::sync::broadcast;
 
 pub use informer::{Action, Informer, Key, Queue, key_of, run_controller, run_labeler};
 pub use leases::run as run_leases;
+pub use writer::{Clients, FencedApi, ReadApi, WriteError, Writer};
 
 use crate::api::SHARD_LABEL;
 
@@ -310,9 +312,25 @@ impl Ownership {
         Some((fence, InFlight { inner: self.inner.clone(), shard }))
     }
 
+    /// The local instant at which `fence` stops holding: its shard's last confirmed renew
+    /// (the instant taken before that request was sent) plus the renew deadline. `None` if
+    /// the fence does not hold now.
+    pub fn fence_deadline(&self, fence: Fence) -> Option<Instant> {
+        let held = self.inner.held.lock().ok()?;
+        let h = held.get(&fence.shard)?;
+        let end = h.renewed + self.inner.cfg.renew_deadline;
+        (!h.draining && h.transitions == fence.transitions && Instant::now() < end).then_some(end)
+    }
+
     /// Check the fence right before a side effect and record it in the action log.
     /// Returns false (and records nothing) if the fence no longer holds: the caller must not act.
     pub fn record<K: Resource>(&self, fence: Fence, obj: &K, action: &str) -> bool {
+        let object = format!("{}/{}", obj.meta().namespace.as_deref().unwrap_or(""), obj.name_any());
+        self.record_action(fence, &object, obj.meta().uid.as_deref().unwrap_or_default(), action)
+    }
+
+    /// [`Self::record`] for an object given by its `namespace/name` and UID.
+    pub fn record_action(&self, fence: Fence, object: &str, uid: &str, action: &str) -> bool {
         if self.owns_shard(fence.shard) != Some(fence) {
             self.inner.metrics.ownership_denied.inc();
             return false;
@@ -321,8 +339,8 @@ impl Ownership {
             let rec = ActionRecord {
                 ts_ms: now_ms(),
                 replica: self.inner.identity.clone(),
-                object: format!("{}/{}", obj.meta().namespace.as_deref().unwrap_or(""), obj.name_any()),
-                uid: obj.meta().uid.clone().unwrap_or_default(),
+                object: object.to_string(),
+                uid: uid.to_string(),
                 shard: fence.shard,
                 transitions: fence.transitions,
                 action: action.to_string(),
@@ -332,6 +350,14 @@ impl Ownership {
             }
         }
         true
+    }
+
+    /// Pretend shard `shard` was renewed at `renewed` under `transitions` (unit tests only).
+    #[cfg(test)]
+    pub(crate) fn hold_for_test(&self, shard: u32, transitions: i32, renewed: Instant) {
+        if let Ok(mut h) = self.inner.held.lock() {
+            h.insert(shard, Hold { transitions, renewed, acquired: renewed, draining: false, first_reconcile_seen: false });
+        }
     }
 
     /// Held and not being handed over (its fence may have lapsed for a moment).

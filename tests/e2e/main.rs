@@ -7,6 +7,7 @@ mod cluster;
 mod common;
 mod crds;
 mod examples;
+mod exactly_once;
 mod ha;
 mod helm;
 mod operator;

@@ -13,13 +13,13 @@ use shoal::api::workflow::{StepPhase, Workflow, WorkflowPhase};
 use crate::common::{self, eventually};
 use crate::operator::{self, Operator};
 
-const T: Duration = Duration::from_secs(90);
+pub(crate) const T: Duration = Duration::from_secs(90);
 
-fn wf(name: &str, spec: Value) -> Workflow {
+pub(crate) fn wf(name: &str, spec: Value) -> Workflow {
     serde_json::from_value(json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": name}, "spec": spec})).unwrap()
 }
 
-fn step(name: &str, deps: &[&str]) -> Value {
+pub(crate) fn step(name: &str, deps: &[&str]) -> Value {
     json!({"stepName": name, "image": "busybox", "command": ["true"], "dependsOn": deps})
 }
 
@@ -29,7 +29,7 @@ async fn jobs_of(client: &Client, ns: &str, name: &str) -> Vec<Job> {
     jobs.list(&ListParams::default().labels(&format!("shoal.dev/workflow={name}"))).await.unwrap().items
 }
 
-async fn setup(client: &Client, prefix: &str) -> (String, Operator) {
+pub(crate) async fn setup(client: &Client, prefix: &str) -> (String, Operator) {
     let ops = common::namespace(client, &format!("{prefix}-ops")).await;
     let work = common::namespace(client, prefix).await;
     let mut op = Operator::new(&ops, &work);
@@ -37,7 +37,7 @@ async fn setup(client: &Client, prefix: &str) -> (String, Operator) {
     (work, op)
 }
 
-async fn wait_phase(api: &Api<Workflow>, name: &str, phase: WorkflowPhase) -> Workflow {
+pub(crate) async fn wait_phase(api: &Api<Workflow>, name: &str, phase: WorkflowPhase) -> Workflow {
     eventually(T, &format!("{name} {phase:?}"), || async {
         let w = api.get(name).await.ok()?;
         (w.status.as_ref()?.workflow_status == Some(phase)).then_some(w)
@@ -45,7 +45,7 @@ async fn wait_phase(api: &Api<Workflow>, name: &str, phase: WorkflowPhase) -> Wo
     .await
 }
 
-fn step_phase(w: &Workflow, s: &str) -> StepPhase {
+pub(crate) fn step_phase(w: &Workflow, s: &str) -> StepPhase {
     w.status.as_ref().unwrap().steps.iter().find(|x| x.step_name == s).unwrap().phase
 }
 
