@@ -7,8 +7,8 @@
 //! - [`dev`]: the local control plane used by `shoal dev`, the tests and the load tests.
 
 pub mod api;
-pub mod core;
 pub mod controllers;
+pub mod core;
 pub mod dev;
 pub mod ha;
 pub mod operator;

@@ -16,9 +16,9 @@ use axum::routing::get;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
-use kube::runtime::events::{Recorder, Reporter};
 use tokio_util::sync::CancellationToken;
 
 use crate::controllers::Context as ControllerContext;
@@ -56,9 +56,7 @@ pub struct RunConfig {
 impl RunConfig {
     /// This replica's identity: the flag, `POD_NAME`, or the hostname.
     pub fn identity(&self) -> String {
-        self.identity.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "shoal".into())
-        })
+        self.identity.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "shoal".into()))
     }
 }
 
@@ -114,7 +112,13 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let wf_queue = Queue::default();
     let wf_informer = Informer::new(api_for::<crate::api::Workflow>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone());
     // Jobs wake the workflow that owns them.
-    let job_informer = Informer::new_mapped(api_for::<crate::controllers::step_job::StepJob>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone(), crate::controllers::workflow::owner_key, crate::controllers::workflow::job_change_matters);
+    let job_informer = Informer::new_mapped(
+        api_for::<crate::controllers::step_job::StepJob>(&client, &cfg.watch_namespace),
+        own.clone(),
+        wf_queue.clone(),
+        crate::controllers::workflow::owner_key,
+        crate::controllers::workflow::job_change_matters,
+    );
     tasks.spawn(wf_informer.clone().run(shutdown.clone()));
     tasks.spawn(job_informer.clone().run(shutdown.clone()));
     let recorder = Recorder::new(clients.request.clone(), Reporter { controller: "shoal".into(), instance: Some(identity.clone()) });
@@ -168,11 +172,7 @@ async fn check_crds(client: &Client) -> Result<()> {
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(shared)
+    Router::new().route("/healthz", get(|| async { "ok" })).route("/readyz", get(readyz)).route("/metrics", get(metrics)).with_state(shared)
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {

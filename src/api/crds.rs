@@ -49,14 +49,10 @@ fn without_template_descriptions(mut crd: CustomResourceDefinition) -> CustomRes
         }
     }
     for version in &mut crd.spec.versions {
-        let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) else { continue };
-        let Some(template) = schema
-            .properties
-            .as_mut()
-            .and_then(|p| p.get_mut("spec"))
-            .and_then(|s| s.properties.as_mut())
-            .and_then(|p| p.get_mut("template"))
-        else {
+        let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) else {
+            continue;
+        };
+        let Some(template) = schema.properties.as_mut().and_then(|p| p.get_mut("spec")).and_then(|s| s.properties.as_mut()).and_then(|p| p.get_mut("template")) else {
             continue;
         };
         // JSONSchemaProps round-trips through JSON losslessly; a failure here would be a bug
@@ -78,7 +74,9 @@ fn without_template_descriptions(mut crd: CustomResourceDefinition) -> CustomRes
 /// one so that no object can grow towards etcd's limit through them.
 fn with_env_bounds(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
     fn walk(v: &mut serde_json::Value) {
-        let serde_json::Value::Object(m) = v else { return };
+        let serde_json::Value::Object(m) = v else {
+            return;
+        };
         if let Some(env_items) = m.get_mut("properties").and_then(|p| p.get_mut("env")).and_then(|e| e.get_mut("items")).and_then(|i| i.get_mut("properties")) {
             if let Some(name) = env_items.get_mut("name").and_then(|n| n.as_object_mut()) {
                 name.insert("maxLength".into(), 256.into());
@@ -95,7 +93,9 @@ fn with_env_bounds(mut crd: CustomResourceDefinition) -> CustomResourceDefinitio
         }
     }
     for version in &mut crd.spec.versions {
-        let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) else { continue };
+        let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) else {
+            continue;
+        };
         if let Ok(mut v) = serde_json::to_value(&*schema) {
             walk(&mut v);
             if let Ok(bounded) = serde_json::from_value(v) {

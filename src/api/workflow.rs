@@ -61,7 +61,7 @@ fn default_max_step_timeout() -> i64 {
     {
         "rule": "self.containers.all(a, self.containers.exists_one(b, b.stepName.lowerAscii().replace('_', '-') == a.stepName.lowerAscii().replace('_', '-')))",
         "message": "step names must differ in more than case and in '-' versus '_': labels and SHOAL_OUTPUT_<STEP> variables are derived from them",
-        "reason": "FieldValueDuplicate",
+        "reason": "FieldValueInvalid",
         "fieldPath": ".containers"
     },
     {

@@ -52,7 +52,9 @@ impl Context {
     /// True if `rv` is a version this replica has already replaced with its own write.
     /// Once the cache has a newer copy the entry is dropped, so the map stays small.
     pub fn is_superseded(&self, key: &Key, rv: Option<&str>) -> bool {
-        let Ok(mut m) = self.superseded.lock() else { return false };
+        let Ok(mut m) = self.superseded.lock() else {
+            return false;
+        };
         let stale = matches!((m.get(key), rv), (Some(old), Some(rv)) if old == rv);
         if !stale {
             m.remove(key);

@@ -21,11 +21,8 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
-        let m = Self {
-            dispatch_latency: Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
-            jobs_created: Counter::default(),
-            status_writes: Counter::default(),
-        };
+        let m =
+            Self { dispatch_latency: Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]), jobs_created: Counter::default(), status_writes: Counter::default() };
         registry.register("shoal_step_dispatch_latency_seconds", "From seeing a step's Job finish to creating its dependents' Jobs", m.dispatch_latency.clone());
         registry.register("shoal_jobs_created", "Step Jobs created", m.jobs_created.clone());
         registry.register("shoal_status_writes", "Workflow status patches sent", m.status_writes.clone());

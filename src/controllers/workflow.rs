@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition};
-use k8s_openapi::api::core::v1::{EnvVar, Pod};
+use k8s_openapi::api::core::v1::{EnvVar, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PropagationPolicy};
@@ -78,7 +78,9 @@ pub fn job_change_matters(old: Option<&StepJob>, new: &StepJob) -> bool {
 }
 
 fn job_state(job: &StepJob) -> plan::JobState {
-    let Some(status) = &job.status else { return plan::JobState::Active };
+    let Some(status) = &job.status else {
+        return plan::JobState::Active;
+    };
     for c in status.conditions.iter().flatten() {
         if c.status != "True" {
             continue;
@@ -123,7 +125,9 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
         // Our own status write is newer than this cached copy; its watch event brings it.
         return Ok(Action::AwaitChange);
     }
-    let Some(uid) = wf.uid() else { return Ok(Action::AwaitChange) };
+    let Some(uid) = wf.uid() else {
+        return Ok(Action::AwaitChange);
+    };
     match reconcile_owned(&wf, &uid, &ns, &ctx.writer(fence, wf.as_ref()), &ctx).await {
         // The shard moved on; its next owner takes over from what is recorded.
         Err(Error::Write(WriteError::Fenced)) => Ok(Action::AwaitChange),
@@ -180,7 +184,7 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         };
         let (recorded, next) = write_status(wf, &new, w, ctx).await?;
         if recorded {
-            w.event(EventType::Warning, reasons::INVALID_SPEC, e.to_string()).await;
+            w.event(EventType::Warning, reasons::INVALID_SPEC, e.to_string(), None).await;
         }
         return Ok(next);
     }
@@ -205,7 +209,8 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         observed.insert(jn.clone(), state);
     }
 
-    let steps: Vec<plan::StepSpec> = wf.spec.containers.iter().map(|c| plan::StepSpec { name: c.step_name.clone(), deps: c.depends_on.clone().unwrap_or_default(), retries: c.retries.unwrap_or(0) }).collect();
+    let steps: Vec<plan::StepSpec> =
+        wf.spec.containers.iter().map(|c| plan::StepSpec { name: c.step_name.clone(), deps: c.depends_on.clone().unwrap_or_default(), retries: c.retries.unwrap_or(0) }).collect();
     let fail_fast = wf.spec.fail_fast.unwrap_or(true);
     let mut p = plan::plan(id, &steps, &status.steps, &observed, fail_fast, now);
 
@@ -213,13 +218,20 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     let outputs: HashMap<String, String> = p.steps.iter().filter_map(|s| Some((s.step_name.clone(), s.output.clone()?))).collect();
     let mut pending = Vec::new();
     for c in &p.creates {
-        let Some(step) = wf.spec.containers.iter().find(|s| s.step_name == c.step) else { continue };
+        let Some(step) = wf.spec.containers.iter().find(|s| s.step_name == c.step) else {
+            continue;
+        };
         let job = build_job(wf, uid, step, c, generation, &outputs)?;
         // Dispatch latency: from seeing the last dependency's Job finish to this create.
-        let deps_seen: Option<Instant> = step.depends_on.iter().flatten().filter_map(|d| {
-            let dep = p.steps.iter().find(|s| &s.step_name == d)?;
-            ctx.jobs.seen_at(&(ns.to_string(), dep.job_name.clone()?))
-        }).max();
+        let deps_seen: Option<Instant> = step
+            .depends_on
+            .iter()
+            .flatten()
+            .filter_map(|d| {
+                let dep = p.steps.iter().find(|s| &s.step_name == d)?;
+                ctx.jobs.seen_at(&(ns.to_string(), dep.job_name.clone()?))
+            })
+            .max();
         let jobs_api = &jobs_api;
         pending.push(async move {
             let created = match jobs_api.create(&job).await {
@@ -229,12 +241,14 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
                 }
                 // Ours already (a create repeated after a crash), or a foreign object: only
                 // the controller ownerReference tells.
-                Err(e) if e.code() == Some(409) => match ctx.read::<StepJob>(ns).get_opt(&c.job_name).await? {
-                    Some(j) if owned_by(&j, uid) => Ok(j.uid()),
-                    Some(_) => Err(foreign(&c.job_name)),
-                    // Deleted since: try again on the next reconcile.
-                    None => Ok(None),
-                },
+                Err(e) if e.code() == Some(409) => {
+                    match ctx.read::<StepJob>(ns).get_opt(&c.job_name).await? {
+                        Some(j) if owned_by(&j, uid) => Ok(j.uid()),
+                        Some(_) => Err(foreign(&c.job_name)),
+                        // Deleted since: try again on the next reconcile.
+                        None => Ok(None),
+                    }
+                }
                 // The API server refuses the Job (say, an invalid env var name): a spec error
                 // that retrying cannot fix. The step fails with the server's message.
                 Err(e) if e.code() == Some(422) => Err(format!("Job rejected by the API server: {}", e.api_message().unwrap_or_default())),
@@ -293,15 +307,22 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     // Events only for transitions this write recorded: a write refused with 409 (or a fence
     // lost) is planned again from the newer version, and its Events with it.
     if recorded {
-        for (reason, msg) in p.events {
+        for (reason, step, msg) in p.events {
             let warn = matches!(reason, "StepFailed" | "StepTimedOut" | "StepRetried" | "StepCancelled");
-            w.event(if warn { EventType::Warning } else { EventType::Normal }, reason, msg).await;
+            // Related to the step's Job, so that Events of different steps (or attempts) with
+            // one reason are not folded into one series by the recorder.
+            let job = new.steps.iter().find(|s| s.step_name == step).and_then(|s| Some(job_ref(ns, s.job_name.clone()?, s.job_uid.clone())));
+            w.event(if warn { EventType::Warning } else { EventType::Normal }, reason, msg, job).await;
         }
     }
     Ok(match p.requeue_after {
         Some(d) => Action::Requeue(d),
         None => next,
     })
+}
+
+fn job_ref(ns: &str, name: String, uid: Option<String>) -> ObjectReference {
+    ObjectReference { api_version: Some("batch/v1".into()), kind: Some("Job".into()), namespace: Some(ns.to_string()), name: Some(name), uid, ..Default::default() }
 }
 
 fn background() -> DeleteParams {
@@ -331,9 +352,11 @@ async fn write_status(wf: &Workflow, new: &WorkflowStatus, w: &Writer, ctx: &Ctx
 /// The termination message of the Job's pod, cut to 4 KB.
 async fn read_output(ctx: &Ctx, ns: &str, job: &str) -> Result<Option<String>, Error> {
     let list = ctx.read::<Pod>(ns).list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"))).await?;
-    let msg = list.items.iter().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")).find_map(|p| {
-        p.status.as_ref()?.container_statuses.as_ref()?.iter().find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
-    });
+    let msg = list
+        .items
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+        .find_map(|p| p.status.as_ref()?.container_statuses.as_ref()?.iter().find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone()));
     Ok(msg.filter(|m| !m.is_empty()))
 }
 

@@ -61,7 +61,8 @@ mod tests {
             "apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "d"},
             "spec": {"containers": [{"stepName": "a", "image": "x"}, {"stepName": "b\"q", "image": "x", "dependsOn": ["a"]}]},
             "status": {"workflowStatus": "Started", "steps": [{"stepName": "a", "phase": "Succeeded", "attempt": 0}, {"stepName": "b\"q", "phase": "Retrying", "attempt": 1}]}
-        })).unwrap();
+        }))
+        .unwrap();
         let d = dot(&wf);
         assert!(d.starts_with("digraph \"d\" {"), "{d}");
         assert!(d.contains("\"a\" -> \"b\\\"q\";"), "{d}");

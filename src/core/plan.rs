@@ -32,11 +32,18 @@ pub enum JobState {
     /// Not in the cache, and a GET found nothing either.
     Gone,
     Active,
-    Succeeded { output: Option<String> },
-    Failed { reason: String, message: String },
+    Succeeded {
+        output: Option<String>,
+    },
+    Failed {
+        reason: String,
+        message: String,
+    },
     /// An object holds the step's Job name but is not this workflow's (its controller
     /// ownerReference is another UID, or none). It is never adopted; the step fails.
-    Foreign { message: String },
+    Foreign {
+        message: String,
+    },
 }
 
 /// The workflow being planned: its name, UID and spec generation.
@@ -55,8 +62,8 @@ pub struct CreateJob {
     pub job_name: String,
 }
 
-/// An Event to emit: (reason, message).
-pub type PlannedEvent = (&'static str, String);
+/// An Event to emit about a step: (reason, step, message).
+pub type PlannedEvent = (&'static str, String, String);
 
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -146,7 +153,9 @@ pub fn plan(wf: WorkflowId<'_>, steps: &[StepSpec], previous: &[StepStatus], job
         if st.phase != StepPhase::Running {
             continue;
         }
-        let Some(job) = st.job_name.as_ref().and_then(|j| jobs.get(j)) else { continue };
+        let Some(job) = st.job_name.as_ref().and_then(|j| jobs.get(j)) else {
+            continue;
+        };
         match job {
             JobState::Active => {}
             JobState::Succeeded { output } => {
@@ -154,7 +163,7 @@ pub fn plan(wf: WorkflowId<'_>, steps: &[StepSpec], previous: &[StepStatus], job
                 st.finished_at = Some(t.clone());
                 st.output = output.as_deref().map(|o| truncate(o, MAX_OUTPUT_BYTES));
                 st.message = None;
-                events.push(("StepSucceeded", format!("step {} succeeded (attempt {})", s.name, st.attempt)));
+                events.push(("StepSucceeded", s.name.clone(), format!("step {} succeeded (attempt {})", s.name, st.attempt)));
             }
             // A Job that vanished after its creation was confirmed (UID recorded) failed.
             JobState::Gone if st.job_uid.is_none() => {}
@@ -167,16 +176,22 @@ pub fn plan(wf: WorkflowId<'_>, steps: &[StepSpec], previous: &[StepStatus], job
                     _ => ("JobDeleted".to_string(), "the step's Job was deleted".to_string()),
                 };
                 let timed_out = reason == "DeadlineExceeded";
-                let what = if timed_out { "timed out".to_string() } else if message.is_empty() { format!("failed ({reason})") } else { format!("failed: {message}") };
+                let what = if timed_out {
+                    "timed out".to_string()
+                } else if message.is_empty() {
+                    format!("failed ({reason})")
+                } else {
+                    format!("failed: {message}")
+                };
                 st.finished_at = Some(t.clone());
                 if st.attempt < s.retries {
                     st.phase = StepPhase::Retrying;
                     st.message = Some(format!("attempt {} {what}; retrying", st.attempt));
-                    events.push(("StepRetried", format!("step {} attempt {} {what}; retrying in {:?}", s.name, st.attempt, retry_backoff(st.attempt))));
+                    events.push(("StepRetried", s.name.clone(), format!("step {} attempt {} {what}; retrying in {:?}", s.name, st.attempt, retry_backoff(st.attempt))));
                 } else {
                     st.phase = StepPhase::Failed;
                     st.message = Some(format!("attempt {} {what}", st.attempt));
-                    events.push((if timed_out { "StepTimedOut" } else { "StepFailed" }, format!("step {} {what}", s.name)));
+                    events.push((if timed_out { "StepTimedOut" } else { "StepFailed" }, s.name.clone(), format!("step {} {what}", s.name)));
                 }
             }
         }
@@ -226,7 +241,8 @@ pub fn plan(wf: WorkflowId<'_>, steps: &[StepSpec], previous: &[StepStatus], job
     }
 
     // 3. The workflow's phase.
-    let mut p = Plan { steps: steps.iter().map(|s| state[&s.name].clone()).collect(), creates, cancels: Vec::new(), events, phase: WorkflowPhase::Started, message: String::new(), requeue_after: requeue };
+    let mut p =
+        Plan { steps: steps.iter().map(|s| state[&s.name].clone()).collect(), creates, cancels: Vec::new(), events, phase: WorkflowPhase::Started, message: String::new(), requeue_after: requeue };
     p.conclude(fail_fast, now);
     p
 }
@@ -236,7 +252,9 @@ impl Plan {
     /// name taken by an object this workflow does not own. Then conclude again, so fail-fast
     /// cancels what is still running.
     pub fn fail_step(&mut self, step: &str, message: String, fail_fast: bool, now: Timestamp) {
-        let Some(st) = self.steps.iter_mut().find(|s| s.step_name == step) else { return };
+        let Some(st) = self.steps.iter_mut().find(|s| s.step_name == step) else {
+            return;
+        };
         fail(st, step, &message, &Time(now), &mut self.events);
         self.creates.retain(|c| c.step != step);
         self.conclude(fail_fast, now);
@@ -267,7 +285,7 @@ impl Plan {
                 st.phase = StepPhase::Cancelled;
                 st.finished_at = Some(Time(now));
                 st.message = Some(format!("cancelled: step {} failed and failFast is on", failed.join(", ")));
-                self.events.push(("StepCancelled", format!("step {} cancelled: step {} failed", st.step_name, failed.join(", "))));
+                self.events.push(("StepCancelled", st.step_name.clone(), format!("step {} cancelled: step {} failed", st.step_name, failed.join(", "))));
             }
             self.creates.retain(|c| self.steps.iter().any(|s| s.step_name == c.step && s.phase == StepPhase::Running));
         }
@@ -280,7 +298,7 @@ fn fail(st: &mut StepStatus, name: &str, message: &str, now: &Time, events: &mut
     st.phase = StepPhase::Failed;
     st.finished_at = Some(now.clone());
     st.message = Some(message.to_string());
-    events.push(("StepFailed", format!("step {name}: {message}")));
+    events.push(("StepFailed", name.to_string(), format!("step {name}: {message}")));
 }
 
 fn start(wf: WorkflowId<'_>, st: &mut StepStatus, attempt: i32, now: &Time, creates: &mut Vec<CreateJob>) {
@@ -358,7 +376,9 @@ mod tests {
     #[test]
     fn fail_fast_stops_and_fail_slow_finishes_other_branches() {
         let s = spec(&[("a", &[], 0), ("bad", &["a"], 0), ("after-bad", &["bad"], 0), ("ok", &["a"], 0), ("after-ok", &["ok"], 0)]);
-        let outcome = |step: &str, _| if step == "bad" { JobState::Failed { reason: "BackoffLimitExceeded".into(), message: "exit 3".into() } } else { JobState::Succeeded { output: None } };
+        let outcome = |step: &str, _| {
+            if step == "bad" { JobState::Failed { reason: "BackoffLimitExceeded".into(), message: "exit 3".into() } } else { JobState::Succeeded { output: None } }
+        };
         let (end, _) = run(&s, false, outcome);
         assert_eq!(end.phase, WorkflowPhase::Failed);
         let ph: HashMap<_, _> = end.steps.iter().map(|s| (s.step_name.as_str(), s.phase)).collect();
@@ -370,7 +390,8 @@ mod tests {
     #[test]
     fn retry_then_success_uses_a_new_job_name() {
         let s = spec(&[("a", &[], 2)]);
-        let (end, created) = run(&s, true, |_, attempt| if attempt == 0 { JobState::Failed { reason: "BackoffLimitExceeded".into(), message: String::new() } } else { JobState::Succeeded { output: None } });
+        let (end, created) =
+            run(&s, true, |_, attempt| if attempt == 0 { JobState::Failed { reason: "BackoffLimitExceeded".into(), message: String::new() } } else { JobState::Succeeded { output: None } });
         assert_eq!(end.phase, WorkflowPhase::Completed);
         assert_eq!(created.len(), 2);
         assert_ne!(created[0].job_name, created[1].job_name);
@@ -506,12 +527,15 @@ mod tests {
     fn arb_dag() -> impl Strategy<Value = Vec<StepSpec>> {
         (2usize..15).prop_flat_map(|n| {
             proptest::collection::vec((proptest::collection::vec(any::<u16>(), 0..4), 0i32..3), n).prop_map(move |v| {
-                v.into_iter().enumerate().map(|(i, (deps, retries))| {
-                    let mut d: Vec<String> = if i == 0 { vec![] } else { deps.iter().map(|x| format!("s{}", *x as usize % i)).collect() };
-                    d.sort();
-                    d.dedup();
-                    StepSpec { name: format!("s{i}"), deps: d, retries }
-                }).collect()
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, (deps, retries))| {
+                        let mut d: Vec<String> = if i == 0 { vec![] } else { deps.iter().map(|x| format!("s{}", *x as usize % i)).collect() };
+                        d.sort();
+                        d.dedup();
+                        StepSpec { name: format!("s{i}"), deps: d, retries }
+                    })
+                    .collect()
             })
         })
     }

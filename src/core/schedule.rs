@@ -43,10 +43,7 @@ pub fn parse(value: &str) -> Result<Schedule, ScheduleError> {
         return Ok(Schedule::At(t));
     }
     let parser = CronParser::builder().seconds(Seconds::Optional).build();
-    parser
-        .parse(v)
-        .map(|c| Schedule::Cron(Box::new(c)))
-        .map_err(|e| ScheduleError::Invalid { value: value.to_string(), detail: e.to_string() })
+    parser.parse(v).map(|c| Schedule::Cron(Box::new(c))).map_err(|e| ScheduleError::Invalid { value: value.to_string(), detail: e.to_string() })
 }
 
 impl Schedule {

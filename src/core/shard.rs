@@ -65,7 +65,9 @@ pub fn assign(shards: u32, members: &[String]) -> Vec<Option<usize>> {
 
 /// The shards `me` should hold, given the live members.
 pub fn preferred_shards(shards: u32, members: &[String], me: &str) -> Vec<u32> {
-    let Some(idx) = members.iter().position(|m| m == me) else { return vec![] };
+    let Some(idx) = members.iter().position(|m| m == me) else {
+        return vec![];
+    };
     assign(shards, members).into_iter().enumerate().filter(|(_, m)| *m == Some(idx)).map(|(s, _)| s as u32).collect()
 }
 

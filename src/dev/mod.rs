@@ -115,7 +115,10 @@ pub fn ensure_binaries(build: bool) -> Result<PathBuf> {
     std::fs::write(src.join("helm/go.mod"), HELM_GO_MOD)?;
     std::fs::write(src.join("helm/go.sum"), HELM_GO_SUM)?;
     eprintln!("building the control plane ({missing:?}) into {}; this takes several minutes on a cold cache", bin.display());
-    let status = Command::new("bash").arg(src.join("build.sh")).env("SHOAL_CACHE_DIR", bin.parent().and_then(Path::parent).unwrap_or(&bin)).status()
+    let status = Command::new("bash")
+        .arg(src.join("build.sh"))
+        .env("SHOAL_CACHE_DIR", bin.parent().and_then(Path::parent).unwrap_or(&bin))
+        .status()
         .context("running the control-plane build (is Go installed?)")?;
     if !status.success() {
         bail!("control-plane build failed ({status})");
@@ -212,9 +215,12 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
     std::fs::write(&kubeconfig, kubeconfig_yaml(&server, &p(Pki::CA_CRT), &p(Pki::ADMIN_CRT), &p(Pki::ADMIN_KEY)))?;
     let kc = kubeconfig.display().to_string();
     let sched_cfg = dir.join("scheduler.yaml");
-    std::fs::write(&sched_cfg, format!(
-        "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\nclientConnection:\n  kubeconfig: {kc}\n  qps: 500\n  burst: 1000\nleaderElection:\n  leaderElect: false\n"
-    ))?;
+    std::fs::write(
+        &sched_cfg,
+        format!(
+            "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\nclientConnection:\n  kubeconfig: {kc}\n  qps: 500\n  burst: 1000\nleaderElection:\n  leaderElect: false\n"
+        ),
+    )?;
     let stages = dir.join("kwok-stages.yaml");
     std::fs::write(&stages, KWOK_STAGES)?;
 
@@ -223,14 +229,7 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
     let spawn = |cluster: &mut DevCluster, name: &str, args: Vec<String>| -> Result<()> {
         let exe = bin.join(name);
         let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-        let child = Command::new(&exe)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {}", exe.display()))?;
+        let child = Command::new(&exe).args(&args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).spawn().with_context(|| format!("starting {}", exe.display()))?;
         cluster.processes.push(Proc { name: name.to_string(), pid: child.id() as i32, exe });
         std::fs::write(state_path(&cluster.dir), serde_json::to_vec_pretty(cluster)?)?;
         Ok(())
@@ -238,79 +237,99 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
 
     let etcd_url = format!("http://127.0.0.1:{etcd_port}");
     let peer_url = format!("http://127.0.0.1:{peer_port}");
-    spawn(&mut cluster, "etcd", vec![
-        format!("--data-dir={}", etcd_dir.display()),
-        format!("--listen-client-urls={etcd_url}"),
-        format!("--advertise-client-urls={etcd_url}"),
-        format!("--listen-peer-urls={peer_url}"),
-        format!("--initial-advertise-peer-urls={peer_url}"),
-        format!("--initial-cluster=default={peer_url}"),
-        "--unsafe-no-fsync".into(),
-        "--quota-backend-bytes=8589934592".into(),
-        "--log-level=warn".into(),
-    ])?;
-    spawn(&mut cluster, "kube-apiserver", vec![
-        format!("--etcd-servers={etcd_url}"),
-        "--bind-address=127.0.0.1".into(),
-        "--advertise-address=127.0.0.1".into(),
-        format!("--secure-port={api_port}"),
-        format!("--cert-dir={}", p("pki")),
-        format!("--tls-cert-file={}", p(Pki::SERVING_CRT)),
-        format!("--tls-private-key-file={}", p(Pki::SERVING_KEY)),
-        format!("--client-ca-file={}", p(Pki::CA_CRT)),
-        format!("--service-account-key-file={}", p(Pki::SA_PUB)),
-        format!("--service-account-signing-key-file={}", p(Pki::SA_KEY)),
-        "--service-account-issuer=https://kubernetes.default.svc".into(),
-        "--service-cluster-ip-range=10.0.0.0/24".into(),
-        "--authorization-mode=Node,RBAC".into(),
-        "--endpoint-reconciler-type=none".into(),
-        "--allow-privileged=true".into(),
-        "--max-requests-inflight=2000".into(),
-        "--max-mutating-requests-inflight=1000".into(),
-        "--profiling=false".into(),
-        "--v=0".into(),
-    ])?;
+    spawn(
+        &mut cluster,
+        "etcd",
+        vec![
+            format!("--data-dir={}", etcd_dir.display()),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=default={peer_url}"),
+            "--unsafe-no-fsync".into(),
+            "--quota-backend-bytes=8589934592".into(),
+            "--log-level=warn".into(),
+        ],
+    )?;
+    spawn(
+        &mut cluster,
+        "kube-apiserver",
+        vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", p("pki")),
+            format!("--tls-cert-file={}", p(Pki::SERVING_CRT)),
+            format!("--tls-private-key-file={}", p(Pki::SERVING_KEY)),
+            format!("--client-ca-file={}", p(Pki::CA_CRT)),
+            format!("--service-account-key-file={}", p(Pki::SA_PUB)),
+            format!("--service-account-signing-key-file={}", p(Pki::SA_KEY)),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--authorization-mode=Node,RBAC".into(),
+            "--endpoint-reconciler-type=none".into(),
+            "--allow-privileged=true".into(),
+            "--max-requests-inflight=2000".into(),
+            "--max-mutating-requests-inflight=1000".into(),
+            "--profiling=false".into(),
+            "--v=0".into(),
+        ],
+    )?;
     let client = wait_for_apiserver(&kubeconfig, Duration::from_secs(60), &cluster).await?;
 
-    spawn(&mut cluster, "kube-controller-manager", vec![
-        format!("--kubeconfig={kc}"),
-        format!("--authentication-kubeconfig={kc}"),
-        format!("--authorization-kubeconfig={kc}"),
-        "--leader-elect=false".into(),
-        "--bind-address=127.0.0.1".into(),
-        format!("--secure-port={kcm_port}"),
-        format!("--cert-dir={}", p("pki/kcm")),
-        format!("--service-account-private-key-file={}", p(Pki::SA_KEY)),
-        format!("--root-ca-file={}", p(Pki::CA_CRT)),
-        "--use-service-account-credentials=false".into(),
-        "--kube-api-qps=500".into(),
-        "--kube-api-burst=1000".into(),
-        "--concurrent-job-syncs=50".into(),
-        "--concurrent-gc-syncs=50".into(),
-        "--concurrent-namespace-syncs=20".into(),
-        "--concurrent-deployment-syncs=20".into(),
-        "--concurrent-replicaset-syncs=20".into(),
-        "--concurrent-statefulset-syncs=20".into(),
-        "--profiling=false".into(),
-    ])?;
-    spawn(&mut cluster, "kube-scheduler", vec![
-        format!("--config={}", sched_cfg.display()),
-        format!("--authentication-kubeconfig={kc}"),
-        format!("--authorization-kubeconfig={kc}"),
-        "--bind-address=127.0.0.1".into(),
-        format!("--secure-port={sched_port}"),
-        format!("--cert-dir={}", p("pki/scheduler")),
-        "--profiling=false".into(),
-    ])?;
-    spawn(&mut cluster, "kwok", vec![
-        format!("--kubeconfig={kc}"),
-        "--manage-all-nodes=false".into(),
-        format!("--manage-nodes-with-label-selector={}={}", NODE_LABEL.0, NODE_LABEL.1),
-        format!("--config={}", stages.display()),
-        format!("--server-address=127.0.0.1:{kwok_port}"),
-        "--node-ip=127.0.0.1".into(),
-        "--cidr=10.244.0.0/16".into(),
-    ])?;
+    spawn(
+        &mut cluster,
+        "kube-controller-manager",
+        vec![
+            format!("--kubeconfig={kc}"),
+            format!("--authentication-kubeconfig={kc}"),
+            format!("--authorization-kubeconfig={kc}"),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={kcm_port}"),
+            format!("--cert-dir={}", p("pki/kcm")),
+            format!("--service-account-private-key-file={}", p(Pki::SA_KEY)),
+            format!("--root-ca-file={}", p(Pki::CA_CRT)),
+            "--use-service-account-credentials=false".into(),
+            "--kube-api-qps=500".into(),
+            "--kube-api-burst=1000".into(),
+            "--concurrent-job-syncs=50".into(),
+            "--concurrent-gc-syncs=50".into(),
+            "--concurrent-namespace-syncs=20".into(),
+            "--concurrent-deployment-syncs=20".into(),
+            "--concurrent-replicaset-syncs=20".into(),
+            "--concurrent-statefulset-syncs=20".into(),
+            "--profiling=false".into(),
+        ],
+    )?;
+    spawn(
+        &mut cluster,
+        "kube-scheduler",
+        vec![
+            format!("--config={}", sched_cfg.display()),
+            format!("--authentication-kubeconfig={kc}"),
+            format!("--authorization-kubeconfig={kc}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={sched_port}"),
+            format!("--cert-dir={}", p("pki/scheduler")),
+            "--profiling=false".into(),
+        ],
+    )?;
+    spawn(
+        &mut cluster,
+        "kwok",
+        vec![
+            format!("--kubeconfig={kc}"),
+            "--manage-all-nodes=false".into(),
+            format!("--manage-nodes-with-label-selector={}={}", NODE_LABEL.0, NODE_LABEL.1),
+            format!("--config={}", stages.display()),
+            format!("--server-address=127.0.0.1:{kwok_port}"),
+            "--node-ip=127.0.0.1".into(),
+            "--cidr=10.244.0.0/16".into(),
+        ],
+    )?;
 
     create_nodes(&client, opts.nodes).await?;
     if opts.install_crds {
@@ -326,7 +345,9 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
 pub fn down(dir: &Path) -> Result<()> {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
-    let Some(cluster) = DevCluster::load(dir) else { return Ok(()) };
+    let Some(cluster) = DevCluster::load(dir) else {
+        return Ok(());
+    };
     for p in cluster.processes.iter().rev() {
         if pid_alive(p) {
             let _ = kill(Pid::from_raw(p.pid), Signal::SIGTERM);
@@ -437,9 +458,7 @@ pub async fn install_crds(client: &Client) -> Result<()> {
         let name = crd.metadata.name.clone().unwrap_or_default();
         loop {
             let got = api.get(&name).await?;
-            let established = got.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-                cs.iter().any(|c| c.type_ == "Established" && c.status == "True")
-            });
+            let established = got.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"));
             if established {
                 break;
             }
@@ -462,13 +481,15 @@ async fn wait_until_ready(client: &Client, n: usize, timeout: Duration, cluster:
             bail!(dead);
         }
         let list = nodes.list(&ListParams::default().labels(&format!("{}={}", NODE_LABEL.0, NODE_LABEL.1))).await?;
-        let ready = list.items.iter().filter(|node| {
-            let is_ready = node.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-                cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-            });
-            let tainted = node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| !t.is_empty());
-            is_ready && !tainted
-        }).count();
+        let ready = list
+            .items
+            .iter()
+            .filter(|node| {
+                let is_ready = node.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                let tainted = node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| !t.is_empty());
+                is_ready && !tainted
+            })
+            .count();
         let sa = sas.get_opt("default").await?.is_some();
         let ns = namespaces.get_opt("kube-system").await?.is_some();
         if ready >= n && sa && ns {
@@ -481,4 +502,3 @@ async fn wait_until_ready(client: &Client, n: usize, timeout: Duration, cluster:
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
-

@@ -53,7 +53,9 @@ struct QState {
 
 impl Queue {
     pub fn add(&self, key: Key) {
-        let Ok(mut s) = self.inner.state.lock() else { return };
+        let Ok(mut s) = self.inner.state.lock() else {
+            return;
+        };
         if s.running.contains(&key) {
             s.dirty.insert(key);
         } else if s.queued.insert(key.clone()) {
@@ -272,7 +274,9 @@ where
     }
 
     fn start(self: &Arc<Self>, shard: u32) {
-        let Ok(mut tasks) = self.tasks.lock() else { return };
+        let Ok(mut tasks) = self.tasks.lock() else {
+            return;
+        };
         if tasks.contains_key(&shard) {
             return;
         }
@@ -389,11 +393,14 @@ where
                         }
                     }
                     Err(e) => {
-                        let n = attempts.lock().map(|mut a| {
-                            let n = a.entry(key.clone()).or_default();
-                            *n += 1;
-                            *n
-                        }).unwrap_or(1);
+                        let n = attempts
+                            .lock()
+                            .map(|mut a| {
+                                let n = a.entry(key.clone()).or_default();
+                                *n += 1;
+                                *n
+                            })
+                            .unwrap_or(1);
                         let delay = ExponentialBuilder::default()
                             .with_min_delay(Duration::from_millis(200))
                             .with_max_delay(Duration::from_secs(120))

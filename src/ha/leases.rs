@@ -12,9 +12,9 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
-use kube::Client;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +36,9 @@ pub fn shard_lease_name(shard: u32) -> String {
 
 fn expired(lease: &Lease, now: Timestamp) -> bool {
     let Some(spec) = &lease.spec else { return true };
-    let Some(renew) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else { return true };
+    let Some(renew) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
+        return true;
+    };
     let dur = spec.lease_duration_seconds.unwrap_or(15);
     renew.0 + SignedDuration::from_secs(i64::from(dur)) < now
 }
@@ -285,7 +287,13 @@ impl Loop {
                 if !(free || mine || expired(&l, now)) {
                     return;
                 }
-                let reason = if free { "free" } else if mine { "restart" } else { "expired" };
+                let reason = if free {
+                    "free"
+                } else if mine {
+                    "restart"
+                } else {
+                    "expired"
+                };
                 let transitions = self.take_over(&mut l, now);
                 (self.api.replace(name, &PostParams::default(), &l).await, reason, transitions)
             }

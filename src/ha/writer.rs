@@ -128,8 +128,9 @@ impl Writer {
 
     /// Publish an Event about the object, fenced like any other write. A failure to publish
     /// is logged, not returned: an Event is a report, not part of the object's state.
-    pub async fn event(&self, type_: EventType, reason: &str, note: String) {
-        let ev = Event { type_, reason: reason.to_string(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    /// `related` names a second object the Event is about (for a step, its Job).
+    pub async fn event(&self, type_: EventType, reason: &str, note: String, related: Option<k8s_openapi::api::core::v1::ObjectReference>) {
+        let ev = Event { type_, reason: reason.to_string(), note: Some(note), action: "Reconcile".into(), secondary: related };
         let action = format!("event:{reason}");
         if let Err(e) = self.send(&action, self.recorder.publish(&ev, &self.reference)).await {
             tracing::debug!(object = %self.object, error = %e, "publishing an event failed");
@@ -265,13 +266,23 @@ mod tests {
         let w = writer(&own, fence);
         let polled = Arc::new(AtomicBool::new(false));
         let p = polled.clone();
-        let r = w.send("create x", async move { p.store(true, Ordering::SeqCst); Ok(()) }).await;
+        let r = w
+            .send("create x", async move {
+                p.store(true, Ordering::SeqCst);
+                Ok(())
+            })
+            .await;
         assert!(matches!(r, Err(WriteError::Fenced)), "{r:?}");
         assert!(!polled.load(Ordering::SeqCst), "the request was never started");
         // Held, but under another epoch: still refused.
         own.hold_for_test(1, 4, std::time::Instant::now());
         let p = polled.clone();
-        let r = w.send("create x", async move { p.store(true, Ordering::SeqCst); Ok(()) }).await;
+        let r = w
+            .send("create x", async move {
+                p.store(true, Ordering::SeqCst);
+                Ok(())
+            })
+            .await;
         assert!(matches!(r, Err(WriteError::Fenced)), "{r:?}");
         assert!(!polled.load(Ordering::SeqCst));
     }

@@ -36,27 +36,74 @@ fn rejected(r: Result<(), String>, needle: &str) {
 async fn workflow_rules() {
     let client = common::client().await;
     let ns = common::namespace(&client, "adm-wf").await;
-    let ok = wf("ok", json!([
-        {"stepName": "a", "image": "busybox"},
-        {"stepName": "b", "image": "busybox", "dependsOn": ["a"]},
-        {"stepName": "c", "image": "busybox", "dependsOn": ["a", "b"]},
-    ]));
+    let ok = wf(
+        "ok",
+        json!([
+            {"stepName": "a", "image": "busybox"},
+            {"stepName": "b", "image": "busybox", "dependsOn": ["a"]},
+            {"stepName": "c", "image": "busybox", "dependsOn": ["a", "b"]},
+        ]),
+    );
     create(&client, &ns, ok).await.expect("a valid DAG is accepted");
 
-    rejected(create(&client, &ns, wf("unknown-dep", json!([
-        {"stepName": "a", "image": "busybox", "dependsOn": ["nope"]},
-    ]))).await, "every dependsOn entry must name a step of this workflow");
-    rejected(create(&client, &ns, wf("dup", json!([
-        {"stepName": "a", "image": "busybox"},
-        {"stepName": "a", "image": "alpine"},
-    ]))).await, "Duplicate value");
-    rejected(create(&client, &ns, wf("self-dep", json!([
-        {"stepName": "a", "image": "busybox", "dependsOn": ["a"]},
-    ]))).await, "a step must not depend on itself");
+    rejected(
+        create(
+            &client,
+            &ns,
+            wf(
+                "unknown-dep",
+                json!([
+                    {"stepName": "a", "image": "busybox", "dependsOn": ["nope"]},
+                ]),
+            ),
+        )
+        .await,
+        "every dependsOn entry must name a step of this workflow",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            wf(
+                "dup",
+                json!([
+                    {"stepName": "a", "image": "busybox"},
+                    {"stepName": "a", "image": "alpine"},
+                ]),
+            ),
+        )
+        .await,
+        "Duplicate value",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            wf(
+                "self-dep",
+                json!([
+                    {"stepName": "a", "image": "busybox", "dependsOn": ["a"]},
+                ]),
+            ),
+        )
+        .await,
+        "a step must not depend on itself",
+    );
     rejected(create(&client, &ns, wf("no-steps", json!([]))).await, "spec.containers");
-    rejected(create(&client, &ns, wf("bad-name", json!([
-        {"stepName": "has space", "image": "busybox"},
-    ]))).await, "stepName");
+    rejected(
+        create(
+            &client,
+            &ns,
+            wf(
+                "bad-name",
+                json!([
+                    {"stepName": "has space", "image": "busybox"},
+                ]),
+            ),
+        )
+        .await,
+        "stepName",
+    );
     let mut zero = wf("zero-timeout", json!([{"stepName": "a", "image": "busybox"}]));
     zero["spec"]["maxStepTimeout"] = json!(0);
     rejected(create(&client, &ns, zero).await, "maxStepTimeout must be -1");
@@ -68,9 +115,8 @@ async fn workflow_rules() {
     // A large DAG within the bounds is accepted: 200 steps, 3790 edges (each step depends on
     // up to 20 earlier ones). The unknown-dependency rule's cost was sized for this.
     let dag = |fan_in: usize, extra: Option<&str>| {
-        let mut steps: Vec<Value> = (0usize..200)
-            .map(|i| json!({"stepName": format!("s{i}"), "image": "busybox", "dependsOn": (i.saturating_sub(fan_in)..i).map(|j| format!("s{j}")).collect::<Vec<_>>()}))
-            .collect();
+        let mut steps: Vec<Value> =
+            (0usize..200).map(|i| json!({"stepName": format!("s{i}"), "image": "busybox", "dependsOn": (i.saturating_sub(fan_in)..i).map(|j| format!("s{j}")).collect::<Vec<_>>()})).collect();
         if let Some(bad) = extra {
             steps[5]["dependsOn"].as_array_mut().unwrap().push(json!(bad));
         }
@@ -99,39 +145,147 @@ fn nsman(name: &str, policies: Value) -> Value {
 async fn namespace_manager_rules() {
     let client = common::client().await;
     let ns = common::namespace(&client, "adm-nsman").await;
-    rejected(create(&client, &ns, nsman("bad-enum", json!([
-        {"name": "p", "condition": {"type": "TTLX", "params": {"ttlSeconds": 5}}, "action": {"type": "DELETE"}},
-    ]))).await, "Unsupported value: \"TTLX\"");
-    rejected(create(&client, &ns, nsman("bad-action", json!([
-        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "EXPLODE"}},
-    ]))).await, "Unsupported value: \"EXPLODE\"");
-    rejected(create(&client, &ns, nsman("dup", json!([
-        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "DELETE"}},
-        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 9}}, "action": {"type": "DELETE"}},
-    ]))).await, "Duplicate value");
-    rejected(create(&client, &ns, nsman("ttl-missing", json!([
-        {"name": "p", "condition": {"type": "TTL"}, "action": {"type": "DELETE"}},
-    ]))).await, "a TTL condition needs params.ttlSeconds");
-    rejected(create(&client, &ns, nsman("no-url", json!([
-        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "WEBHOOK"}},
-    ]))).await, "a WEBHOOK action needs params.url");
-    rejected(create(&client, &ns, nsman("bad-url", json!([
-        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "WEBHOOK", "params": {"url": "not a url"}}},
-    ]))).await, "url must be an absolute http or https URL");
-    rejected(create(&client, &ns, nsman("ftp-url", json!([
-        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "WEBHOOK", "params": {"url": "ftp://example.invalid/x"}}},
-    ]))).await, "url must be an absolute http or https URL");
-    rejected(create(&client, &ns, nsman("bad-kind", json!([
-        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}},
-         "action": {"type": "SCALE_DOWN", "params": {"selectors": [{"kind": "DaemonSet", "labels": {"a": "b"}}]}}},
-    ]))).await, "Unsupported value: \"DaemonSet\"");
-    rejected(create(&client, &ns, nsman("no-selectors", json!([
-        {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "SCALE_DOWN"}},
-    ]))).await, "a SCALE_DOWN action needs params.selectors");
-    create(&client, &ns, nsman("good", json!([
-        {"name": "p", "condition": {"type": "PODS_SUCCEED", "params": {"podLabels": {"a": "b"}, "periodSeconds": 10}},
-         "action": {"type": "WEBHOOK", "params": {"url": "http://127.0.0.1:9/hook"}}},
-    ]))).await.expect("valid manager accepted");
+    rejected(
+        create(
+            &client,
+            &ns,
+            nsman(
+                "bad-enum",
+                json!([
+                    {"name": "p", "condition": {"type": "TTLX", "params": {"ttlSeconds": 5}}, "action": {"type": "DELETE"}},
+                ]),
+            ),
+        )
+        .await,
+        "Unsupported value: \"TTLX\"",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            nsman(
+                "bad-action",
+                json!([
+                    {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "EXPLODE"}},
+                ]),
+            ),
+        )
+        .await,
+        "Unsupported value: \"EXPLODE\"",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            nsman(
+                "dup",
+                json!([
+                    {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "DELETE"}},
+                    {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 9}}, "action": {"type": "DELETE"}},
+                ]),
+            ),
+        )
+        .await,
+        "Duplicate value",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            nsman(
+                "ttl-missing",
+                json!([
+                    {"name": "p", "condition": {"type": "TTL"}, "action": {"type": "DELETE"}},
+                ]),
+            ),
+        )
+        .await,
+        "a TTL condition needs params.ttlSeconds",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            nsman(
+                "no-url",
+                json!([
+                    {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "WEBHOOK"}},
+                ]),
+            ),
+        )
+        .await,
+        "a WEBHOOK action needs params.url",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            nsman(
+                "bad-url",
+                json!([
+                    {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "WEBHOOK", "params": {"url": "not a url"}}},
+                ]),
+            ),
+        )
+        .await,
+        "url must be an absolute http or https URL",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            nsman(
+                "ftp-url",
+                json!([
+                    {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "WEBHOOK", "params": {"url": "ftp://example.invalid/x"}}},
+                ]),
+            ),
+        )
+        .await,
+        "url must be an absolute http or https URL",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            nsman(
+                "bad-kind",
+                json!([
+                    {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}},
+                     "action": {"type": "SCALE_DOWN", "params": {"selectors": [{"kind": "DaemonSet", "labels": {"a": "b"}}]}}},
+                ]),
+            ),
+        )
+        .await,
+        "Unsupported value: \"DaemonSet\"",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            nsman(
+                "no-selectors",
+                json!([
+                    {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "SCALE_DOWN"}},
+                ]),
+            ),
+        )
+        .await,
+        "a SCALE_DOWN action needs params.selectors",
+    );
+    create(
+        &client,
+        &ns,
+        nsman(
+            "good",
+            json!([
+                {"name": "p", "condition": {"type": "PODS_SUCCEED", "params": {"podLabels": {"a": "b"}, "periodSeconds": 10}},
+                 "action": {"type": "WEBHOOK", "params": {"url": "http://127.0.0.1:9/hook"}}},
+            ]),
+        ),
+    )
+    .await
+    .expect("valid manager accepted");
     common::cleanup(&client, &ns).await;
 }
 
@@ -139,35 +293,89 @@ async fn namespace_manager_rules() {
 async fn activity_task_and_ignitor_rules() {
     let client = common::client().await;
     let ns = common::namespace(&client, "adm-misc").await;
-    rejected(create(&client, &ns, json!({
-        "apiVersion": "shoal.dev/v1alpha1", "kind": "ActivityWorker", "metadata": {"name": "w"},
-        "spec": {"job": {"name": "j", "image": "bash:5.0", "imagePullPolicy": "Sometimes"}}
-    })).await, "Unsupported value: \"Sometimes\"");
-    rejected(create(&client, &ns, json!({
-        "apiVersion": "shoal.dev/v1alpha1", "kind": "Activity", "metadata": {"name": "a"},
-        "spec": {"name": "x", "job": {"name": "j", "image": "bash:5.0", "imagePullPolicy": "Sometimes"}}
-    })).await, "Unsupported value: \"Sometimes\"");
-    rejected(create(&client, &ns, json!({
-        "apiVersion": "shoal.dev/v1alpha1", "kind": "Activity", "metadata": {"name": "a"},
-        "spec": {"name": "x", "workers": 0}
-    })).await, "spec.workers");
-    rejected(create(&client, &ns, json!({
-        "apiVersion": "shoal.dev/v1alpha1", "kind": "Ignitor", "metadata": {"name": "i"},
-        "spec": {"scheduled": "every tuesday"}
-    })).await, "scheduled must be NOW, an RFC 3339 time, or a cron expression");
-    rejected(create(&client, &ns, json!({
-        "apiVersion": "shoal.dev/v1alpha1", "kind": "Task", "metadata": {"name": "t"},
-        "spec": {"startOnIgnition": ["Not_A_Name"], "template": {"spec": {"containers": [{"name": "c", "image": "busybox"}]}}}
-    })).await, "startOnIgnition");
-    rejected(create(&client, &ns, json!({
-        "apiVersion": "shoal.dev/v1alpha1", "kind": "Task", "metadata": {"name": "t"},
-        "spec": {"description": "no template"}
-    })).await, "spec.template");
+    rejected(
+        create(
+            &client,
+            &ns,
+            json!({
+                "apiVersion": "shoal.dev/v1alpha1", "kind": "ActivityWorker", "metadata": {"name": "w"},
+                "spec": {"job": {"name": "j", "image": "bash:5.0", "imagePullPolicy": "Sometimes"}}
+            }),
+        )
+        .await,
+        "Unsupported value: \"Sometimes\"",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            json!({
+                "apiVersion": "shoal.dev/v1alpha1", "kind": "Activity", "metadata": {"name": "a"},
+                "spec": {"name": "x", "job": {"name": "j", "image": "bash:5.0", "imagePullPolicy": "Sometimes"}}
+            }),
+        )
+        .await,
+        "Unsupported value: \"Sometimes\"",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            json!({
+                "apiVersion": "shoal.dev/v1alpha1", "kind": "Activity", "metadata": {"name": "a"},
+                "spec": {"name": "x", "workers": 0}
+            }),
+        )
+        .await,
+        "spec.workers",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            json!({
+                "apiVersion": "shoal.dev/v1alpha1", "kind": "Ignitor", "metadata": {"name": "i"},
+                "spec": {"scheduled": "every tuesday"}
+            }),
+        )
+        .await,
+        "scheduled must be NOW, an RFC 3339 time, or a cron expression",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            json!({
+                "apiVersion": "shoal.dev/v1alpha1", "kind": "Task", "metadata": {"name": "t"},
+                "spec": {"startOnIgnition": ["Not_A_Name"], "template": {"spec": {"containers": [{"name": "c", "image": "busybox"}]}}}
+            }),
+        )
+        .await,
+        "startOnIgnition",
+    );
+    rejected(
+        create(
+            &client,
+            &ns,
+            json!({
+                "apiVersion": "shoal.dev/v1alpha1", "kind": "Task", "metadata": {"name": "t"},
+                "spec": {"description": "no template"}
+            }),
+        )
+        .await,
+        "spec.template",
+    );
     // A cron expression with the right shape but impossible values passes admission; the
     // Ignitor controller reports it as a condition (see core::schedule).
-    create(&client, &ns, json!({
-        "apiVersion": "shoal.dev/v1alpha1", "kind": "Ignitor", "metadata": {"name": "late"},
-        "spec": {"scheduled": "61 * * * *"}
-    })).await.expect("shape-valid cron passes admission");
+    create(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "shoal.dev/v1alpha1", "kind": "Ignitor", "metadata": {"name": "late"},
+            "spec": {"scheduled": "61 * * * *"}
+        }),
+    )
+    .await
+    .expect("shape-valid cron passes admission");
     common::cleanup(&client, &ns).await;
 }

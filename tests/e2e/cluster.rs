@@ -7,8 +7,8 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Resource;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::common::{self, eventually};
@@ -168,19 +168,11 @@ async fn kubectl_get_shoal_lists_every_kind() {
     let wfs: Api<shoal::api::Workflow> = Api::namespaced(client.clone(), &ns);
     let wf = one_step_workflow("listed");
     wfs.create(&PostParams::default(), &wf).await.unwrap();
-    let out = std::process::Command::new(common::bin_dir().join("kubectl"))
-        .args(["get", "shoal", "-A"])
-        .env("KUBECONFIG", common::kubeconfig())
-        .output()
-        .expect("running kubectl");
+    let out = std::process::Command::new(common::bin_dir().join("kubectl")).args(["get", "shoal", "-A"]).env("KUBECONFIG", common::kubeconfig()).output().expect("running kubectl");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "kubectl get shoal -A failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("workflow.shoal.dev/listed"), "kubectl get shoal -A output:\n{stdout}");
-    let out = std::process::Command::new(common::bin_dir().join("kubectl"))
-        .args(["get", "wf", "-n", &ns])
-        .env("KUBECONFIG", common::kubeconfig())
-        .output()
-        .expect("running kubectl");
+    let out = std::process::Command::new(common::bin_dir().join("kubectl")).args(["get", "wf", "-n", &ns]).env("KUBECONFIG", common::kubeconfig()).output().expect("running kubectl");
     let stdout = String::from_utf8_lossy(&out.stdout);
     for col in ["NAME", "STATUS", "STEPS", "AGE", "MESSAGE"] {
         assert!(stdout.contains(col), "printer column {col} missing:\n{stdout}");

@@ -37,8 +37,7 @@ async fn every_example_is_accepted() {
             created += 1;
         }
     }
-    let all: std::collections::BTreeSet<String> =
-        ["Activity", "ActivityWorker", "Ignitor", "NamespaceManager", "Task", "Workflow"].iter().map(|s| s.to_string()).collect();
+    let all: std::collections::BTreeSet<String> = ["Activity", "ActivityWorker", "Ignitor", "NamespaceManager", "Task", "Workflow"].iter().map(|s| s.to_string()).collect();
     assert_eq!(kinds, all, "examples/ must hold at least one sample per kind");
     assert!(created >= 6);
     common::cleanup(&client, &ns).await;

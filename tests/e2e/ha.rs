@@ -197,8 +197,7 @@ async fn replicas_share_shards_with_fencing() {
     // The action log.
     let actions = read_actions(&dir);
     assert!(actions.len() > 1000, "expected a busy action log, got {}", actions.len());
-    let uid_shard: HashMap<String, u32> = wfs.list(&ListParams::default()).await.unwrap().items.iter()
-        .map(|w| (w.uid().unwrap(), w.labels()["shoal.dev/shard"].parse().unwrap())).collect();
+    let uid_shard: HashMap<String, u32> = wfs.list(&ListParams::default()).await.unwrap().items.iter().map(|w| (w.uid().unwrap(), w.labels()["shoal.dev/shard"].parse().unwrap())).collect();
     let mut epoch_owner: HashMap<(u32, i32), String> = HashMap::new();
     let mut last_epoch: HashMap<u32, (i32, String, i64)> = HashMap::new();
     let mut reconciled: HashSet<String> = HashSet::new();

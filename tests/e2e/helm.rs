@@ -26,10 +26,7 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     let client = common::client().await;
     let ns = common::namespace(&client, "helm").await;
     let rendered = helm_template(&ns, &["replicaCount=3", "shards=64"]);
-    let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&rendered)
-        .map(|d| serde_json::Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .collect();
+    let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&rendered).map(|d| serde_json::Value::deserialize(d).unwrap()).filter(|v| !v.is_null()).collect();
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds.iter().filter(|k| **k == "CustomResourceDefinition").count(), 6, "the chart carries every CRD: {kinds:?}");
     for k in ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment", "Service", "PodDisruptionBudget"] {
@@ -44,11 +41,7 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     assert!(rendered.contains("coordination.k8s.io"), "Lease permissions");
 
     // Every non-CRD object passes the real API server's validation (server-side dry run).
-    let objects: String = docs
-        .iter()
-        .filter(|d| d["kind"] != "CustomResourceDefinition")
-        .map(|d| format!("---\n{}", serde_yaml_ng::to_string(d).unwrap()))
-        .collect();
+    let objects: String = docs.iter().filter(|d| d["kind"] != "CustomResourceDefinition").map(|d| format!("---\n{}", serde_yaml_ng::to_string(d).unwrap())).collect();
     let mut kubectl = Command::new(common::bin_dir().join("kubectl"))
         .args(["apply", "--dry-run=server", "-n", &ns, "-f", "-"])
         .env("KUBECONFIG", common::kubeconfig())

@@ -122,7 +122,9 @@ pub fn histogram_quantile(pages: &[String], name: &str, q: f64) -> Option<f64> {
     let prefix = format!("{name}_bucket{{le=\"");
     for page in pages {
         for line in page.lines() {
-            let Some(rest) = line.strip_prefix(&prefix) else { continue };
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
+            };
             let (le, count) = rest.split_once("\"} ")?;
             let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
             let count: f64 = count.split_whitespace().next()?.parse().ok()?;

@@ -96,11 +96,19 @@ async fn failures_fail_fast_and_cycles() {
     let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
     let bad = json!({"stepName": "bad", "image": "busybox", "dependsOn": ["a"], "metadata": {"labels": {"kwok.shoal.dev/exit-code": "3"}}});
     api.create(&PostParams::default(), &wf("fast", json!({"containers": [step("a", &[]), bad.clone(), step("after-bad", &["bad"])]}))).await.unwrap();
-    api.create(&PostParams::default(), &wf("slow", json!({"failFast": false, "containers": [
-        step("a", &[]), bad, step("after-bad", &["bad"]),
-        {"stepName": "ok", "image": "busybox", "dependsOn": ["a"], "metadata": {"annotations": {"kwok.shoal.dev/delay": "2s"}}},
-        step("after-ok", &["ok"]),
-    ]}))).await.unwrap();
+    api.create(
+        &PostParams::default(),
+        &wf(
+            "slow",
+            json!({"failFast": false, "containers": [
+                step("a", &[]), bad, step("after-bad", &["bad"]),
+                {"stepName": "ok", "image": "busybox", "dependsOn": ["a"], "metadata": {"annotations": {"kwok.shoal.dev/delay": "2s"}}},
+                step("after-ok", &["ok"]),
+            ]}),
+        ),
+    )
+    .await
+    .unwrap();
     api.create(&PostParams::default(), &wf("rejected", json!({"containers": [{"stepName": "a", "image": "busybox", "env": [{"name": "A=B", "value": "x"}]}]}))).await.unwrap();
     api.create(&PostParams::default(), &wf("cycle", json!({"containers": [step("a", &["c"]), step("b", &["a"]), step("c", &["b"])]}))).await.unwrap();
 
@@ -138,16 +146,40 @@ async fn timeout_retry_and_outputs() {
     let client = common::client().await;
     let (ns, _op) = setup(&client, "wf-retry").await;
     let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &wf("slowpoke", json!({"containers": [
-        {"stepName": "sleepy", "image": "busybox", "timeoutSeconds": 2, "metadata": {"annotations": {"kwok.shoal.dev/delay": "60s"}}},
-    ]}))).await.unwrap();
-    api.create(&PostParams::default(), &wf("flaky", json!({"containers": [
-        {"stepName": "flaky", "image": "busybox", "retries": 2, "metadata": {"annotations": {"kwok.shoal.dev/fail-attempts": "1"}}},
-    ]}))).await.unwrap();
-    api.create(&PostParams::default(), &wf("pipe", json!({"containers": [
-        {"stepName": "produce", "image": "busybox", "metadata": {"annotations": {"kwok.shoal.dev/termination-message": "{\"rows\": 42}"}}},
-        {"stepName": "consume", "image": "busybox", "dependsOn": ["produce"]},
-    ]}))).await.unwrap();
+    api.create(
+        &PostParams::default(),
+        &wf(
+            "slowpoke",
+            json!({"containers": [
+                {"stepName": "sleepy", "image": "busybox", "timeoutSeconds": 2, "metadata": {"annotations": {"kwok.shoal.dev/delay": "60s"}}},
+            ]}),
+        ),
+    )
+    .await
+    .unwrap();
+    api.create(
+        &PostParams::default(),
+        &wf(
+            "flaky",
+            json!({"containers": [
+                {"stepName": "flaky", "image": "busybox", "retries": 2, "metadata": {"annotations": {"kwok.shoal.dev/fail-attempts": "1"}}},
+            ]}),
+        ),
+    )
+    .await
+    .unwrap();
+    api.create(
+        &PostParams::default(),
+        &wf(
+            "pipe",
+            json!({"containers": [
+                {"stepName": "produce", "image": "busybox", "metadata": {"annotations": {"kwok.shoal.dev/termination-message": "{\"rows\": 42}"}}},
+                {"stepName": "consume", "image": "busybox", "dependsOn": ["produce"]},
+            ]}),
+        ),
+    )
+    .await
+    .unwrap();
 
     let s = wait_phase(&api, "slowpoke", WorkflowPhase::Failed).await;
     let m = s.status.as_ref().unwrap().steps[0].message.clone().unwrap_or_default();
@@ -182,10 +214,7 @@ async fn relabel_delete_and_spec_update_cascade() {
     eventually(T, "the Job", || async { (!jobs.list(&lp).await.ok()?.items.is_empty()).then_some(()) }).await;
 
     api.patch("w", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"team": "blue"}}}))).await.unwrap();
-    eventually(T, "label cascaded", || async {
-        jobs.list(&lp).await.ok()?.items.iter().all(|j| j.labels().get("team").map(String::as_str) == Some("blue")).then_some(())
-    })
-    .await;
+    eventually(T, "label cascaded", || async { jobs.list(&lp).await.ok()?.items.iter().all(|j| j.labels().get("team").map(String::as_str) == Some("blue")).then_some(()) }).await;
     api.patch("w", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(json!([{"op": "remove", "path": "/metadata/labels/team"}])).unwrap())).await.unwrap();
     eventually(T, "label removal cascaded", || async { jobs.list(&lp).await.ok()?.items.iter().all(|j| !j.labels().contains_key("team")).then_some(()) }).await;
 
