@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Fence, KindLabel, Ownership, ShardEvent};
+use super::{ControllerLabel, Fence, KindLabel, Ownership, ResultLabel, ShardEvent};
 use crate::api::SHARD_LABEL;
 
 /// (namespace, name) of an object.
@@ -49,6 +49,8 @@ struct QState {
     queued: HashSet<Key>,
     running: HashSet<Key>,
     dirty: HashSet<Key>,
+    /// The one pending delayed add of each key: when it is due.
+    delayed: HashMap<Key, tokio::time::Instant>,
 }
 
 impl Queue {
@@ -64,12 +66,38 @@ impl Queue {
         }
     }
 
+    /// Add `key` after `delay`. A key has at most one pending delayed add: an earlier one
+    /// replaces a later one, a later one is dropped. So however often a key is requeued, it
+    /// comes back once.
     pub fn add_after(&self, key: Key, delay: Duration) {
+        let due = tokio::time::Instant::now() + delay;
+        {
+            let Ok(mut s) = self.inner.state.lock() else { return };
+            if s.delayed.get(&key).is_some_and(|d| *d <= due) {
+                return;
+            }
+            s.delayed.insert(key.clone(), due);
+        }
         let q = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            q.add(key);
+            tokio::time::sleep_until(due).await;
+            // Only the timer still on record fires; one replaced by an earlier add does not.
+            let mine = q.inner.state.lock().map(|mut s| {
+                let mine = s.delayed.get(&key) == Some(&due);
+                if mine {
+                    s.delayed.remove(&key);
+                }
+                mine
+            });
+            if mine.unwrap_or(false) {
+                q.add(key);
+            }
         });
+    }
+
+    /// Keys with a pending delayed add.
+    pub fn pending_timers(&self) -> usize {
+        self.inner.state.lock().map(|s| s.delayed.len()).unwrap_or(0)
     }
 
     async fn pop(&self) -> Key {
@@ -354,9 +382,16 @@ where
     E: Display + Send,
 {
     let attempts: Arc<Mutex<HashMap<Key, usize>>> = Arc::default();
+    let controller = K::kind(&K::DynamicType::default()).to_lowercase();
+    let metrics = own.metrics().clone();
     let mut handles = Vec::new();
     for _ in 0..workers.max(1) {
         let (informer, queue, own, reconcile, shutdown, attempts) = (informer.clone(), queue.clone(), own.clone(), reconcile.clone(), shutdown.clone(), attempts.clone());
+        let (controller, metrics) = (controller.clone(), metrics.clone());
+        let reconcile = move |o, f| {
+            let fut = reconcile(o, f);
+            async move { fut.await.map_err(|e| e.to_string()) }
+        };
         handles.push(tokio::spawn(async move {
             loop {
                 let key = tokio::select! {
@@ -380,8 +415,20 @@ where
                     }
                     continue;
                 };
-                let result = reconcile(obj, fence).await;
+                let result = std::panic::AssertUnwindSafe(reconcile(obj, fence)).catch_unwind().await;
                 drop(guard);
+                // A panic is an error like any other: logged with the object, counted, and
+                // retried with backoff, never left stuck.
+                let result = result.unwrap_or_else(|panic| {
+                    let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+                    metrics.panics.get_or_create(&ControllerLabel { controller: controller.clone() }).inc();
+                    Err(format!("reconcile panicked: {what}"))
+                });
+                let outcome = match &result {
+                    Ok(_) => "success",
+                    Err(_) => "error",
+                };
+                metrics.reconciles.get_or_create(&ResultLabel { controller: controller.clone(), result: outcome.into() }).inc();
                 queue.done(&key);
                 match result {
                     Ok(action) => {
@@ -473,6 +520,73 @@ mod tests {
         let mut n: Vec<String> = v.iter().map(|o| o.0.clone()).collect();
         n.sort();
         n
+    }
+
+    fn k(n: &str) -> Key {
+        ("ns".to_string(), n.to_string())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_has_one_pending_timer_and_the_earliest_wins() {
+        let q = Queue::default();
+        for i in 0..100u64 {
+            q.add_after(k("a"), Duration::from_secs(300 + i));
+        }
+        q.add_after(k("b"), Duration::from_secs(60));
+        q.add_after(k("b"), Duration::from_secs(5));
+        assert_eq!(q.pending_timers(), 2, "one timer per key");
+        // b's earlier timer replaced its later one: it comes back at 5 s, once.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(q.pop().await, k("b"));
+        q.done(&k("b"));
+        // a's first timer (300 s) fires; the 99 later requeues were dropped, so nothing
+        // brings it back after that reconcile.
+        tokio::time::sleep(Duration::from_secs(295)).await;
+        assert_eq!(q.pop().await, k("a"));
+        q.done(&k("a"));
+        assert_eq!(q.pending_timers(), 0);
+        let nothing_more = tokio::time::timeout(Duration::from_secs(3600), q.pop()).await;
+        assert!(nothing_more.is_err(), "a and b each came back exactly once");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_reconcile_is_counted_and_retried() {
+        use prometheus_client::registry::Registry;
+        let cfg = crate::ha::HaConfig { shards: 4, ..Default::default() };
+        let own = Ownership::new(cfg, "me".into(), "ns".into(), crate::ha::HaMetrics::new(&mut Registry::default()), None);
+        let cm: k8s_openapi::api::core::v1::ConfigMap =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "o", "namespace": "ns", "uid": "u", "labels": {"shoal.dev/shard": "1"}}})).unwrap();
+        own.hold_for_test(1, 1, std::time::Instant::now());
+        // Nothing listens there; the informer's watch is never started in this test.
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let queue = Queue::default();
+        let informer = Informer::new(Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client, "ns"), own.clone(), queue.clone());
+        informer.insert(k("o"), Arc::new(cm));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let done_tx = Arc::new(Mutex::new(Some(done_tx)));
+        let shutdown = CancellationToken::new();
+        let c = calls.clone();
+        let reconcile = move |_o, _f| {
+            let (c, done_tx) = (c.clone(), done_tx.clone());
+            async move {
+                if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    panic!("bad input");
+                }
+                if let Some(tx) = done_tx.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+                Ok::<_, String>(Action::AwaitChange)
+            }
+        };
+        let run = tokio::spawn(run_controller(informer, queue.clone(), own.clone(), 1, reconcile, shutdown.clone()));
+        queue.add(k("o"));
+        tokio::time::timeout(Duration::from_secs(30), done_rx).await.expect("retried after the panic").unwrap();
+        shutdown.cancel();
+        run.await.unwrap();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let panics = own.metrics().panics.get_or_create(&ControllerLabel { controller: "configmap".into() }).get();
+        assert_eq!(panics, 1);
     }
 
     #[test]

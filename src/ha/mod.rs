@@ -129,6 +129,17 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    pub controller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub controller: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NameLabel {
     pub name: String,
 }
@@ -144,6 +155,8 @@ pub struct HaMetrics {
     pub acquire_to_first_reconcile: Histogram,
     pub cache_objects: Family<KindLabel, Gauge>,
     pub members: Gauge,
+    pub reconciles: Family<ResultLabel, Counter>,
+    pub panics: Family<ControllerLabel, Counter>,
 }
 
 impl HaMetrics {
@@ -157,6 +170,8 @@ impl HaMetrics {
             acquire_to_first_reconcile: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             cache_objects: Family::default(),
             members: Gauge::default(),
+            reconciles: Family::default(),
+            panics: Family::default(),
         };
         registry.register("shoal_shards_owned", "Shards this replica holds", m.shards_owned.clone());
         registry.register("shoal_shard_acquisitions", "Shard Leases acquired, by reason", m.acquisitions.clone());
@@ -166,6 +181,8 @@ impl HaMetrics {
         registry.register("shoal_shard_acquire_to_first_reconcile_seconds", "Time from a shard's acquisition to its first reconcile", m.acquire_to_first_reconcile.clone());
         registry.register("shoal_cache_objects", "Objects in this replica's sharded cache", m.cache_objects.clone());
         registry.register("shoal_ring_members", "Live members this replica sees", m.members.clone());
+        registry.register("controller_runtime_reconcile", "Reconciles, by controller and result", m.reconciles.clone());
+        registry.register("controller_runtime_reconcile_panics", "Reconciles that panicked, by controller", m.panics.clone());
         m
     }
 }
