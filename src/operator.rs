@@ -99,7 +99,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     macro_rules! label {
         ($k:ty) => {
-            tasks.spawn(crate::ha::run_labeler(api_for::<$k>(&client, &cfg.watch_namespace), own.clone(), shutdown.clone()));
+            tasks.spawn(named("labeller", crate::ha::run_labeler(api_for::<$k>(&client, &cfg.watch_namespace), own.clone(), shutdown.clone())));
         };
     }
     label!(crate::api::Workflow);
@@ -119,27 +119,51 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         crate::controllers::workflow::owner_key,
         crate::controllers::workflow::job_change_matters,
     );
-    tasks.spawn(wf_informer.clone().run(shutdown.clone()));
-    tasks.spawn(job_informer.clone().run(shutdown.clone()));
+    tasks.spawn(named("workflow informer", wf_informer.clone().run(shutdown.clone())));
+    tasks.spawn(named("job informer", job_informer.clone().run(shutdown.clone())));
     let recorder = Recorder::new(clients.request.clone(), Reporter { controller: "shoal".into(), instance: Some(identity.clone()) });
     let ctx = Arc::new(ControllerContext::new(clients.clone(), recorder, own.clone(), cfg.resync, job_informer, crate::controllers::Metrics::new(&mut registry)));
     {
         let ctx = ctx.clone();
-        tasks.spawn(run_controller(wf_informer, wf_queue, own.clone(), cfg.workers, move |wf, fence| crate::controllers::workflow::reconcile(wf, fence, ctx.clone()), shutdown.clone()));
+        tasks.spawn(named(
+            "workflow controller",
+            run_controller(wf_informer, wf_queue, own.clone(), cfg.workers, move |wf, fence| crate::controllers::workflow::reconcile(wf, fence, ctx.clone()), shutdown.clone()),
+        ));
     }
 
     let (ready_tx, ready_rx) = watch::channel(false);
     let shared = Arc::new(Shared { registry, ready: ready_rx });
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr).await.with_context(|| format!("binding {}", cfg.metrics_addr))?;
     let http_shutdown = shutdown.clone();
-    tasks.spawn(async move {
+    tasks.spawn(named("http server", async move {
         let _ = axum::serve(listener, router(shared)).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await;
-    });
+    }));
     ready_tx.send_replace(true);
     tracing::info!(%identity, namespace = %cfg.namespace, shards = cfg.ha.shards, "shoal started");
 
+    let result = supervise(leases, tasks, shutdown_signal(), shutdown).await;
+    tracing::info!("shoal stopped");
+    result
+}
+
+/// A long-running task that reports its name when it ends.
+async fn named(name: &'static str, task: impl std::future::Future<Output = ()>) -> &'static str {
+    task.await;
+    name
+}
+
+/// Run until `signal`, or until the lease loop or any other task ends or fails. Every one of
+/// them is meant to run for the life of the process, so one that ends is a fault: the process
+/// stops working (cancels, lets the lease loop drain and release) and returns an error, to
+/// exit non-zero and be restarted.
+async fn supervise(
+    mut leases: tokio::task::JoinHandle<Result<()>>,
+    mut tasks: tokio::task::JoinSet<&'static str>,
+    signal: impl std::future::Future<Output = ()>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let result = tokio::select! {
-        _ = shutdown_signal() => {
+        _ = signal => {
             tracing::info!("signal received: draining and releasing leases");
             shutdown.cancel();
             match (&mut leases).await {
@@ -155,9 +179,18 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 Err(e) => Err(anyhow::anyhow!("lease loop panicked: {e}")),
             }
         }
+        Some(ended) = tasks.join_next() => {
+            let what = match ended {
+                Ok(name) => anyhow::anyhow!("the {name} stopped unexpectedly; exiting so that the process is restarted"),
+                Err(e) => anyhow::anyhow!("a task failed ({e}); exiting so that the process is restarted"),
+            };
+            tracing::error!(error = %what, "supervisor");
+            shutdown.cancel();
+            let _ = (&mut leases).await;
+            Err(what)
+        }
     };
     tasks.abort_all();
-    tracing::info!("shoal stopped");
     result
 }
 
@@ -169,6 +202,44 @@ async fn check_crds(client: &Client) -> Result<()> {
         api.get_opt(&name).await?.with_context(|| format!("CRD {name} is not installed; apply crds/ or `shoal crds | kubectl apply --server-side -f -`"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_ends_stops_the_process_with_an_error() {
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        let leases = tokio::spawn(async move {
+            s.cancelled().await;
+            Ok(())
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        let s = shutdown.clone();
+        tasks.spawn(named("job informer", async move { s.cancelled().await }));
+        tasks.spawn(named("workflow controller", async {}));
+        let r = tokio::time::timeout(Duration::from_secs(10), supervise(leases, tasks, std::future::pending(), shutdown.clone())).await.expect("supervise returns");
+        let e = r.expect_err("a task that ends is a fault");
+        assert!(e.to_string().contains("workflow controller stopped unexpectedly"), "{e}");
+        assert!(shutdown.is_cancelled(), "everything else is told to stop");
+    }
+
+    #[tokio::test]
+    async fn a_signal_is_a_clean_stop() {
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        let leases = tokio::spawn(async move {
+            s.cancelled().await;
+            Ok(())
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        let s = shutdown.clone();
+        tasks.spawn(named("job informer", async move { s.cancelled().await }));
+        let r = supervise(leases, tasks, async {}, shutdown.clone()).await;
+        assert!(r.is_ok(), "{r:?}");
+    }
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
