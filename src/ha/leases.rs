@@ -137,6 +137,11 @@ impl Ownership {
 }
 
 impl Loop {
+    /// The wall clock, shifted by the test-only offset.
+    fn now(&self) -> Timestamp {
+        Timestamp::now() + SignedDuration::from_secs(self.own.config().test_clock_offset)
+    }
+
     fn new_lease(&self, name: &str, role: &str, now: Timestamp, transitions: i32) -> Lease {
         Lease {
             metadata: ObjectMeta {
@@ -170,7 +175,7 @@ impl Loop {
 
     async fn tick(&self) -> Result<()> {
         let cfg = self.own.config().clone();
-        let now = Timestamp::now();
+        let now = self.now();
         self.renew_member(now).await?;
         let list = self.api.list(&ListParams::default().labels(MANAGED)).await?;
         let mut by_name: HashMap<String, Lease> = HashMap::new();
@@ -257,7 +262,7 @@ impl Loop {
         }
         let sent = Instant::now();
         if let Some(spec) = lease.spec.as_mut() {
-            spec.renew_time = Some(MicroTime(Timestamp::now()));
+            spec.renew_time = Some(MicroTime(self.now()));
         }
         match self.api.replace(&shard_lease_name(s), &PostParams::default(), &lease).await {
             Ok(_) => {
@@ -412,3 +417,6 @@ impl Loop {
         self.own.metrics().shards_owned.set(0);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -50,11 +50,22 @@ pub struct HaConfig {
     /// How often Leases are renewed and the ring is recomputed.
     #[arg(long, env = "SHOAL_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
     pub retry_period: Duration,
+    /// TEST ONLY (hidden): shift every wall-clock time this replica writes into a Lease by
+    /// this many seconds (may be negative), to simulate a skewed clock. Never set it in
+    /// production.
+    #[arg(long, env = "SHOAL_TEST_CLOCK_OFFSET", default_value_t = 0, allow_negative_numbers = true, hide = true)]
+    pub test_clock_offset: i64,
 }
 
 impl Default for HaConfig {
     fn default() -> Self {
-        Self { shards: 32, lease_duration: Duration::from_secs(15), renew_deadline: Duration::from_secs(10), retry_period: Duration::from_secs(2) }
+        Self {
+            shards: 32,
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+            test_clock_offset: 0,
+        }
     }
 }
 
@@ -240,6 +251,11 @@ impl Ownership {
         &self.inner.identity
     }
 
+    /// The holder string this process writes into Leases.
+    pub fn holder(&self) -> &str {
+        &self.inner.identity
+    }
+
     pub fn config(&self) -> &HaConfig {
         &self.inner.cfg
     }
@@ -271,6 +287,15 @@ impl Ownership {
             return None;
         }
         Some(Fence { shard, transitions: h.transitions })
+    }
+
+    /// The local monotonic instant at which `fence` stops holding, or `None` if it does not
+    /// hold now (not held, draining, another epoch, or already past).
+    pub fn fence_deadline(&self, fence: Fence) -> Option<Instant> {
+        let held = self.inner.held.lock().ok()?;
+        let h = held.get(&fence.shard)?;
+        let deadline = h.renewed + self.inner.cfg.renew_deadline;
+        (!h.draining && h.transitions == fence.transitions && Instant::now() < deadline).then_some(deadline)
     }
 
     /// Do I own this object right now?
