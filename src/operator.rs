@@ -139,7 +139,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         let _ = axum::serve(listener, router(shared)).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await;
     });
     ready_tx.send_replace(true);
-    tracing::info!(%identity, namespace = %cfg.namespace, shards = cfg.ha.shards, "shoal started");
+    tracing::info!(%identity, holder = own.holder(), namespace = %cfg.namespace, shards = cfg.ha.shards, "shoal started");
 
     let result = tokio::select! {
         _ = shutdown_signal() => {

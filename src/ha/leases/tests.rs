@@ -18,8 +18,148 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{LEADER_LEASE, member_lease_name, run, shard_lease_name};
+use super::{LEADER_LEASE, Observations, Record, Stamp, cleared, live_members, may_hand_over, may_take, member_lease_name, renewed, run, shard_lease_name, taken};
 use crate::ha::{HaConfig, HaMetrics, Ownership, ReasonLabel};
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// A Lease of `holder` renewed at wall time `renew`, valid `lease_secs`.
+fn record(holder: &str, renew: Timestamp, lease_secs: i32) -> Record {
+    let mut l = held_lease("x", "shard", holder, 1);
+    let spec = l.spec.as_mut().unwrap();
+    spec.renew_time = Some(MicroTime(renew));
+    spec.acquire_time = Some(MicroTime(renew));
+    spec.lease_duration_seconds = Some(lease_secs);
+    Record::of(&l)
+}
+
+#[test]
+fn a_lease_expires_after_a_lease_duration_unchanged_on_the_local_clock() {
+    let t0 = Instant::now();
+    let w = Timestamp::now();
+    let mut seen = Observations::default();
+    assert!(!seen.expired("l", t0 + secs(3600), 1), "a Lease never seen has not expired");
+    // First seen: counts as just renewed, however old or new its renewTime reads.
+    seen.observe("l", record("a_1", w - SignedDuration::from_hours(1), 5), t0);
+    assert!(!seen.expired("l", t0 + ms(4999), 1));
+    seen.observe("l", record("a_1", w - SignedDuration::from_hours(1), 5), t0 + secs(3));
+    assert!(seen.expired("l", t0 + secs(5), 1), "seeing the same record again is no renewal");
+    // A change is a renewal, whatever it says: even a renewTime an hour ahead or behind.
+    seen.observe("l", record("a_1", w + SignedDuration::from_hours(1), 5), t0 + secs(6));
+    assert!(!seen.expired("l", t0 + secs(10), 1));
+    assert!(seen.expired("l", t0 + secs(11), 1));
+    assert_eq!(seen.expires_at("l", 4), Some(t0 + secs(26)), "four lease durations for dead-member GC");
+    seen.observe("l", record("b_2", w + SignedDuration::from_hours(1), 7), t0 + secs(20));
+    assert_eq!(seen.expires_at("l", 1), Some(t0 + secs(27)), "a new holder is a change; its own duration counts");
+    seen.retain(|n| n != "l");
+    assert_eq!(seen.expires_at("l", 1), None);
+    seen.observe("l", record("b_2", w, 7), t0 + secs(30));
+    seen.forget("l");
+    assert!(!seen.expired("l", t0 + secs(3600), 1), "forgotten, so never seen");
+}
+
+#[test]
+fn members_are_live_by_observation_not_by_their_wall_clocks() {
+    let t0 = Instant::now();
+    let w = Timestamp::now();
+    let member = |name: &str, holder: &str, renew: Timestamp| {
+        let mut l = held_lease(&member_lease_name(name), "member", holder, 1);
+        l.spec.as_mut().unwrap().renew_time = Some(MicroTime(renew));
+        l.spec.as_mut().unwrap().lease_duration_seconds = Some(5);
+        l
+    };
+    let leases: std::collections::HashMap<String, Lease> = [
+        member("ahead", "ahead_1", w + SignedDuration::from_mins(1)),
+        member("behind", "behind_1", w - SignedDuration::from_mins(1)),
+        member("dead", "dead_1", w),
+        held_lease(&shard_lease_name(0), "shard", "shard_holder_1", 1),
+    ]
+    .into_iter()
+    .map(|l| (l.metadata.name.clone().unwrap(), l))
+    .collect();
+    let mut seen = Observations::default();
+    for (n, l) in &leases {
+        seen.observe(n, Record::of(l), t0);
+    }
+    assert_eq!(live_members(&leases, &seen, t0, "me_1"), ["ahead_1", "behind_1", "dead_1", "me_1"]);
+    // Five seconds on: only the members whose Lease changed meanwhile are live.
+    for name in ["ahead", "behind"] {
+        let mut l = leases[&member_lease_name(name)].clone();
+        l.spec.as_mut().unwrap().renew_time = Some(MicroTime(w + SignedDuration::from_hours(2)));
+        seen.observe(&member_lease_name(name), Record::of(&l), t0 + secs(4));
+    }
+    assert_eq!(live_members(&leases, &seen, t0 + secs(5), "me_1"), ["ahead_1", "behind_1", "me_1"]);
+}
+
+#[test]
+fn writes_carry_the_stamp_read_before_they_are_sent() {
+    let stamp = Stamp { at: Instant::now(), wall: Timestamp::now() };
+    let (new, t) = taken(None, "shoal-shard-3", "shard", "a_1", 5, stamp);
+    let spec = new.spec.clone().unwrap();
+    assert_eq!((t, spec.lease_transitions, spec.holder_identity.as_deref(), spec.lease_duration_seconds), (1, Some(1), Some("a_1"), Some(5)));
+    assert_eq!(spec.renew_time.map(|t| t.0), Some(stamp.wall));
+    assert_eq!(spec.acquire_time.map(|t| t.0), Some(stamp.wall));
+    assert_eq!(new.metadata.labels.unwrap()["shoal.dev/lease-role"], "shard");
+
+    let later = Stamp { at: stamp.at + secs(1), wall: stamp.wall + SignedDuration::from_secs(1) };
+    let (other, t) = taken(Some(held_lease("shoal-shard-3", "shard", "b_2", 6)), "shoal-shard-3", "shard", "a_1", 5, later);
+    assert_eq!(t, 7, "a new holder is a new epoch");
+    assert_eq!(other.spec.as_ref().unwrap().renew_time.as_ref().map(|t| t.0), Some(later.wall));
+    let again = renewed(other.clone(), 5, Stamp { at: later.at + secs(1), wall: later.wall + SignedDuration::from_secs(1) });
+    let spec = again.spec.unwrap();
+    assert_eq!((spec.lease_transitions, spec.holder_identity.as_deref()), (Some(7), Some("a_1")), "a renewal keeps holder and epoch");
+    assert_eq!(spec.renew_time.map(|t| t.0), Some(later.wall + SignedDuration::from_secs(1)));
+    assert_eq!(spec.acquire_time.map(|t| t.0), Some(later.wall));
+    let free = cleared(other).spec.unwrap();
+    assert_eq!((free.holder_identity, free.renew_time, free.lease_transitions), (None, None, Some(7)));
+}
+
+#[test]
+fn only_new_free_or_expired_leases_are_taken() {
+    assert_eq!(may_take(None, false), Some("new"));
+    let mut free = held_lease("l", "shard", "a_1", 1);
+    free.spec.as_mut().unwrap().holder_identity = Some(String::new());
+    assert_eq!(may_take(Some(&free), false), Some("free"));
+    let held = held_lease("l", "shard", "a_1", 1);
+    assert_eq!(may_take(Some(&held), false), None, "held and live, even by a previous life of this identity");
+    assert_eq!(may_take(Some(&held), true), Some("expired"));
+}
+
+#[test]
+fn a_shard_is_handed_over_when_its_work_ends_or_its_fence_expires() {
+    let t0 = Instant::now();
+    let deadline = t0 + secs(3);
+    assert!(may_hand_over(0, deadline, t0), "no work in flight");
+    assert!(!may_hand_over(1, deadline, t0 + ms(2999)), "work in flight under a live fence");
+    assert!(may_hand_over(1, deadline, deadline), "the fence has expired");
+}
+
+#[test]
+fn lease_settings_are_validated_as_written() {
+    let ok = config(32, 5, 3000, 1000);
+    assert_eq!(ok.validate(), Ok(()));
+    for (what, bad) in [
+        ("fractional lease (written as 5 s)", HaConfig { lease_duration: ms(5500), renew_deadline: ms(5200), ..ok.clone() }),
+        ("sub-second lease (written as 0 s or 1 s)", HaConfig { lease_duration: ms(500), renew_deadline: ms(300), retry_period: ms(100), ..ok.clone() }),
+        ("zero lease", HaConfig { lease_duration: Duration::ZERO, ..ok.clone() }),
+        ("renew deadline not shorter", HaConfig { renew_deadline: secs(5), ..ok.clone() }),
+        ("zero retry period", HaConfig { retry_period: Duration::ZERO, ..ok.clone() }),
+        ("retry not shorter than renew", HaConfig { retry_period: secs(3), ..ok.clone() }),
+    ] {
+        assert!(bad.validate().is_err(), "{what} accepted");
+    }
+}
+
+#[test]
+fn two_processes_with_one_identity_are_two_holders() {
+    let a = Ownership::new(HaConfig::default(), "r1".into(), "ns".into(), HaMetrics::new(&mut Registry::default()), None);
+    let b = Ownership::new(HaConfig::default(), "r1".into(), "ns".into(), HaMetrics::new(&mut Registry::default()), None);
+    assert_eq!((a.identity(), b.identity()), ("r1", "r1"));
+    assert_ne!(a.holder(), b.holder());
+    assert!(a.holder().starts_with("r1_") && b.holder().starts_with("r1_"));
+}
 
 /// One Lease write the fake API server received.
 #[derive(Clone, Debug)]
