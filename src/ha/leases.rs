@@ -48,16 +48,37 @@ pub enum LeaseError {
          another process is running with this identity (or one that maps to the same Lease name). \
          Give every replica a unique --identity"
     )]
-    IdentityInUse { identity: String, lease: String, holder: String, waited: Duration },
-    #[error("member Lease {lease} was taken over by {holder:?} while this process was not renewing it; exiting")]
+    IdentityInUse {
+        identity: String,
+        lease: String,
+        holder: String,
+        waited: Duration,
+    },
+    #[error(
+        "member Lease {lease} was taken over by {holder:?} while this process was not renewing it; exiting"
+    )]
     MemberTaken { lease: String, holder: String },
     #[error("{what} failed for {waited:?}: {last}")]
-    Unreachable { what: &'static str, waited: Duration, last: String },
+    Unreachable {
+        what: &'static str,
+        waited: Duration,
+        last: String,
+    },
 }
 
 /// Lease names must be DNS subdomains; identities (pod or host names) nearly always are.
 fn member_lease_name(identity: &str) -> String {
-    let clean: String = identity.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' }).collect();
+    let clean: String = identity
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     format!("shoal-member-{}", clean.trim_matches('-'))
 }
 
@@ -66,15 +87,29 @@ pub fn shard_lease_name(shard: u32) -> String {
 }
 
 fn holder(lease: &Lease) -> Option<&str> {
-    lease.spec.as_ref()?.holder_identity.as_deref().filter(|h| !h.is_empty())
+    lease
+        .spec
+        .as_ref()?
+        .holder_identity
+        .as_deref()
+        .filter(|h| !h.is_empty())
 }
 
 fn transitions(lease: &Lease) -> i32 {
-    lease.spec.as_ref().and_then(|s| s.lease_transitions).unwrap_or(0)
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.lease_transitions)
+        .unwrap_or(0)
 }
 
 fn role(lease: &Lease) -> Option<&str> {
-    lease.metadata.labels.as_ref()?.get(ROLE).map(String::as_str)
+    lease
+        .metadata
+        .labels
+        .as_ref()?
+        .get(ROLE)
+        .map(String::as_str)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,7 +133,10 @@ struct Clock {
 
 impl Clock {
     fn stamp(&self) -> Stamp {
-        Stamp { at: Instant::now(), wall: Timestamp::now() + self.offset }
+        Stamp {
+            at: Instant::now(),
+            wall: Timestamp::now() + self.offset,
+        }
     }
 }
 
@@ -120,7 +158,9 @@ impl Record {
             renew: spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0),
             acquire: spec.and_then(|s| s.acquire_time.as_ref()).map(|t| t.0),
             transitions: transitions(lease),
-            lease_secs: spec.and_then(|s| s.lease_duration_seconds).unwrap_or(DEFAULT_LEASE_SECS),
+            lease_secs: spec
+                .and_then(|s| s.lease_duration_seconds)
+                .unwrap_or(DEFAULT_LEASE_SECS),
         }
     }
 }
@@ -167,13 +207,19 @@ impl Observations {
 
 /// The live members by holder string: member Leases that changed within their lease
 /// duration, as observed here. This replica always counts itself.
-pub(super) fn live_members(leases: &HashMap<String, Lease>, seen: &Observations, now: Instant, me: &str) -> Vec<String> {
+pub(super) fn live_members(
+    leases: &HashMap<String, Lease>,
+    seen: &Observations,
+    now: Instant,
+    me: &str,
+) -> Vec<String> {
     let mut members: BTreeSet<String> = BTreeSet::from([me.to_string()]);
     for (name, l) in leases {
-        if role(l) == Some("member") && !seen.expired(name, now, 1) {
-            if let Some(h) = holder(l) {
-                members.insert(h.to_string());
-            }
+        if role(l) == Some("member")
+            && !seen.expired(name, now, 1)
+            && let Some(h) = holder(l)
+        {
+            members.insert(h.to_string());
         }
     }
     members.into_iter().collect()
@@ -182,7 +228,16 @@ pub(super) fn live_members(leases: &HashMap<String, Lease>, seen: &Observations,
 fn lease_meta(name: &str, role: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.to_string()),
-        labels: Some([("app.kubernetes.io/managed-by".to_string(), "shoal".to_string()), (ROLE.to_string(), role.to_string())].into()),
+        labels: Some(
+            [
+                (
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "shoal".to_string(),
+                ),
+                (ROLE.to_string(), role.to_string()),
+            ]
+            .into(),
+        ),
         ..Default::default()
     }
 }
@@ -197,8 +252,18 @@ pub(super) fn renewed(mut lease: Lease, lease_secs: i32, stamp: Stamp) -> Lease 
 
 /// `lease` (or, if there is none, a new Lease `name` with `role`) taken by `holder` at
 /// `stamp`. A new holder is a new fencing epoch, so the transition count goes up; returns it.
-pub(super) fn taken(lease: Option<Lease>, name: &str, role: &str, holder: &str, lease_secs: i32, stamp: Stamp) -> (Lease, i32) {
-    let mut lease = lease.unwrap_or_else(|| Lease { metadata: lease_meta(name, role), spec: None });
+pub(super) fn taken(
+    lease: Option<Lease>,
+    name: &str,
+    role: &str,
+    holder: &str,
+    lease_secs: i32,
+    stamp: Stamp,
+) -> (Lease, i32) {
+    let mut lease = lease.unwrap_or_else(|| Lease {
+        metadata: lease_meta(name, role),
+        spec: None,
+    });
     let spec = lease.spec.get_or_insert_with(Default::default);
     let transitions = spec.lease_transitions.unwrap_or(0) + 1;
     spec.holder_identity = Some(holder.to_string());
@@ -272,7 +337,9 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
         api: api.clone(),
         member: member_lease_name(own.identity()),
         lease_secs: i32::try_from(cfg.lease_duration.as_secs()).unwrap_or(i32::MAX),
-        clock: Clock { offset: SignedDuration::from_secs(cfg.test_clock_offset) },
+        clock: Clock {
+            offset: SignedDuration::from_secs(cfg.test_clock_offset),
+        },
         seen: Arc::default(),
         releasing: Arc::default(),
         own,
@@ -291,7 +358,9 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
 /// or a shard or leader Lease is freed, so handover does not wait for the next retry period.
 async fn watch_leases(api: Api<Lease>, notify: Arc<Notify>, seen: Arc<Mutex<Observations>>) {
     let mut members: HashMap<String, Option<String>> = HashMap::new();
-    let mut stream = watcher(api, watcher::Config::default().labels(MANAGED)).default_backoff().boxed();
+    let mut stream = watcher(api, watcher::Config::default().labels(MANAGED))
+        .default_backoff()
+        .boxed();
     while let Some(ev) = stream.next().await {
         let Ok(ev) = ev else { continue };
         match ev {
@@ -342,7 +411,12 @@ impl Loop {
                         member_ok = api_ok;
                     } else if member_ok.elapsed() > limit {
                         let waited = member_ok.elapsed();
-                        return Err(LeaseError::Unreachable { what: "renewing the member Lease", waited, last: String::new() }.into());
+                        return Err(LeaseError::Unreachable {
+                            what: "renewing the member Lease",
+                            waited,
+                            last: String::new(),
+                        }
+                        .into());
                     }
                     if let Some(next) = t.next_expiry {
                         wake = wake.min(next + Duration::from_millis(10));
@@ -352,7 +426,12 @@ impl Loop {
                 Err(e) => {
                     tracing::warn!(error = %e, "lease loop tick failed");
                     if api_ok.elapsed() > limit {
-                        return Err(LeaseError::Unreachable { what: "the Lease API", waited: api_ok.elapsed(), last: e.to_string() }.into());
+                        return Err(LeaseError::Unreachable {
+                            what: "the Lease API",
+                            waited: api_ok.elapsed(),
+                            last: e.to_string(),
+                        }
+                        .into());
                     }
                 }
             }
@@ -384,13 +463,26 @@ impl Loop {
                         match self.write_member(current).await {
                             Ok(()) => return Ok(()),
                             Err(e) if is_conflict(&e) => continue,
-                            Err(e) => tracing::warn!(error = %e, lease = %self.member, "taking the member Lease failed"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, lease = %self.member, "taking the member Lease failed")
+                            }
                         }
                     } else {
-                        let other = current.as_ref().and_then(holder).unwrap_or_default().to_string();
+                        let other = current
+                            .as_ref()
+                            .and_then(holder)
+                            .unwrap_or_default()
+                            .to_string();
                         if started.elapsed() >= cfg.lease_duration * 2 {
-                            let (identity, lease) = (self.own.identity().to_string(), self.member.clone());
-                            return Err(LeaseError::IdentityInUse { identity, lease, holder: other, waited: started.elapsed() }.into());
+                            let (identity, lease) =
+                                (self.own.identity().to_string(), self.member.clone());
+                            return Err(LeaseError::IdentityInUse {
+                                identity,
+                                lease,
+                                holder: other,
+                                waited: started.elapsed(),
+                            }
+                            .into());
                         }
                         tracing::warn!(lease = %self.member, holder = %other, "member Lease held by another process; waiting for it to expire or be released");
                     }
@@ -398,7 +490,12 @@ impl Loop {
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the member Lease failed");
                     if started.elapsed() > cfg.lease_duration * UNREACHABLE_LEASES {
-                        return Err(LeaseError::Unreachable { what: "the Lease API", waited: started.elapsed(), last: e.to_string() }.into());
+                        return Err(LeaseError::Unreachable {
+                            what: "the Lease API",
+                            waited: started.elapsed(),
+                            last: e.to_string(),
+                        }
+                        .into());
                     }
                 }
             }
@@ -411,9 +508,44 @@ impl Loop {
         let pp = PostParams::default();
         let stamp = self.clock.stamp();
         match current {
-            Some(l) if holder(&l) == Some(self.me()) => self.api.replace(&self.member, &pp, &renewed(l, self.lease_secs, stamp)).await.map(drop),
-            Some(l) => self.api.replace(&self.member, &pp, &taken(Some(l), &self.member, "member", self.me(), self.lease_secs, stamp).0).await.map(drop),
-            None => self.api.create(&pp, &taken(None, &self.member, "member", self.me(), self.lease_secs, stamp).0).await.map(drop),
+            Some(l) if holder(&l) == Some(self.me()) => self
+                .api
+                .replace(&self.member, &pp, &renewed(l, self.lease_secs, stamp))
+                .await
+                .map(drop),
+            Some(l) => self
+                .api
+                .replace(
+                    &self.member,
+                    &pp,
+                    &taken(
+                        Some(l),
+                        &self.member,
+                        "member",
+                        self.me(),
+                        self.lease_secs,
+                        stamp,
+                    )
+                    .0,
+                )
+                .await
+                .map(drop),
+            None => self
+                .api
+                .create(
+                    &pp,
+                    &taken(
+                        None,
+                        &self.member,
+                        "member",
+                        self.me(),
+                        self.lease_secs,
+                        stamp,
+                    )
+                    .0,
+                )
+                .await
+                .map(drop),
         }
     }
 
@@ -427,8 +559,16 @@ impl Loop {
                 return Ok(false);
             }
         };
-        if let Some(h) = current.as_ref().and_then(holder).filter(|h| *h != self.me()) {
-            return Err(LeaseError::MemberTaken { lease: self.member.clone(), holder: h.to_string() }.into());
+        if let Some(h) = current
+            .as_ref()
+            .and_then(holder)
+            .filter(|h| *h != self.me())
+        {
+            return Err(LeaseError::MemberTaken {
+                lease: self.member.clone(),
+                holder: h.to_string(),
+            }
+            .into());
         }
         match self.write_member(current).await {
             Ok(()) => Ok(true),
@@ -443,9 +583,16 @@ impl Loop {
         let cfg = self.own.config().clone();
         let me = self.me().to_string();
         let member_renewed = self.renew_member().await?;
-        let list = self.api.list(&ListParams::default().labels(MANAGED)).await?;
+        let list = self
+            .api
+            .list(&ListParams::default().labels(MANAGED))
+            .await?;
         let now = Instant::now();
-        let by_name: HashMap<String, Lease> = list.items.into_iter().filter_map(|l| Some((l.metadata.name.clone()?, l))).collect();
+        let by_name: HashMap<String, Lease> = list
+            .items
+            .into_iter()
+            .filter_map(|l| Some((l.metadata.name.clone()?, l)))
+            .collect();
         let members = {
             let mut seen = lock(&self.seen);
             seen.retain(|n| by_name.contains_key(n));
@@ -455,7 +602,9 @@ impl Loop {
             live_members(&by_name, &seen, now, &me)
         };
         self.own.metrics().members.set(members.len() as i64);
-        let desired: HashSet<u32> = crate::core::shard::preferred_shards(cfg.shards, &members, &me).into_iter().collect();
+        let desired: HashSet<u32> = crate::core::shard::preferred_shards(cfg.shards, &members, &me)
+            .into_iter()
+            .collect();
 
         // Renewals, acquisitions and the leader go out concurrently, so no held shard's
         // renewal waits behind the others; releases drain in the background.
@@ -467,8 +616,12 @@ impl Loop {
             let draining = lock(&self.own.inner.held).get(&s).map(|h| h.draining);
             match draining {
                 Some(true) => {}
-                Some(false) if lease.is_some_and(|l| holder(l) != Some(me.as_str())) => self.lose(s, "taken"),
-                Some(false) if desired.contains(&s) => renewals.extend(lease.map(|l| self.renew_shard(s, l.clone()))),
+                Some(false) if lease.is_some_and(|l| holder(l) != Some(me.as_str())) => {
+                    self.lose(s, "taken")
+                }
+                Some(false) if desired.contains(&s) => {
+                    renewals.extend(lease.map(|l| self.renew_shard(s, l.clone())))
+                }
                 Some(false) => self.start_release(s, "rebalance"),
                 None if desired.contains(&s) => {
                     let expired = lock(&self.seen).expired(&name, now, 1);
@@ -480,35 +633,68 @@ impl Loop {
             }
         }
         let leader = self.leader(by_name.get(LEADER_LEASE).cloned(), now);
-        futures::future::join3(futures::future::join_all(renewals), futures::future::join_all(acquisitions), leader).await;
+        futures::future::join3(
+            futures::future::join_all(renewals),
+            futures::future::join_all(acquisitions),
+            leader,
+        )
+        .await;
 
         // Fencing sweep: a shard not renewed within the deadline is no longer ours to act on.
-        let stale: Vec<u32> = lock(&self.own.inner.held).iter().filter(|(_, h)| !h.draining && h.renewed.elapsed() >= cfg.renew_deadline).map(|(s, _)| *s).collect();
+        let stale: Vec<u32> = lock(&self.own.inner.held)
+            .iter()
+            .filter(|(_, h)| !h.draining && h.renewed.elapsed() >= cfg.renew_deadline)
+            .map(|(s, _)| *s)
+            .collect();
         for s in stale {
             self.lose(s, "renew_deadline");
         }
         if self.own.leader_fence().is_some() {
             self.collect_dead_members(&by_name, now).await;
         }
-        self.own.metrics().shards_owned.set(lock(&self.own.inner.held).len() as i64);
+        self.own
+            .metrics()
+            .shards_owned
+            .set(lock(&self.own.inner.held).len() as i64);
         let now = Instant::now();
         let next_expiry = {
             let seen = lock(&self.seen);
-            by_name.iter().filter(|(_, l)| holder(l).is_some()).filter_map(|(n, _)| seen.expires_at(n, 1)).filter(|t| *t > now).min()
+            by_name
+                .iter()
+                .filter(|(_, l)| holder(l).is_some())
+                .filter_map(|(n, _)| seen.expires_at(n, 1))
+                .filter(|t| *t > now)
+                .min()
         };
-        Ok(Tick { member_renewed, next_expiry })
+        Ok(Tick {
+            member_renewed,
+            next_expiry,
+        })
     }
 
     async fn renew_shard(&self, s: u32, lease: Lease) {
-        let held = lock(&self.own.inner.held).get(&s).map(|h| (h.transitions, h.renewed.elapsed()));
+        let held = lock(&self.own.inner.held)
+            .get(&s)
+            .map(|h| (h.transitions, h.renewed.elapsed()));
         let Some((epoch, since)) = held else { return };
         if since < self.own.config().retry_period / 2 {
             return;
         }
         let stamp = self.clock.stamp();
-        match self.api.replace(&shard_lease_name(s), &PostParams::default(), &renewed(lease, self.lease_secs, stamp)).await {
+        match self
+            .api
+            .replace(
+                &shard_lease_name(s),
+                &PostParams::default(),
+                &renewed(lease, self.lease_secs, stamp),
+            )
+            .await
+        {
             Ok(_) => {
-                if let Some(h) = lock(&self.own.inner.held).get_mut(&s).filter(|h| h.transitions == epoch && !h.draining) {
+                if let Some(h) = lock(&self.own.inner.held)
+                    .get_mut(&s)
+                    .filter(|h| h.transitions == epoch && !h.draining)
+                {
                     h.renewed = h.renewed.max(stamp.at);
                 }
             }
@@ -521,12 +707,28 @@ impl Loop {
         let exists = lease.is_some();
         let stamp = self.clock.stamp();
         let (l, transitions) = taken(lease, &name, "shard", self.me(), self.lease_secs, stamp);
-        let result = if exists { self.api.replace(&name, &PostParams::default(), &l).await } else { self.api.create(&PostParams::default(), &l).await };
+        let result = if exists {
+            self.api.replace(&name, &PostParams::default(), &l).await
+        } else {
+            self.api.create(&PostParams::default(), &l).await
+        };
         match result {
             Ok(_) => {
-                let hold = Hold { transitions, renewed: stamp.at, acquired: stamp.at, draining: false, first_reconcile_seen: false };
+                let hold = Hold {
+                    transitions,
+                    renewed: stamp.at,
+                    acquired: stamp.at,
+                    draining: false,
+                    first_reconcile_seen: false,
+                };
                 lock(&self.own.inner.held).insert(s, hold);
-                self.own.metrics().acquisitions.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+                self.own
+                    .metrics()
+                    .acquisitions
+                    .get_or_create(&ReasonLabel {
+                        reason: reason.into(),
+                    })
+                    .inc();
                 tracing::info!(shard = s, transitions, reason, "acquired shard");
                 let _ = self.own.inner.events.send(ShardEvent::Acquired(s));
             }
@@ -562,8 +764,14 @@ impl Loop {
     async fn release(&self, s: u32, epoch: i32, reason: &str) {
         let renew_deadline = self.own.config().renew_deadline;
         loop {
-            let Some(renewed) = lock(&self.own.inner.held).get(&s).map(|h| h.renewed) else { return };
-            if may_hand_over(self.own.in_flight(s), renewed + renew_deadline, Instant::now()) {
+            let Some(renewed) = lock(&self.own.inner.held).get(&s).map(|h| h.renewed) else {
+                return;
+            };
+            if may_hand_over(
+                self.own.in_flight(s),
+                renewed + renew_deadline,
+                Instant::now(),
+            ) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -571,22 +779,40 @@ impl Loop {
         let name = shard_lease_name(s);
         match self.api.get_opt(&name).await {
             Ok(Some(l)) if holder(&l) == Some(self.me()) && transitions(&l) == epoch => {
-                if let Err(e) = self.api.replace(&name, &PostParams::default(), &cleared(l)).await {
+                if let Err(e) = self
+                    .api
+                    .replace(&name, &PostParams::default(), &cleared(l))
+                    .await
+                {
                     tracing::debug!(shard = s, error = %e, "release write failed; the Lease will expire");
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::debug!(shard = s, error = %e, "release read failed; the Lease will expire"),
+            Err(e) => {
+                tracing::debug!(shard = s, error = %e, "release read failed; the Lease will expire")
+            }
         }
         lock(&self.own.inner.held).remove(&s);
-        self.own.metrics().releases.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+        self.own
+            .metrics()
+            .releases
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
         tracing::info!(shard = s, reason, "released shard");
     }
 
     fn lose(&self, s: u32, reason: &str) {
         lock(&self.own.inner.held).remove(&s);
         let _ = self.own.inner.events.send(ShardEvent::Released(s));
-        self.own.metrics().releases.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+        self.own
+            .metrics()
+            .releases
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
         tracing::warn!(shard = s, reason, "lost shard");
     }
 
@@ -599,7 +825,10 @@ impl Loop {
             Some(l) if holder(&l) == Some(me) && was_leader => {
                 let t = transitions(&l);
                 let stamp = self.clock.stamp();
-                self.api.replace(LEADER_LEASE, &pp, &renewed(l, self.lease_secs, stamp)).await.map(|_| Some((t, stamp)))
+                self.api
+                    .replace(LEADER_LEASE, &pp, &renewed(l, self.lease_secs, stamp))
+                    .await
+                    .map(|_| Some((t, stamp)))
             }
             lease => match may_take(lease.as_ref(), expired) {
                 None => Ok(None),
@@ -607,14 +836,21 @@ impl Loop {
                     let exists = lease.is_some();
                     let stamp = self.clock.stamp();
                     let (l, t) = taken(lease, LEADER_LEASE, "leader", me, self.lease_secs, stamp);
-                    let r = if exists { self.api.replace(LEADER_LEASE, &pp, &l).await } else { self.api.create(&pp, &l).await };
+                    let r = if exists {
+                        self.api.replace(LEADER_LEASE, &pp, &l).await
+                    } else {
+                        self.api.create(&pp, &l).await
+                    };
                     r.map(|_| Some((t, stamp)))
                 }
             },
         };
         match outcome {
             Ok(Some((t, stamp))) => {
-                self.own.inner.leader_epoch.store(i64::from(t), Ordering::SeqCst);
+                self.own
+                    .inner
+                    .leader_epoch
+                    .store(i64::from(t), Ordering::SeqCst);
                 let mut renewed = lock(&self.own.inner.leader_renewed);
                 *renewed = Some(renewed.map_or(stamp.at, |r| r.max(stamp.at)));
                 if !was_leader {
@@ -624,8 +860,14 @@ impl Loop {
             Ok(None) => self.own.step_down(),
             Err(e) => tracing::debug!(error = %e, "leader lease write failed"),
         }
-        let label = super::NameLabel { name: LEADER_LEASE.into() };
-        self.own.metrics().leader.get_or_create(&label).set(i64::from(self.own.leader_fence().is_some()));
+        let label = super::NameLabel {
+            name: LEADER_LEASE.into(),
+        };
+        self.own
+            .metrics()
+            .leader
+            .get_or_create(&label)
+            .set(i64::from(self.own.leader_fence().is_some()));
     }
 
     /// Delete member Leases unchanged for several lease durations, as observed here; the
@@ -635,12 +877,22 @@ impl Loop {
             let seen = lock(&self.seen);
             by_name
                 .iter()
-                .filter(|(n, l)| role(l) == Some("member") && holder(l) != Some(self.me()) && seen.expired(n, now, DEAD_MEMBER_LEASES))
+                .filter(|(n, l)| {
+                    role(l) == Some("member")
+                        && holder(l) != Some(self.me())
+                        && seen.expired(n, now, DEAD_MEMBER_LEASES)
+                })
                 .map(|(n, l)| (n.clone(), l.metadata.resource_version.clone()))
                 .collect()
         };
         for (name, rv) in dead {
-            let dp = DeleteParams { preconditions: Some(Preconditions { resource_version: rv, uid: None }), ..Default::default() };
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: rv,
+                    uid: None,
+                }),
+                ..Default::default()
+            };
             if self.api.delete(&name, &dp).await.is_ok() {
                 tracing::info!(lease = %name, "deleted a dead member's Lease");
             }
@@ -655,16 +907,25 @@ impl Loop {
         let tasks: Vec<JoinHandle<()>> = lock(&self.releasing).drain().map(|(_, t)| t).collect();
         futures::future::join_all(tasks).await;
         self.own.step_down();
-        if let Ok(Some(l)) = self.api.get_opt(LEADER_LEASE).await {
-            if holder(&l) == Some(self.me()) {
-                let _ = self.api.replace(LEADER_LEASE, &PostParams::default(), &cleared(l)).await;
-            }
+        if let Ok(Some(l)) = self.api.get_opt(LEADER_LEASE).await
+            && holder(&l) == Some(self.me())
+        {
+            let _ = self
+                .api
+                .replace(LEADER_LEASE, &PostParams::default(), &cleared(l))
+                .await;
         }
-        if let Ok(Some(l)) = self.api.get_opt(&self.member).await {
-            if holder(&l) == Some(self.me()) {
-                let dp = DeleteParams { preconditions: Some(Preconditions { resource_version: l.metadata.resource_version.clone(), uid: None }), ..Default::default() };
-                let _ = self.api.delete(&self.member, &dp).await;
-            }
+        if let Ok(Some(l)) = self.api.get_opt(&self.member).await
+            && holder(&l) == Some(self.me())
+        {
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: l.metadata.resource_version.clone(),
+                    uid: None,
+                }),
+                ..Default::default()
+            };
+            let _ = self.api.delete(&self.member, &dp).await;
         }
         self.own.metrics().shards_owned.set(0);
     }
