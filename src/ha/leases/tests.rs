@@ -873,3 +873,47 @@ async fn a_clock_running_ahead_takes_nothing_from_a_live_owner() {
     r.stop.cancel();
     r.task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_members_are_collected_by_observation_not_by_their_wall_clocks() {
+    let fake = Arc::new(Fake::default());
+    let skewed = |name: &str, holder: &str, by: SignedDuration| {
+        let mut l = held_lease(&member_lease_name(name), "member", holder, 1);
+        let spec = l.spec.as_mut().unwrap();
+        spec.renew_time = Some(MicroTime(Timestamp::now() + by));
+        l
+    };
+    // A dead member whose clock ran an hour ahead, and a live one whose clock runs an hour
+    // behind (it keeps renewing).
+    fake.put(skewed("dead", "dead_1", SignedDuration::from_hours(1)));
+    let live = CancellationToken::new();
+    {
+        let (fake, live) = (fake.clone(), live.clone());
+        tokio::spawn(async move {
+            while !live.is_cancelled() {
+                fake.put(skewed("behind", "behind_1", SignedDuration::from_hours(-1)));
+                tokio::time::sleep(ms(200)).await;
+            }
+        });
+    }
+    let t0 = Instant::now();
+    let r = start(&fake, "gc", config(4, 1, 700, 100));
+    // Four lease durations (2 s as written) after the dead member was first seen.
+    let gone = until(ms(15_000), "the dead member's Lease deleted", || {
+        fake.get(&member_lease_name("dead")).is_none().then(Instant::now)
+    })
+    .await;
+    assert!(
+        gone >= t0 + ms(8000),
+        "deleted {:?} after it was first seen, before four lease durations",
+        gone - t0
+    );
+    assert!(
+        fake.get(&member_lease_name("behind")).is_some(),
+        "a live member whose clock runs behind was deleted"
+    );
+    assert!(r.own.leader_fence().is_some());
+    live.cancel();
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
