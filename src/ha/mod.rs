@@ -45,8 +45,8 @@ pub struct HaConfig {
     /// How long a Lease is valid after its last renew, in whole seconds (what a Lease holds).
     #[arg(long, env = "SHOAL_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
-    /// A replica stops acting on a shard when its last successful renew is older than this.
-    /// Must be shorter than the lease duration.
+    /// A replica stops acting on a shard this long after the instant just before its last
+    /// confirmed renew was sent. Must be shorter than the lease duration.
     #[arg(long, env = "SHOAL_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
     pub renew_deadline: Duration,
     /// How often Leases are renewed and the ring is recomputed.
