@@ -95,7 +95,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let own = Ownership::new(cfg.ha.clone(), identity.clone(), cfg.namespace.clone(), ha_metrics, action_log);
     let shutdown = CancellationToken::new();
 
-    let mut leases = tokio::spawn(crate::ha::run_leases(clients.request.clone(), own.clone(), shutdown.clone()));
+    let leases = tokio::spawn(crate::ha::run_leases(clients.request.clone(), own.clone(), shutdown.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     macro_rules! label {
         ($k:ty) => {
@@ -139,7 +139,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         let _ = axum::serve(listener, router(shared)).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await;
     }));
     ready_tx.send_replace(true);
-    tracing::info!(%identity, namespace = %cfg.namespace, shards = cfg.ha.shards, "shoal started");
+    tracing::info!(%identity, holder = own.holder(), namespace = %cfg.namespace, shards = cfg.ha.shards, "shoal started");
 
     let result = supervise(leases, tasks, shutdown_signal(), shutdown).await;
     tracing::info!("shoal stopped");

@@ -5,10 +5,12 @@
 //! [`Fence`] to record the action under). They never look at a Lease themselves.
 //!
 //! Guarantees (see docs/ha.md): an object is in one shard (FNV-1a 64 of its UID mod S); a
-//! shard is held by at most one replica at a time (the Lease, written with resourceVersion
-//! preconditions); a replica stops acting on a shard once its last successful renew is older
-//! than the renew deadline, which is shorter than the lease duration, so it stops before
-//! anyone else can take over.
+//! shard is held by at most one process at a time (the Lease, written with resourceVersion
+//! preconditions, names a holder unique to the process); a replica stops acting on a shard
+//! once the renew deadline has passed since the instant read just before its last confirmed
+//! renew was sent. Others judge a Lease expired only after seeing it unchanged for the
+//! (longer) lease duration on their own monotonic clocks, so it stops before anyone else can
+//! take over. No wall-clock time is ever compared across replicas.
 
 mod informer;
 mod leases;
@@ -31,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 pub use informer::{Action, Informer, Key, Queue, key_of, run_controller, run_labeler};
-pub use leases::run as run_leases;
+pub use leases::{LeaseError, run as run_leases};
 pub use writer::{Clients, FencedApi, ReadApi, WriteError, Writer};
 
 use crate::api::SHARD_LABEL;
@@ -42,21 +44,26 @@ pub struct HaConfig {
     /// Number of virtual shards. Fixed at install time: every replica must agree.
     #[arg(long, env = "SHOAL_SHARDS", default_value_t = 32)]
     pub shards: u32,
-    /// How long a Lease is valid after its last renew.
+    /// How long a Lease is valid after its last renew, in whole seconds (what a Lease holds).
     #[arg(long, env = "SHOAL_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
-    /// A replica stops acting on a shard when its last successful renew is older than this.
-    /// Must be shorter than the lease duration.
+    /// A replica stops acting on a shard this long after the instant just before its last
+    /// confirmed renew was sent. Must be shorter than the lease duration.
     #[arg(long, env = "SHOAL_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
     pub renew_deadline: Duration,
     /// How often Leases are renewed and the ring is recomputed.
     #[arg(long, env = "SHOAL_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
     pub retry_period: Duration,
+    /// TEST ONLY (hidden): shift every wall-clock time this replica writes into a Lease by
+    /// this many seconds (may be negative), to simulate a skewed clock. Never set it in
+    /// production.
+    #[arg(long, env = "SHOAL_TEST_CLOCK_OFFSET", default_value_t = 0, allow_negative_numbers = true, hide = true)]
+    pub test_clock_offset: i64,
 }
 
 impl Default for HaConfig {
     fn default() -> Self {
-        Self { shards: 32, lease_duration: Duration::from_secs(15), renew_deadline: Duration::from_secs(10), retry_period: Duration::from_secs(2) }
+        Self { shards: 32, lease_duration: Duration::from_secs(15), renew_deadline: Duration::from_secs(10), retry_period: Duration::from_secs(2), test_clock_offset: 0 }
     }
 }
 
@@ -82,11 +89,15 @@ impl HaConfig {
         if self.shards == 0 || self.shards > 4096 {
             return Err("shards must be between 1 and 4096".into());
         }
+        // A Lease holds whole seconds; validate what is written, not what was asked for.
+        if self.lease_duration.subsec_nanos() != 0 || self.lease_duration.is_zero() || self.lease_duration.as_secs() > i32::MAX as u64 {
+            return Err("the lease duration must be a whole number of seconds (a Lease holds whole seconds)".into());
+        }
         if self.renew_deadline >= self.lease_duration {
             return Err("the renew deadline must be shorter than the lease duration".into());
         }
-        if self.retry_period >= self.renew_deadline {
-            return Err("the retry period must be shorter than the renew deadline".into());
+        if self.retry_period.is_zero() || self.retry_period >= self.renew_deadline {
+            return Err("the retry period must be above zero and shorter than the renew deadline".into());
         }
         Ok(())
     }
@@ -111,7 +122,8 @@ pub enum ShardEvent {
 #[derive(Debug)]
 struct Hold {
     transitions: i32,
-    /// When the last successful renew was *sent*: a conservative start of the lease.
+    /// The local instant read immediately before the last confirmed write (acquire or
+    /// renew) was sent: the fence holds until this plus the renew deadline.
     renewed: Instant,
     acquired: Instant,
     draining: bool,
@@ -192,6 +204,7 @@ impl HaMetrics {
 pub struct ActionRecord {
     /// Milliseconds since the Unix epoch.
     pub ts_ms: i64,
+    /// The holder string of the process that acted: `<identity>_<instance>`.
     pub replica: String,
     pub object: String,
     pub uid: String,
@@ -203,11 +216,15 @@ pub struct ActionRecord {
 struct Inner {
     cfg: HaConfig,
     identity: String,
+    /// `<identity>_<instance>`: what this process writes as a Lease holder. The instance is
+    /// random per process, so two processes with the same identity are different holders.
+    holder: String,
     namespace: String,
     held: Mutex<HashMap<u32, Hold>>,
     in_flight: Mutex<HashMap<u32, usize>>,
     leader_epoch: AtomicI64,
-    /// When the leader Lease was last renewed (sent); `None` when not the leader.
+    /// The instant read just before the last confirmed leader Lease write was sent; `None`
+    /// when not the leader.
     leader_renewed: Mutex<Option<Instant>>,
     events: broadcast::Sender<ShardEvent>,
     metrics: HaMetrics,
@@ -242,6 +259,7 @@ impl Ownership {
         Self {
             inner: Arc::new(Inner {
                 cfg,
+                holder: format!("{identity}_{}", instance_id()),
                 identity,
                 namespace,
                 held: Mutex::new(HashMap::new()),
@@ -257,6 +275,12 @@ impl Ownership {
 
     pub fn identity(&self) -> &str {
         &self.inner.identity
+    }
+
+    /// The holder string this process writes into Leases (and the action log):
+    /// `<identity>_<instance>`, unique to the process.
+    pub fn holder(&self) -> &str {
+        &self.inner.holder
     }
 
     pub fn config(&self) -> &HaConfig {
@@ -284,12 +308,18 @@ impl Ownership {
     /// Do I own this shard right now? True only while the Lease is held, not being handed
     /// over, and renewed within the renew deadline.
     pub fn owns_shard(&self, shard: u32) -> Option<Fence> {
+        let transitions = self.inner.held.lock().ok()?.get(&shard)?.transitions;
+        let fence = Fence { shard, transitions };
+        self.fence_deadline(fence).map(|_| fence)
+    }
+
+    /// The local monotonic instant at which `fence` stops holding, or `None` if it does not
+    /// hold now (not held, draining, another epoch, or already past).
+    pub fn fence_deadline(&self, fence: Fence) -> Option<Instant> {
         let held = self.inner.held.lock().ok()?;
-        let h = held.get(&shard)?;
-        if h.draining || h.renewed.elapsed() >= self.inner.cfg.renew_deadline {
-            return None;
-        }
-        Some(Fence { shard, transitions: h.transitions })
+        let h = held.get(&fence.shard)?;
+        let deadline = h.renewed + self.inner.cfg.renew_deadline;
+        (!h.draining && h.transitions == fence.transitions && Instant::now() < deadline).then_some(deadline)
     }
 
     /// Do I own this object right now?
@@ -329,16 +359,6 @@ impl Ownership {
         Some((fence, InFlight { inner: self.inner.clone(), shard }))
     }
 
-    /// The local instant at which `fence` stops holding: its shard's last confirmed renew
-    /// (the instant taken before that request was sent) plus the renew deadline. `None` if
-    /// the fence does not hold now.
-    pub fn fence_deadline(&self, fence: Fence) -> Option<Instant> {
-        let held = self.inner.held.lock().ok()?;
-        let h = held.get(&fence.shard)?;
-        let end = h.renewed + self.inner.cfg.renew_deadline;
-        (!h.draining && h.transitions == fence.transitions && Instant::now() < end).then_some(end)
-    }
-
     /// Check the fence right before a side effect and record it in the action log.
     /// Returns false (and records nothing) if the fence no longer holds: the caller must not act.
     pub fn record<K: Resource>(&self, fence: Fence, obj: &K, action: &str) -> bool {
@@ -355,7 +375,7 @@ impl Ownership {
         if let Some(log) = &self.inner.action_log {
             let rec = ActionRecord {
                 ts_ms: now_ms(),
-                replica: self.inner.identity.clone(),
+                replica: self.inner.holder.clone(),
                 object: object.to_string(),
                 uid: uid.to_string(),
                 shard: fence.shard,
@@ -392,6 +412,15 @@ impl Ownership {
     fn in_flight(&self, shard: u32) -> usize {
         self.inner.in_flight.lock().map(|m| m.get(&shard).copied().unwrap_or(0)).unwrap_or(0)
     }
+}
+
+/// 48 random bits, as hex: the instance part of a holder string.
+fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
 }
 
 fn now_ms() -> i64 {

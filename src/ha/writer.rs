@@ -247,7 +247,7 @@ mod tests {
     use crate::ha::{HaConfig, HaMetrics};
 
     fn ownership(renew_deadline: Duration) -> Ownership {
-        let cfg = HaConfig { shards: 4, lease_duration: Duration::from_secs(2), renew_deadline, retry_period: Duration::from_millis(50) };
+        let cfg = HaConfig { shards: 4, lease_duration: Duration::from_secs(2), renew_deadline, retry_period: Duration::from_millis(50), ..Default::default() };
         Ownership::new(cfg, "me".into(), "ns".into(), HaMetrics::new(&mut Registry::default()), None)
     }
 

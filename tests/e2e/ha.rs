@@ -1,6 +1,7 @@
 //! The HA core against the real control plane, each replica a separate `shoal run` process:
 //! ownership by shard with an action log, memory share, graceful handover, crash failover
-//! (5 trials), a paused (stale) replica, and a joining replica.
+//! (5 trials), a paused (stale) replica, a joining replica, replicas with skewed wall
+//! clocks, and two processes started with the same identity.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -28,17 +29,26 @@ fn live(op: &Operator) -> Vec<String> {
     op.replicas.iter().map(|r| r.name.clone()).collect()
 }
 
-/// shard -> holder, from the shard Leases.
-async fn holders(client: &Client, ns: &str) -> BTreeMap<u32, String> {
+/// The replica in a Lease holder string `<identity>_<instance>`.
+fn replica_of(holder: &str) -> &str {
+    holder.rsplit_once('_').map_or(holder, |(id, _)| id)
+}
+
+/// shard -> (holder string, transition count), from the shard Leases.
+async fn shard_leases(client: &Client, ns: &str) -> BTreeMap<u32, (Option<String>, i32)> {
     let api: Api<Lease> = Api::namespaced(client.clone(), ns);
     let mut out = BTreeMap::new();
     for l in api.list(&ListParams::default().labels("shoal.dev/lease-role=shard")).await.unwrap().items {
         let shard: u32 = l.name_any().trim_start_matches("shoal-shard-").parse().unwrap();
-        if let Some(h) = l.spec.and_then(|s| s.holder_identity).filter(|h| !h.is_empty()) {
-            out.insert(shard, h);
-        }
+        let spec = l.spec.unwrap_or_default();
+        out.insert(shard, (spec.holder_identity.filter(|h| !h.is_empty()), spec.lease_transitions.unwrap_or(0)));
     }
     out
+}
+
+/// shard -> holding replica, from the shard Leases.
+async fn holders(client: &Client, ns: &str) -> BTreeMap<u32, String> {
+    shard_leases(client, ns).await.into_iter().filter_map(|(s, (h, _))| Some((s, replica_of(&h?).to_string()))).collect()
 }
 
 /// Every shard held, only by `members`, each holding floor or ceil of S/N.
@@ -90,6 +100,47 @@ fn read_actions(dir: &Path) -> Vec<ActionRecord> {
     out
 }
 
+/// Each shard epoch in the action log belongs to one holder, and per shard the epochs never
+/// go backwards in time. Returns the number of epochs.
+fn assert_epochs_exclusive(actions: &[ActionRecord]) -> usize {
+    let mut epoch_owner: HashMap<(u32, i32), String> = HashMap::new();
+    let mut last_epoch: HashMap<u32, (i32, String, i64)> = HashMap::new();
+    for a in actions {
+        let owner = epoch_owner.entry((a.shard, a.transitions)).or_insert_with(|| a.replica.clone());
+        assert_eq!(owner, &a.replica, "two replicas acted under the same shard epoch: {a:?}");
+        if let Some((e, who, ts)) = last_epoch.get(&a.shard) {
+            assert!(a.transitions >= *e, "stale action: {a:?} after {who} acted under epoch {e} at {ts}");
+        }
+        last_epoch.insert(a.shard, (a.transitions, a.replica.clone(), a.ts_ms));
+    }
+    epoch_owner.len()
+}
+
+async fn counter(port: u16, name: &str, reason: &str) -> f64 {
+    operator::metric(port, &format!("{name}_total{{reason=\"{reason}\"}}")).await.unwrap_or(0.0)
+}
+
+fn port_of(op: &Operator, name: &str) -> u16 {
+    op.replicas.iter().find(|r| r.name == name).unwrap().metrics_port
+}
+
+async fn create_workflows(wfs: &Api<shoal::api::Workflow>, n: usize) {
+    let creates = (0..n).map(|i| {
+        let wfs = wfs.clone();
+        async move {
+            let wf: shoal::api::Workflow = serde_json::from_value(json!({
+                "apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": format!("wf-{i:03}")},
+                "spec": {"containers": [{"stepName": "a", "image": "busybox"}]}
+            }))
+            .unwrap();
+            wfs.create(&PostParams::default(), &wf).await.unwrap();
+        }
+    });
+    futures::future::join_all(creates).await;
+}
+
+const FAST: [&str; 8] = ["--shards", "32", "--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s"];
+
 async fn cache_size(port: u16) -> Option<i64> {
     operator::metric(port, "shoal_cache_objects{kind=\"Workflow\"}").await.map(|v| v as i64)
 }
@@ -106,23 +157,12 @@ async fn replicas_share_shards_with_fencing() {
     let ops_ns = common::namespace(&client, "ha-ops").await;
     let work_ns = common::namespace(&client, "ha-work").await;
     let mut fleet = Operator::new(&ops_ns, &work_ns);
-    fleet.extra_args = ["--shards", "32", "--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s", "--resync", "1s"].map(String::from).to_vec();
+    fleet.extra_args = FAST.iter().chain(&["--resync", "1s"]).map(|s| s.to_string()).collect();
     let dir = fleet.dir.clone();
 
     // 300 workflows, created before any replica runs.
     let wfs: Api<shoal::api::Workflow> = Api::namespaced(client.clone(), &work_ns);
-    let creates = (0..300).map(|i| {
-        let wfs = wfs.clone();
-        async move {
-            let wf: shoal::api::Workflow = serde_json::from_value(json!({
-                "apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": format!("wf-{i:03}")},
-                "spec": {"containers": [{"stepName": "a", "image": "busybox"}]}
-            }))
-            .unwrap();
-            wfs.create(&PostParams::default(), &wf).await.unwrap();
-        }
-    });
-    futures::future::join_all(creates).await;
+    create_workflows(&wfs, 300).await;
 
     for r in ["r1", "r2", "r3"] {
         fleet.start(r);
@@ -198,30 +238,147 @@ async fn replicas_share_shards_with_fencing() {
     let actions = read_actions(&dir);
     assert!(actions.len() > 1000, "expected a busy action log, got {}", actions.len());
     let uid_shard: HashMap<String, u32> = wfs.list(&ListParams::default()).await.unwrap().items.iter().map(|w| (w.uid().unwrap(), w.labels()["shoal.dev/shard"].parse().unwrap())).collect();
-    let mut epoch_owner: HashMap<(u32, i32), String> = HashMap::new();
-    let mut last_epoch: HashMap<u32, (i32, String, i64)> = HashMap::new();
     let mut reconciled: HashSet<String> = HashSet::new();
     for a in &actions {
         let label = uid_shard[&a.uid];
         assert_eq!(a.shard, label, "{a:?} acted under a shard that is not the object's");
         assert_eq!(a.shard, shoal::core::shard::shard_of(&a.uid, SHARDS), "label is FNV-1a of the UID");
-        let owner = epoch_owner.entry((a.shard, a.transitions)).or_insert_with(|| a.replica.clone());
-        assert_eq!(owner, &a.replica, "two replicas acted under the same shard epoch: {a:?}");
-        if let Some((e, who, ts)) = last_epoch.get(&a.shard) {
-            assert!(a.transitions >= *e, "stale action: {a:?} after {who} acted under epoch {e} at {ts}");
-        }
-        last_epoch.insert(a.shard, (a.transitions, a.replica.clone(), a.ts_ms));
         reconciled.insert(a.uid.clone());
     }
+    let epochs = assert_epochs_exclusive(&actions);
     assert_eq!(reconciled.len(), 300, "every object was reconciled");
-    let stale: Vec<_> = actions.iter().filter(|a| a.replica == name && a.ts_ms >= resumed_ms && its.contains(&a.shard)).collect();
+    let stale: Vec<_> = actions.iter().filter(|a| replica_of(&a.replica) == name && a.ts_ms >= resumed_ms && its.contains(&a.shard)).collect();
     let lost_epochs: Vec<_> = stale.iter().filter(|a| h.get(&a.shard) == Some(&name)).collect();
-    assert!(lost_epochs.iter().all(|a| actions.iter().any(|b| b.replica == name && b.shard == a.shard && b.transitions == a.transitions && b.ts_ms >= resumed_ms)), "sanity");
+    assert!(lost_epochs.iter().all(|a| actions.iter().any(|b| replica_of(&b.replica) == name && b.shard == a.shard && b.transitions == a.transitions && b.ts_ms >= resumed_ms)), "sanity");
     for a in &stale {
-        let before_pause = actions.iter().filter(|b| b.replica == name && b.shard == a.shard && b.ts_ms < resumed_ms).map(|b| b.transitions).max();
+        let before_pause = actions.iter().filter(|b| replica_of(&b.replica) == name && b.shard == a.shard && b.ts_ms < resumed_ms).map(|b| b.transitions).max();
         assert!(before_pause.is_none_or(|e| a.transitions > e), "paused replica acted under its old epoch after resuming: {a:?}");
     }
-    eprintln!("action log: {} actions by {} replicas, {} shard epochs, no overlap", actions.len(), actions.iter().map(|a| &a.replica).collect::<HashSet<_>>().len(), epoch_owner.len());
+    eprintln!("action log: {} actions by {} replicas, {epochs} shard epochs, no overlap", actions.len(), actions.iter().map(|a| &a.replica).collect::<HashSet<_>>().len());
+    drop(fleet);
+    common::cleanup(&client, &work_ns).await;
+    common::cleanup(&client, &ops_ns).await;
+}
+
+/// A replica whose wall clock runs a minute ahead (or behind) joins a healthy owner: shards
+/// change hands only through graceful releases, never as "expired".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_skewed_wall_clock_takes_nothing_from_a_healthy_owner() {
+    let _turn = common::HEAVY.acquire().await.unwrap();
+    let client = common::client().await;
+    let ops_ns = common::namespace(&client, "ha-skew-ops").await;
+    let work_ns = common::namespace(&client, "ha-skew-work").await;
+    let mut fleet = Operator::new(&ops_ns, &work_ns);
+    fleet.extra_args = FAST.map(String::from).to_vec();
+    let only_a = ["a".to_string()];
+    fleet.start("a");
+    eventually(Duration::from_secs(60), "a holding every shard", || balanced(&client, &ops_ns, &only_a)).await;
+    let before = shard_leases(&client, &ops_ns).await;
+
+    fleet.start_with("b", "b", &[("SHOAL_TEST_CLOCK_OFFSET", "60")]);
+    let members = live(&fleet);
+    eventually(Duration::from_secs(60), "a and b balanced", || balanced(&client, &ops_ns, &members)).await;
+    fleet.start_with("c", "c", &[("SHOAL_TEST_CLOCK_OFFSET", "-60")]);
+    let members = live(&fleet);
+    eventually(Duration::from_secs(60), "a, b and c balanced", || balanced(&client, &ops_ns, &members)).await;
+    // Long enough for a wrongful "expired" take-over to happen.
+    tokio::time::sleep(LEASE + Duration::from_secs(2)).await;
+    let h = balanced(&client, &ops_ns, &live(&fleet)).await.expect("still balanced");
+
+    // The skew is real: b writes renewTimes a minute ahead, c a minute behind.
+    let api: Api<Lease> = Api::namespaced(client.clone(), &ops_ns);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    for l in api.list(&ListParams::default().labels("shoal.dev/lease-role=shard")).await.unwrap().items {
+        let spec = l.spec.unwrap();
+        let ahead = spec.renew_time.unwrap().0.duration_since(now).as_secs_f64();
+        match replica_of(spec.holder_identity.as_deref().unwrap()) {
+            "b" => assert!(ahead > 50.0, "b's renewTime is {ahead:.1}s from now"),
+            "c" => assert!(ahead < -50.0, "c's renewTime is {ahead:.1}s from now"),
+            _ => assert!(ahead.abs() < 10.0, "a's renewTime is {ahead:.1}s from now"),
+        }
+    }
+
+    let after = shard_leases(&client, &ops_ns).await;
+    let hand_overs: i32 = (0..SHARDS).map(|s| after[&s].1 - before[&s].1).sum();
+    let (mut graceful, mut freed) = (0.0, 0.0);
+    for r in ["a", "b", "c"] {
+        let port = port_of(&fleet, r);
+        assert_eq!(counter(port, "shoal_shard_acquisitions", "expired").await, 0.0, "{r} took a shard as expired");
+        assert_eq!(counter(port, "shoal_shard_releases", "taken").await, 0.0, "a shard was taken from {r}");
+        graceful += counter(port, "shoal_shard_releases", "rebalance").await;
+        freed += counter(port, "shoal_shard_acquisitions", "free").await;
+    }
+    assert_eq!(f64::from(hand_overs), graceful, "every change of hands was a graceful release");
+    assert_eq!(f64::from(hand_overs), freed, "every change of hands was taken as free");
+    eprintln!("skewed clocks (+60 s, -60 s): {} / {} / {} shards, {hand_overs} graceful hand-overs, none expired", held_by(&h, "a").len(), held_by(&h, "b").len(), held_by(&h, "c").len());
+    drop(fleet);
+    common::cleanup(&client, &work_ns).await;
+    common::cleanup(&client, &ops_ns).await;
+}
+
+/// A second process started with a running replica's identity never holds or acts on a
+/// shard: it waits two lease durations and exits non-zero. After a crash, a restarted
+/// process with that identity waits the old Leases out (a lease duration) instead of
+/// taking them at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_with_the_same_identity_never_shares_a_shard() {
+    let _turn = common::HEAVY.acquire().await.unwrap();
+    let client = common::client().await;
+    let ops_ns = common::namespace(&client, "ha-twin-ops").await;
+    let work_ns = common::namespace(&client, "ha-twin-work").await;
+    let mut fleet = Operator::new(&ops_ns, &work_ns);
+    fleet.extra_args = FAST.iter().chain(&["--resync", "1s"]).map(|s| s.to_string()).collect();
+    let dir = fleet.dir.clone();
+    let wfs: Api<shoal::api::Workflow> = Api::namespaced(client.clone(), &work_ns);
+    create_workflows(&wfs, 30).await;
+    let only_a = ["a".to_string()];
+    fleet.start("a");
+    eventually(Duration::from_secs(60), "a holding every shard", || balanced(&client, &ops_ns, &only_a)).await;
+    let first = shard_leases(&client, &ops_ns).await;
+    let a_holder = first[&0].0.clone().unwrap();
+
+    let t0 = Instant::now();
+    fleet.start_with("a-twin", "a", &[]);
+    let exit = loop {
+        for (s, lease) in shard_leases(&client, &ops_ns).await {
+            assert_eq!(lease, first[&s], "shard {s} changed hands while a second process ran as a");
+        }
+        let twin = fleet.replicas.iter_mut().find(|r| r.name == "a-twin").unwrap();
+        if let Some(status) = twin.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(40), "the second process neither exited nor took over");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let waited = t0.elapsed();
+    fleet.reap("a-twin");
+    assert!(!exit.success(), "the second process exits non-zero");
+    let err = std::fs::read_to_string(dir.join("a-twin.stderr")).unwrap();
+    assert!(err.contains("another process is running with this identity"), "a clear message: {err}");
+    let twin_actions = std::fs::read_to_string(dir.join("a-twin.actions")).unwrap_or_default();
+    assert!(twin_actions.is_empty(), "the second process acted: {twin_actions}");
+    eprintln!("a second process with a's identity refused to start after {:.1}s", waited.as_secs_f64());
+
+    signal(&fleet, "a", Signal::SIGKILL);
+    fleet.reap("a");
+    let t1 = Instant::now();
+    fleet.start_with("a-again", "a", &[]);
+    let again = eventually(Duration::from_secs(30), "the restarted a holding every shard", || async {
+        let l = shard_leases(&client, &ops_ns).await;
+        l.values().all(|(h, _)| h.as_deref().is_some_and(|h| replica_of(h) == "a" && h != a_holder)).then_some(l)
+    })
+    .await;
+    let took = t1.elapsed();
+    for (s, (_, t)) in &again {
+        assert_eq!(*t, first[s].1 + 1, "shard {s} changed hands once");
+    }
+    assert_eq!(counter(port_of(&fleet, "a-again"), "shoal_shard_acquisitions", "expired").await, 32.0);
+    assert!(took >= LEASE, "the restarted process took the shards after {took:?}, before the old Leases expired");
+    eprintln!("restart after kill -9 held every shard again after {:.1}s", took.as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let actions = read_actions(&dir);
+    assert!(actions.iter().any(|a| a.replica == a_holder) && actions.iter().any(|a| a.replica == again[&0].0.clone().unwrap()), "both lives acted");
+    assert_epochs_exclusive(&actions);
     drop(fleet);
     common::cleanup(&client, &work_ns).await;
     common::cleanup(&client, &ops_ns).await;

@@ -42,17 +42,23 @@ impl Operator {
     }
 
     pub fn start(&mut self, name: &str) {
+        self.start_with(name, name, &[]);
+    }
+
+    /// Start replica `name` running as `--identity identity`, with extra environment `env`.
+    pub fn start_with(&mut self, name: &str, identity: &str, env: &[(&str, &str)]) {
         let port = free_port();
         let log = std::fs::File::create(self.dir.join(format!("{name}.stderr"))).unwrap();
         // SHOAL_BIN runs another build (e.g. target/release/shoal for CPU measurements).
         let bin = std::env::var("SHOAL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_shoal").to_string());
         let child = Command::new(bin)
-            .args(["run", "--identity", name, "--namespace", &self.ops_ns, "--watch-namespace", &self.work_ns])
+            .args(["run", "--identity", identity, "--namespace", &self.ops_ns, "--watch-namespace", &self.work_ns])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(["--action-log", &self.dir.join(format!("{name}.actions")).display().to_string()])
             .args(&self.extra_args)
             .env("KUBECONFIG", common::kubeconfig())
             .env("RUST_LOG", "info,kube=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

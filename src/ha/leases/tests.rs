@@ -1,0 +1,556 @@
+//! The lease loop against an in-memory Lease API (`Fake`), in real time with short
+//! durations. Other replicas are played by the test, writing Leases straight into the fake.
+
+use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Client;
+use kube::client::Body;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{LEADER_LEASE, Observations, Record, Stamp, cleared, live_members, may_hand_over, may_take, member_lease_name, renewed, run, shard_lease_name, taken};
+use crate::ha::{HaConfig, HaMetrics, Ownership, ReasonLabel};
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// A Lease of `holder` renewed at wall time `renew`, valid `lease_secs`.
+fn record(holder: &str, renew: Timestamp, lease_secs: i32) -> Record {
+    let mut l = held_lease("x", "shard", holder, 1);
+    let spec = l.spec.as_mut().unwrap();
+    spec.renew_time = Some(MicroTime(renew));
+    spec.acquire_time = Some(MicroTime(renew));
+    spec.lease_duration_seconds = Some(lease_secs);
+    Record::of(&l)
+}
+
+#[test]
+fn a_lease_expires_after_a_lease_duration_unchanged_on_the_local_clock() {
+    let t0 = Instant::now();
+    let w = Timestamp::now();
+    let mut seen = Observations::default();
+    assert!(!seen.expired("l", t0 + secs(3600), 1), "a Lease never seen has not expired");
+    // First seen: counts as just renewed, however old or new its renewTime reads.
+    seen.observe("l", record("a_1", w - SignedDuration::from_hours(1), 5), t0);
+    assert!(!seen.expired("l", t0 + ms(4999), 1));
+    seen.observe("l", record("a_1", w - SignedDuration::from_hours(1), 5), t0 + secs(3));
+    assert!(seen.expired("l", t0 + secs(5), 1), "seeing the same record again is no renewal");
+    // A change is a renewal, whatever it says: even a renewTime an hour ahead or behind.
+    seen.observe("l", record("a_1", w + SignedDuration::from_hours(1), 5), t0 + secs(6));
+    assert!(!seen.expired("l", t0 + secs(10), 1));
+    assert!(seen.expired("l", t0 + secs(11), 1));
+    assert_eq!(seen.expires_at("l", 4), Some(t0 + secs(26)), "four lease durations for dead-member GC");
+    seen.observe("l", record("b_2", w + SignedDuration::from_hours(1), 7), t0 + secs(20));
+    assert_eq!(seen.expires_at("l", 1), Some(t0 + secs(27)), "a new holder is a change; its own duration counts");
+    seen.retain(|n| n != "l");
+    assert_eq!(seen.expires_at("l", 1), None);
+    seen.observe("l", record("b_2", w, 7), t0 + secs(30));
+    seen.forget("l");
+    assert!(!seen.expired("l", t0 + secs(3600), 1), "forgotten, so never seen");
+}
+
+#[test]
+fn members_are_live_by_observation_not_by_their_wall_clocks() {
+    let t0 = Instant::now();
+    let w = Timestamp::now();
+    let member = |name: &str, holder: &str, renew: Timestamp| {
+        let mut l = held_lease(&member_lease_name(name), "member", holder, 1);
+        l.spec.as_mut().unwrap().renew_time = Some(MicroTime(renew));
+        l.spec.as_mut().unwrap().lease_duration_seconds = Some(5);
+        l
+    };
+    let leases: std::collections::HashMap<String, Lease> = [
+        member("ahead", "ahead_1", w + SignedDuration::from_mins(1)),
+        member("behind", "behind_1", w - SignedDuration::from_mins(1)),
+        member("dead", "dead_1", w),
+        held_lease(&shard_lease_name(0), "shard", "shard_holder_1", 1),
+    ]
+    .into_iter()
+    .map(|l| (l.metadata.name.clone().unwrap(), l))
+    .collect();
+    let mut seen = Observations::default();
+    for (n, l) in &leases {
+        seen.observe(n, Record::of(l), t0);
+    }
+    assert_eq!(live_members(&leases, &seen, t0, "me_1"), ["ahead_1", "behind_1", "dead_1", "me_1"]);
+    // Five seconds on: only the members whose Lease changed meanwhile are live.
+    for name in ["ahead", "behind"] {
+        let mut l = leases[&member_lease_name(name)].clone();
+        l.spec.as_mut().unwrap().renew_time = Some(MicroTime(w + SignedDuration::from_hours(2)));
+        seen.observe(&member_lease_name(name), Record::of(&l), t0 + secs(4));
+    }
+    assert_eq!(live_members(&leases, &seen, t0 + secs(5), "me_1"), ["ahead_1", "behind_1", "me_1"]);
+}
+
+#[test]
+fn writes_carry_the_stamp_read_before_they_are_sent() {
+    let stamp = Stamp { at: Instant::now(), wall: Timestamp::now() };
+    let (new, t) = taken(None, "shoal-shard-3", "shard", "a_1", 5, stamp);
+    let spec = new.spec.clone().unwrap();
+    assert_eq!((t, spec.lease_transitions, spec.holder_identity.as_deref(), spec.lease_duration_seconds), (1, Some(1), Some("a_1"), Some(5)));
+    assert_eq!(spec.renew_time.map(|t| t.0), Some(stamp.wall));
+    assert_eq!(spec.acquire_time.map(|t| t.0), Some(stamp.wall));
+    assert_eq!(new.metadata.labels.unwrap()["shoal.dev/lease-role"], "shard");
+
+    let later = Stamp { at: stamp.at + secs(1), wall: stamp.wall + SignedDuration::from_secs(1) };
+    let (other, t) = taken(Some(held_lease("shoal-shard-3", "shard", "b_2", 6)), "shoal-shard-3", "shard", "a_1", 5, later);
+    assert_eq!(t, 7, "a new holder is a new epoch");
+    assert_eq!(other.spec.as_ref().unwrap().renew_time.as_ref().map(|t| t.0), Some(later.wall));
+    let again = renewed(other.clone(), 5, Stamp { at: later.at + secs(1), wall: later.wall + SignedDuration::from_secs(1) });
+    let spec = again.spec.unwrap();
+    assert_eq!((spec.lease_transitions, spec.holder_identity.as_deref()), (Some(7), Some("a_1")), "a renewal keeps holder and epoch");
+    assert_eq!(spec.renew_time.map(|t| t.0), Some(later.wall + SignedDuration::from_secs(1)));
+    assert_eq!(spec.acquire_time.map(|t| t.0), Some(later.wall));
+    let free = cleared(other).spec.unwrap();
+    assert_eq!((free.holder_identity, free.renew_time, free.lease_transitions), (None, None, Some(7)));
+}
+
+#[test]
+fn only_new_free_or_expired_leases_are_taken() {
+    assert_eq!(may_take(None, false), Some("new"));
+    let mut free = held_lease("l", "shard", "a_1", 1);
+    free.spec.as_mut().unwrap().holder_identity = Some(String::new());
+    assert_eq!(may_take(Some(&free), false), Some("free"));
+    let held = held_lease("l", "shard", "a_1", 1);
+    assert_eq!(may_take(Some(&held), false), None, "held and live, even by a previous life of this identity");
+    assert_eq!(may_take(Some(&held), true), Some("expired"));
+}
+
+#[test]
+fn a_shard_is_handed_over_when_its_work_ends_or_its_fence_expires() {
+    let t0 = Instant::now();
+    let deadline = t0 + secs(3);
+    assert!(may_hand_over(0, deadline, t0), "no work in flight");
+    assert!(!may_hand_over(1, deadline, t0 + ms(2999)), "work in flight under a live fence");
+    assert!(may_hand_over(1, deadline, deadline), "the fence has expired");
+}
+
+#[test]
+fn lease_settings_are_validated_as_written() {
+    let ok = config(32, 5, 3000, 1000);
+    assert_eq!(ok.validate(), Ok(()));
+    for (what, bad) in [
+        ("fractional lease (written as 5 s)", HaConfig { lease_duration: ms(5500), renew_deadline: ms(5200), ..ok.clone() }),
+        ("sub-second lease (written as 0 s or 1 s)", HaConfig { lease_duration: ms(500), renew_deadline: ms(300), retry_period: ms(100), ..ok.clone() }),
+        ("zero lease", HaConfig { lease_duration: Duration::ZERO, ..ok.clone() }),
+        ("renew deadline not shorter", HaConfig { renew_deadline: secs(5), ..ok.clone() }),
+        ("zero retry period", HaConfig { retry_period: Duration::ZERO, ..ok.clone() }),
+        ("retry not shorter than renew", HaConfig { retry_period: secs(3), ..ok.clone() }),
+    ] {
+        assert!(bad.validate().is_err(), "{what} accepted");
+    }
+}
+
+#[test]
+fn two_processes_with_one_identity_are_two_holders() {
+    let a = Ownership::new(HaConfig::default(), "r1".into(), "ns".into(), HaMetrics::new(&mut Registry::default()), None);
+    let b = Ownership::new(HaConfig::default(), "r1".into(), "ns".into(), HaMetrics::new(&mut Registry::default()), None);
+    assert_eq!((a.identity(), b.identity()), ("r1", "r1"));
+    assert_ne!(a.holder(), b.holder());
+    assert!(a.holder().starts_with("r1_") && b.holder().starts_with("r1_"));
+}
+
+/// One Lease write the fake API server received.
+#[derive(Clone, Debug)]
+struct Write {
+    name: String,
+    lease: Lease,
+    arrived: Instant,
+    ok: bool,
+}
+
+impl Write {
+    fn holder(&self) -> Option<&str> {
+        self.lease.spec.as_ref()?.holder_identity.as_deref()
+    }
+}
+
+/// An in-memory Lease API: list, get, create, replace (with resourceVersion
+/// preconditions), delete. Watches never answer.
+#[derive(Default)]
+struct Fake {
+    leases: Mutex<BTreeMap<String, Lease>>,
+    rv: AtomicU64,
+    writes: Mutex<Vec<Write>>,
+    fail_put: Mutex<HashSet<String>>,
+    list_delay: Mutex<Duration>,
+}
+
+fn reply(code: u16, body: serde_json::Value) -> Response<Body> {
+    Response::builder().status(code).header("content-type", "application/json").body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap()
+}
+
+fn status(code: u16, reason: &str) -> Response<Body> {
+    reply(code, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "message": reason, "code": code}))
+}
+
+impl Fake {
+    /// Store `lease` as the server would, with a new resourceVersion.
+    fn store(&self, leases: &mut BTreeMap<String, Lease>, mut lease: Lease) -> Lease {
+        let rv = self.rv.fetch_add(1, Ordering::SeqCst) + 1;
+        lease.metadata.resource_version = Some(rv.to_string());
+        lease.metadata.namespace = Some("ns".into());
+        leases.insert(lease.metadata.name.clone().unwrap(), lease.clone());
+        lease
+    }
+
+    /// Write a Lease as another replica would (unconditionally).
+    fn put(&self, lease: Lease) {
+        let mut leases = self.leases.lock().unwrap();
+        self.store(&mut leases, lease);
+    }
+
+    fn get(&self, name: &str) -> Option<Lease> {
+        self.leases.lock().unwrap().get(name).cloned()
+    }
+
+    fn writes(&self) -> Vec<Write> {
+        self.writes.lock().unwrap().clone()
+    }
+
+    fn record(&self, name: &str, lease: &Lease, arrived: Instant, ok: bool) {
+        self.writes.lock().unwrap().push(Write { name: name.into(), lease: lease.clone(), arrived, ok });
+    }
+
+    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let arrived = Instant::now();
+        let (parts, body) = req.into_parts();
+        let query = parts.uri.query().unwrap_or("").to_string();
+        let name = parts.uri.path().split_once("/leases/").map(|(_, n)| n.to_string());
+        let body = body.collect_bytes().await.unwrap_or_default();
+        match (parts.method, name) {
+            (Method::GET, None) if query.contains("watch=true") => std::future::pending().await,
+            (Method::GET, None) => {
+                let items: Vec<Lease> = self.leases.lock().unwrap().values().cloned().collect();
+                let rv = self.rv.load(Ordering::SeqCst);
+                let delay = *self.list_delay.lock().unwrap();
+                tokio::time::sleep(delay).await;
+                reply(200, json!({"apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList", "metadata": {"resourceVersion": rv.to_string()}, "items": items}))
+            }
+            (Method::GET, Some(n)) => match self.get(&n) {
+                Some(l) => reply(200, serde_json::to_value(l).unwrap()),
+                None => status(404, "NotFound"),
+            },
+            (Method::POST, None) => {
+                let lease: Lease = serde_json::from_slice(&body).unwrap();
+                let name = lease.metadata.name.clone().unwrap();
+                let mut leases = self.leases.lock().unwrap();
+                let exists = leases.contains_key(&name);
+                self.record(&name, &lease, arrived, !exists);
+                if exists {
+                    return status(409, "AlreadyExists");
+                }
+                reply(201, serde_json::to_value(self.store(&mut leases, lease)).unwrap())
+            }
+            (Method::PUT, Some(n)) => {
+                let lease: Lease = serde_json::from_slice(&body).unwrap();
+                let mut leases = self.leases.lock().unwrap();
+                let failing = self.fail_put.lock().unwrap().contains(&n);
+                let current = leases.get(&n).and_then(|c| c.metadata.resource_version.clone());
+                let fresh = current.is_some() && (lease.metadata.resource_version.is_none() || lease.metadata.resource_version == current);
+                self.record(&n, &lease, arrived, fresh && !failing);
+                if failing {
+                    status(500, "InternalError")
+                } else if current.is_none() {
+                    status(404, "NotFound")
+                } else if !fresh {
+                    status(409, "Conflict")
+                } else {
+                    reply(200, serde_json::to_value(self.store(&mut leases, lease)).unwrap())
+                }
+            }
+            (Method::DELETE, Some(n)) => {
+                let want: Option<String> = serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v.pointer("/preconditions/resourceVersion").and_then(|r| r.as_str().map(String::from)));
+                let mut leases = self.leases.lock().unwrap();
+                match leases.get(&n) {
+                    None => status(404, "NotFound"),
+                    Some(l) if want.is_some() && l.metadata.resource_version != want => status(409, "Conflict"),
+                    Some(_) => reply(200, serde_json::to_value(leases.remove(&n)).unwrap()),
+                }
+            }
+            _ => status(405, "MethodNotAllowed"),
+        }
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn config(shards: u32, lease_secs: u64, renew_ms: u64, retry_ms: u64) -> HaConfig {
+    HaConfig { shards, lease_duration: Duration::from_secs(lease_secs), renew_deadline: ms(renew_ms), retry_period: ms(retry_ms), ..Default::default() }
+}
+
+struct Replica {
+    own: Ownership,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+fn start(fake: &Arc<Fake>, identity: &str, cfg: HaConfig) -> Replica {
+    let f = fake.clone();
+    let svc = tower::service_fn(move |req: Request<Body>| {
+        let f = f.clone();
+        async move { Ok::<_, Infallible>(f.handle(req).await) }
+    });
+    let client = Client::new(svc, "ns");
+    let metrics = HaMetrics::new(&mut Registry::default());
+    let own = Ownership::new(cfg, identity.into(), "ns".into(), metrics, None);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(client, own.clone(), stop.clone()));
+    Replica { own, stop, task }
+}
+
+/// A Lease as another replica writes it: held by `holder`, renewed now.
+fn held_lease(name: &str, role: &str, holder: &str, transitions: i32) -> Lease {
+    let now = MicroTime(Timestamp::now());
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some([("app.kubernetes.io/managed-by".to_string(), "shoal".to_string()), ("shoal.dev/lease-role".to_string(), role.to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(2),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now),
+            lease_transitions: Some(transitions),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Play a live replica `holder`: renew `leases` (name, role) every 200 ms until `stop`.
+fn renew_as(fake: &Arc<Fake>, leases: Vec<(String, &'static str)>, holder: &str, stop: CancellationToken) {
+    let (fake, holder) = (fake.clone(), holder.to_string());
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            for (name, role) in &leases {
+                fake.put(held_lease(name, role, &holder, 1));
+            }
+            tokio::time::sleep(ms(200)).await;
+        }
+    });
+}
+
+async fn until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(ms(20)).await;
+    }
+}
+
+fn wall_at(base: (Instant, Timestamp), at: Instant) -> Timestamp {
+    base.1 + SignedDuration::try_from(at - base.0).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_lease_write_is_stamped_right_before_it_is_sent() {
+    let fake = Arc::new(Fake::default());
+    *fake.list_delay.lock().unwrap() = ms(300);
+    let base = (Instant::now(), Timestamp::now());
+    let cfg = config(4, 2, 1500, 200);
+    let r = start(&fake, "a", cfg.clone());
+    until(ms(10_000), "all 4 shards held", || (r.own.held_shards().len() == 4).then_some(())).await;
+    until(ms(10_000), "the leader Lease held", || r.own.leader_fence()).await;
+    tokio::time::sleep(ms(1000)).await;
+    let writes = fake.writes();
+    // Each fence starts at the instant taken right before one of its Lease's writes.
+    for s in 0..4 {
+        let fence = r.own.owns_shard(s).expect("shard held");
+        let start = r.own.fence_deadline(fence).expect("fence holds") - cfg.renew_deadline;
+        let name = shard_lease_name(s);
+        let sent = writes.iter().filter(|w| w.name == name && w.ok).any(|w| w.arrived >= start && w.arrived - start < ms(50));
+        assert!(sent, "the fence of shard {s} does not start right before one of its writes");
+    }
+    // The renewTime written is the wall time of that instant, not of an earlier one.
+    let ours: Vec<&Write> = writes.iter().filter(|w| w.ok && w.holder() == Some(r.own.holder())).collect();
+    assert!(ours.iter().any(|w| w.name == LEADER_LEASE) && ours.iter().any(|w| w.name == shard_lease_name(0)));
+    for w in ours {
+        let renew = w.lease.spec.as_ref().and_then(|s| s.renew_time.as_ref()).expect("renewTime").0;
+        let sent = wall_at(base, w.arrived);
+        let early = sent.duration_since(renew);
+        assert!(early >= SignedDuration::from_millis(-5) && early < SignedDuration::from_millis(50), "{} written with a renewTime {early:?} before it was sent", w.name);
+    }
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_member_write_does_not_stop_shard_renewals() {
+    let fake = Arc::new(Fake::default());
+    let r = start(&fake, "a", config(4, 2, 1500, 200));
+    until(ms(10_000), "all 4 shards held", || (r.own.held_shards().len() == 4).then_some(())).await;
+    let member = member_lease_name("a");
+    fake.fail_put.lock().unwrap().insert(member.clone());
+    let t0 = Instant::now();
+    while t0.elapsed() < ms(4500) {
+        for s in 0..4 {
+            assert!(r.own.owns_shard(s).is_some(), "shard {s} lost {:?} after the member Lease write began failing", t0.elapsed());
+        }
+        tokio::time::sleep(ms(50)).await;
+    }
+    assert!(fake.writes().iter().any(|w| w.name == member && !w.ok), "the member Lease write was failing");
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_shard_neither_delays_other_renewals_nor_is_handed_over_with_live_work() {
+    let fake = Arc::new(Fake::default());
+    let cfg = config(8, 4, 3000, 200);
+    let r = start(&fake, "a", cfg.clone());
+    until(ms(10_000), "all 8 shards held", || (r.own.held_shards().len() == 8).then_some(())).await;
+    let me = r.own.holder().to_string();
+    let mut members = vec![me.clone(), "peer_1".to_string()];
+    members.sort();
+    let keep: HashSet<u32> = crate::core::shard::preferred_shards(8, &members, &me).into_iter().collect();
+    let gone: Vec<u32> = (0..8).filter(|s| !keep.contains(s)).collect();
+    assert_eq!(gone.len(), 4);
+    // x stays in flight throughout; z is in flight for 500 ms of the drain; the rest are idle.
+    let (x, z) = (gone[0], gone[1]);
+    let (_, x_work) = r.own.begin(x).unwrap();
+    let (_, z_work) = r.own.begin(z).unwrap();
+    let peer = CancellationToken::new();
+    renew_as(&fake, vec![(member_lease_name("peer"), "member")], "peer_1", peer.clone());
+    let t0 = Instant::now();
+    tokio::time::sleep(ms(500)).await;
+    drop(z_work);
+    let z_done = Instant::now();
+    tokio::time::sleep(ms(4000)).await;
+    let writes = fake.writes();
+    let cleared = |s: u32| writes.iter().find(|w| w.name == shard_lease_name(s) && w.ok && w.holder().is_none()).map(|w| w.arrived);
+
+    for s in &keep {
+        let times: Vec<Instant> = writes.iter().filter(|w| w.name == shard_lease_name(*s) && w.ok && w.arrived + ms(500) >= t0).map(|w| w.arrived).collect();
+        let gap = times.windows(2).map(|p| p[1] - p[0]).max().unwrap_or_default();
+        assert!(times.len() > 10 && gap < ms(800), "shard {s}, kept, went {gap:?} without a renew while others drained ({} renews)", times.len());
+    }
+    for s in &gone[2..] {
+        let c = cleared(*s).unwrap_or_else(|| panic!("idle shard {s} handed over"));
+        assert!(c < t0 + ms(1000), "idle shard {s} handed over {:?} after the ring changed", c - t0);
+    }
+    let zc = cleared(z).expect("shard z handed over once its work ended");
+    assert!(zc >= z_done && zc < z_done + ms(700), "shard z handed over {:?} after its work ended", zc.checked_duration_since(z_done));
+    let xc = cleared(x).expect("shard x handed over once its fence expired");
+    let last_renew = writes.iter().filter(|w| w.name == shard_lease_name(x) && w.ok && w.holder() == Some(&me) && w.arrived < xc).map(|w| w.arrived).max().unwrap();
+    assert!(xc + ms(20) >= last_renew + cfg.renew_deadline, "shard x handed over {:?} after its last renew, with work in flight under a live fence", xc - last_renew);
+    assert!(r.own.owns_shard(x).is_none());
+    drop(x_work);
+    peer.cancel();
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_a_live_identity_refuses_to_start() {
+    let fake = Arc::new(Fake::default());
+    let member = member_lease_name("twin");
+    let other = CancellationToken::new();
+    fake.put(held_lease(&member, "member", "twin_0001", 1));
+    renew_as(&fake, vec![(member.clone(), "member")], "twin_0001", other.clone());
+    let t0 = Instant::now();
+    let r = start(&fake, "twin", config(4, 2, 1500, 200));
+    let result = tokio::time::timeout(ms(8000), r.task).await.expect("the second process gives up within two lease durations").unwrap();
+    let err = result.expect_err("the second process refuses to start");
+    assert!(t0.elapsed() >= ms(2000), "it waited a lease duration before refusing");
+    assert!(format!("{err:#}").contains("twin_0001"), "the error names the other holder: {err:#}");
+    assert!(fake.writes().iter().all(|w| w.name == member || w.holder() != Some(r.own.holder())), "it wrote no shard or leader Lease");
+    assert!(r.own.held_shards().is_empty());
+    let holder = fake.get(&member).and_then(|l| l.spec?.holder_identity);
+    assert_eq!(holder.as_deref(), Some("twin_0001"), "the member Lease was not stolen");
+    other.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_of_a_previous_life_with_the_same_identity_are_waited_out() {
+    let fake = Arc::new(Fake::default());
+    // A crashed earlier process named "me" left its Leases, renewed just now.
+    fake.put(held_lease(&member_lease_name("me"), "member", "me", 1));
+    fake.put(held_lease(LEADER_LEASE, "leader", "me", 1));
+    for s in 0..4 {
+        fake.put(held_lease(&shard_lease_name(s), "shard", "me", 1));
+    }
+    let t0 = Instant::now();
+    let r = start(&fake, "me", config(4, 2, 1500, 200));
+    until(ms(10_000), "all 4 shards held", || (r.own.held_shards().len() == 4).then_some(())).await;
+    let first = fake.writes().iter().filter(|w| w.ok && w.name.starts_with("shoal-shard-")).map(|w| w.arrived).min().unwrap();
+    assert!(first >= t0 + ms(2000), "took a shard {:?} after starting, before the previous life's Lease expired", first - t0);
+    let expired = r.own.metrics().acquisitions.get_or_create(&ReasonLabel { reason: "expired".into() }).get();
+    assert_eq!(expired, 4);
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_running_ahead_takes_nothing_from_a_live_owner() {
+    let fake = Arc::new(Fake::default());
+    let peer = CancellationToken::new();
+    let mut leases = vec![(member_lease_name("peer"), "member"), (LEADER_LEASE.to_string(), "leader")];
+    leases.extend((0..4).map(|s| (shard_lease_name(s), "shard")));
+    renew_as(&fake, leases, "peer_1", peer.clone());
+    tokio::time::sleep(ms(100)).await;
+    let cfg = HaConfig { test_clock_offset: 60, ..config(4, 2, 1500, 200) };
+    let r = start(&fake, "ahead", cfg);
+    let t0 = Instant::now();
+    while t0.elapsed() < ms(6000) {
+        assert!(r.own.held_shards().is_empty(), "took {:?} from a live owner", r.own.held_shards());
+        assert!(r.own.leader_fence().is_none(), "took the leader Lease from a live leader");
+        tokio::time::sleep(ms(50)).await;
+    }
+    let me = r.own.holder().to_string();
+    assert!(fake.writes().iter().all(|w| w.name.starts_with("shoal-member-") || w.holder() != Some(&me)));
+    peer.cancel();
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_members_are_collected_by_observation_not_by_their_wall_clocks() {
+    let fake = Arc::new(Fake::default());
+    let skewed = |name: &str, holder: &str, by: SignedDuration| {
+        let mut l = held_lease(&member_lease_name(name), "member", holder, 1);
+        let spec = l.spec.as_mut().unwrap();
+        spec.renew_time = Some(MicroTime(Timestamp::now() + by));
+        l
+    };
+    // A dead member whose clock ran an hour ahead, and a live one whose clock runs an hour
+    // behind (it keeps renewing).
+    fake.put(skewed("dead", "dead_1", SignedDuration::from_hours(1)));
+    let live = CancellationToken::new();
+    {
+        let (fake, live) = (fake.clone(), live.clone());
+        tokio::spawn(async move {
+            while !live.is_cancelled() {
+                fake.put(skewed("behind", "behind_1", SignedDuration::from_hours(-1)));
+                tokio::time::sleep(ms(200)).await;
+            }
+        });
+    }
+    let t0 = Instant::now();
+    let r = start(&fake, "gc", config(4, 1, 700, 100));
+    // Four lease durations (2 s as written) after the dead member was first seen.
+    let gone = until(ms(15_000), "the dead member's Lease deleted", || fake.get(&member_lease_name("dead")).is_none().then(Instant::now)).await;
+    assert!(gone >= t0 + ms(8000), "deleted {:?} after it was first seen, before four lease durations", gone - t0);
+    assert!(fake.get(&member_lease_name("behind")).is_some(), "a live member whose clock runs behind was deleted");
+    assert!(r.own.leader_fence().is_some());
+    live.cancel();
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
