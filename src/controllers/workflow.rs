@@ -177,7 +177,7 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
     let mut pending = Vec::new();
     for c in &p.creates {
         let Some(step) = wf.spec.containers.iter().find(|s| s.step_name == c.step) else { continue };
-        let job = build_job(&wf, step, c, generation, &outputs)?;
+        let job = build_job(&wf, step, c, generation, &outputs, ctx.own.shard_for(wf.as_ref()))?;
         if !ctx.own.record(fence, wf.as_ref(), &format!("create-job:{}", c.job_name)) {
             return Ok(Action::AwaitChange);
         }
@@ -294,10 +294,11 @@ async fn read_output(ctx: &Ctx, ns: &str, job: &str) -> Result<Option<String>, E
     Ok(msg.filter(|m| !m.is_empty()))
 }
 
-fn build_job(wf: &Workflow, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>) -> Result<Job, Error> {
+fn build_job(wf: &Workflow, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>, shard: Option<u32>) -> Result<Job, Error> {
     let mut labels = user_labels(wf);
     let cascaded: Vec<String> = labels.keys().cloned().collect();
-    let shard = wf.labels().get(SHARD_LABEL).cloned().unwrap_or_default();
+    // The shard of the workflow's UID, not its label: a label can be edited.
+    let shard = shard.map(|s| s.to_string()).unwrap_or_default();
     let step_label: String = step.step_name.to_lowercase().chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' || ch == '_' { ch } else { '-' }).collect();
     labels.insert(SHARD_LABEL.into(), shard);
     labels.insert(WORKFLOW_LABEL.into(), wf.name_any());
