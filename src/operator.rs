@@ -114,6 +114,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let wf_informer = Informer::new(api_for::<crate::api::Workflow>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone());
     // Jobs wake the workflow that owns them.
     let job_informer = Informer::new_mapped(api_for::<crate::controllers::step_job::StepJob>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone(), crate::controllers::workflow::owner_key, crate::controllers::workflow::job_change_matters);
+    tasks.spawn(crate::ha::run_child_labeler(api_for::<crate::controllers::step_job::StepJob>(&client, &cfg.watch_namespace), own.clone(), crate::controllers::workflow::WORKFLOW_LABEL, shutdown.clone()));
     tasks.spawn(wf_informer.clone().run(shutdown.clone()));
     tasks.spawn(job_informer.clone().run(shutdown.clone()));
     let recorder = Recorder::new(client.clone(), Reporter { controller: "shoal".into(), instance: Some(identity.clone()) });

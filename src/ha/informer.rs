@@ -4,11 +4,11 @@
 //! it holds, and closes it when the shard goes, so each replica caches about 1/N of the
 //! objects. Work for a shard this replica does not hold is dropped at the queue and counted.
 //!
-//! The label only decides who *sees* an object. An object sharded by its own UID whose
-//! label names another shard is never cached or queued here: the watch that sees it fixes
-//! the label instead (in range: the holder of that shard; missing or out of range: the
-//! leader, [`run_labeler`]). This module must never act on an object on the word of its
-//! label alone.
+//! The label only decides who *sees* an object. An object whose label is not the shard it
+//! belongs in (of its own UID; for a child, of its controller owner's UID) is never cached or
+//! queued here: the watch that sees it fixes the label instead (in range: the holder of that
+//! shard; missing or out of range: the leader, [`run_labeler`] and [`run_child_labeler`]).
+//! This module must never act on an object on the word of its label alone.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::{Debug, Display};
@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Fence, KindLabel, LabelState, Ownership, ReasonLabel, ShardEvent, label_state, unsharded_selector};
+use super::{Fence, KindLabel, LabelState, Ownership, ReasonLabel, ShardEvent, Sharding, label_state, unsharded_selector};
 use crate::api::SHARD_LABEL;
 
 /// (namespace, name) of an object.
@@ -163,9 +163,9 @@ pub struct Informer<K: Resource> {
     tasks: Mutex<HashMap<u32, JoinHandle<()>>>,
     queue: Queue,
     own: Ownership,
-    /// Whether the objects are sharded by their own UID (and relabelled when their label
-    /// disagrees), or are children that carry their owner's shard (built by `new_mapped`).
-    by_own_uid: bool,
+    /// What the objects' shard is computed from: their own UID (`new`) or their controller
+    /// owner's (`new_mapped`, children).
+    sharding: Sharding,
 }
 
 impl<K> Informer<K>
@@ -176,12 +176,13 @@ where
     /// An informer of objects sharded by their own UID, each waking itself in the queue. An
     /// object whose label is not the shard of its UID is relabelled, never cached.
     pub fn new(api: Api<K>, own: Ownership, queue: Queue) -> Arc<Self> {
-        Self::build(api, own, queue, |o| Some(key_of(o)), |_, _| true, true)
+        Self::build(api, own, queue, |o| Some(key_of(o)), |_, _| true, Sharding::OwnUid)
     }
 
     /// An informer of children, whose events wake `map(object)` in the queue (their
     /// owner), and only when `relevant(cached, new)` says the change matters to it. A child
-    /// carries its owner's shard label, so its own UID says nothing: it is never relabelled.
+    /// belongs in the shard of its controller owner's UID, never of its own: one labelled
+    /// otherwise (created before `--shards` changed, or edited) is relabelled to it.
     pub fn new_mapped(
         api: Api<K>,
         own: Ownership,
@@ -189,7 +190,7 @@ where
         map: impl Fn(&K) -> Option<Key> + Send + Sync + 'static,
         relevant: impl Fn(Option<&K>, &K) -> bool + Send + Sync + 'static,
     ) -> Arc<Self> {
-        Self::build(api, own, queue, map, relevant, false)
+        Self::build(api, own, queue, map, relevant, Sharding::ControllerUid)
     }
 
     fn build(
@@ -198,7 +199,7 @@ where
         queue: Queue,
         map: impl Fn(&K) -> Option<Key> + Send + Sync + 'static,
         relevant: impl Fn(Option<&K>, &K) -> bool + Send + Sync + 'static,
-        by_own_uid: bool,
+        sharding: Sharding,
     ) -> Arc<Self> {
         let kind = K::kind(&K::DynamicType::default()).to_string();
         Arc::new(Self {
@@ -211,7 +212,7 @@ where
             tasks: Mutex::new(HashMap::new()),
             queue,
             own,
-            by_own_uid,
+            sharding,
         })
     }
 
@@ -393,14 +394,13 @@ where
         }
     }
 
-    /// Whether `o`, delivered by the watch of `shard`, is sharded by its own UID and that
-    /// UID puts it in another shard.
+    /// Whether `o`, delivered by the watch of `shard`, belongs in another shard.
     fn misplaced(&self, o: &K, shard: u32) -> bool {
-        self.by_own_uid && self.own.shard_for(o).is_some_and(|home| home != shard)
+        self.own.home_shard(o, self.sharding).is_some_and(|home| home != shard)
     }
 
-    /// Give `o`, seen by the watch of `shard`, the label of the shard of its UID. False if
-    /// it should be tried again.
+    /// Give `o`, seen by the watch of `shard`, the label of the shard it belongs in. False
+    /// if it should be tried again.
     ///
     /// Under the fence of `shard`, not the leader's: the leader watches only objects that no
     /// sharded watch selects, so the holder of `shard` is the one replica that sees this
@@ -410,7 +410,7 @@ where
     /// from overwriting a later edit, or a new object under the same name (their own
     /// watch events decide again).
     async fn relabel(&self, o: &K, shard: u32) -> bool {
-        let Some(home) = self.own.shard_for(o) else { return true };
+        let Some(home) = self.own.home_shard(o, self.sharding) else { return true };
         if self.own.owns_shard(shard).is_none() {
             // A lapse of the fence: try again. Lost or handed over: the next holder sees it.
             return !self.own.is_held_not_draining(shard);
@@ -421,7 +421,7 @@ where
         match result {
             Ok(()) => {
                 self.own.metrics().relabelled.get_or_create(&ReasonLabel { reason: LabelState::Wrong.reason().into() }).inc();
-                tracing::info!(kind = %self.kind, object = ?key_of(o), from = shard, to = home, "relabelled to the shard of its UID");
+                tracing::info!(kind = %self.kind, object = ?key_of(o), from = shard, to = home, "relabelled to the shard it belongs in");
                 true
             }
             Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => true,
@@ -531,10 +531,31 @@ where
 
 /// Leader duty: give every object of kind `K` that no sharded watch selects (no shard label,
 /// or one that is not a shard below `--shards`, e.g. after `--shards` shrank) the label of
-/// the shard of its UID. Only for kinds sharded by their own UID, never for children.
+/// the shard of its UID. For kinds sharded by their own UID.
 pub async fn run_labeler<K>(api: Api<K>, own: Ownership, shutdown: CancellationToken)
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default,
+{
+    let selector = unsharded_selector(own.config().shards);
+    label_unsharded(api, own, Sharding::OwnUid, selector, shutdown).await
+}
+
+/// Leader duty for children: the same, for the objects of kind `K` that carry the label
+/// `owned_by` (shoal's own children, e.g. `shoal.dev/workflow` on a step's Job), to the
+/// shard of their controller owner's UID.
+pub async fn run_child_labeler<K>(api: Api<K>, own: Ownership, owned_by: &str, shutdown: CancellationToken)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default,
+{
+    let selector = format!("{owned_by},{}", unsharded_selector(own.config().shards));
+    label_unsharded(api, own, Sharding::ControllerUid, selector, shutdown).await
+}
+
+async fn label_unsharded<K>(api: Api<K>, own: Ownership, sharding: Sharding, selector: String, shutdown: CancellationToken)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default,
 {
     loop {
@@ -544,7 +565,7 @@ where
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {},
             }
         }
-        let cfg = watcher::Config::default().labels(&unsharded_selector(own.config().shards));
+        let cfg = watcher::Config::default().labels(&selector);
         let mut stream = watcher(api.clone(), cfg).default_backoff().applied_objects().boxed();
         let mut tick = tokio::time::interval(own.config().retry_period);
         // Restart the watch now and then: its fresh list catches any object an event missed.
@@ -556,24 +577,33 @@ where
                 o = stream.next() => match o {
                     Some(Ok(o)) => {
                         if own.leader_fence().is_none() { break }
-                        let Some(shard) = own.shard_for(&o) else { continue };
-                        let label = o.meta().labels.as_ref().and_then(|l| l.get(SHARD_LABEL)).map(String::as_str);
-                        let state = label_state(label, shard, own.config().shards);
-                        if state == LabelState::Right {
-                            continue;
-                        }
-                        match patch_shard_label(api.clone().into_client(), &o, shard).await {
-                            Ok(()) => {
-                                own.metrics().relabelled.get_or_create(&ReasonLabel { reason: state.reason().into() }).inc();
-                            }
-                            Err(e) => tracing::debug!(error = %e, "labelling failed; will retry on the next event or the next list"),
-                        }
+                        label_one(api.clone().into_client(), &own, sharding, &o).await;
                     }
                     Some(Err(_)) => continue,
                     None => break,
                 },
             }
         }
+    }
+}
+
+/// Label one object the leader's watch delivered with the shard it belongs in.
+async fn label_one<K>(client: kube::Client, own: &Ownership, sharding: Sharding, o: &K)
+where
+    K: Resource,
+    K::DynamicType: Default,
+{
+    let Some(shard) = own.home_shard(o, sharding) else { return };
+    let label = o.meta().labels.as_ref().and_then(|l| l.get(SHARD_LABEL)).map(String::as_str);
+    let state = label_state(label, shard, own.config().shards);
+    if state == LabelState::Right {
+        return;
+    }
+    match patch_shard_label(client, o, shard).await {
+        Ok(()) => {
+            own.metrics().relabelled.get_or_create(&ReasonLabel { reason: state.reason().into() }).inc();
+        }
+        Err(e) => tracing::debug!(error = %e, "labelling failed; will retry on the next event or the next list"),
     }
 }
 

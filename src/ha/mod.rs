@@ -29,7 +29,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-pub use informer::{Action, Informer, Key, Queue, key_of, run_controller, run_labeler};
+pub use informer::{Action, Informer, Key, Queue, key_of, run_child_labeler, run_controller, run_labeler};
 pub use leases::run as run_leases;
 
 use crate::api::SHARD_LABEL;
@@ -269,6 +269,21 @@ impl Ownership {
         obj.meta().uid.as_deref().map(|u| crate::core::shard::shard_of(u, self.inner.cfg.shards))
     }
 
+    /// The shard a child belongs in: the shard of its controller owner's UID (the label its
+    /// owner gave it at creation).
+    pub fn shard_for_child<K: Resource>(&self, obj: &K) -> Option<u32> {
+        let owner = obj.meta().owner_references.as_ref()?.iter().find(|r| r.controller == Some(true))?;
+        Some(crate::core::shard::shard_of(&owner.uid, self.inner.cfg.shards))
+    }
+
+    /// The shard `obj` belongs in, by `sharding`.
+    pub fn home_shard<K: Resource>(&self, obj: &K, sharding: Sharding) -> Option<u32> {
+        match sharding {
+            Sharding::OwnUid => self.shard_for(obj),
+            Sharding::ControllerUid => self.shard_for_child(obj),
+        }
+    }
+
     /// The shard an object is in: the shard of its UID, and only while its label says so.
     /// An object whose label disagrees (edited, copied from another object, out of range
     /// after `--shards` changed) is nobody's until it is relabelled; the refusal is counted.
@@ -370,6 +385,16 @@ impl Ownership {
     fn in_flight(&self, shard: u32) -> usize {
         self.inner.in_flight.lock().map(|m| m.get(&shard).copied().unwrap_or(0)).unwrap_or(0)
     }
+}
+
+/// What an object's shard is computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharding {
+    /// Its own UID: an object a controller reconciles (a Workflow).
+    OwnUid,
+    /// Its controller owner's UID: a child (a step's Job), which must sit in its owner's
+    /// shard so that the owner's replica sees it.
+    ControllerUid,
 }
 
 /// How an object's shard label compares with `home`, the shard of its UID, out of `shards`.

@@ -25,7 +25,7 @@ use crate::operator::Operator;
 const LABEL: &str = "shoal.dev/shard";
 const T: Duration = Duration::from_secs(120);
 
-fn fast_args(shards: u32) -> Vec<String> {
+fn args(shards: u32, resync: &str) -> Vec<String> {
     [
         "--shards",
         &shards.to_string(),
@@ -36,7 +36,7 @@ fn fast_args(shards: u32) -> Vec<String> {
         "--retry-period",
         "1s",
         "--resync",
-        "1s",
+        resync,
     ]
     .map(String::from)
     .to_vec()
@@ -194,6 +194,40 @@ async fn job_labels(client: &Client, ns: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The Jobs whose shard label is not `homes[their workflow]`.
+async fn misplaced_jobs(client: &Client, ns: &str, homes: &HashMap<String, u32>) -> usize {
+    job_labels(client, ns)
+        .await
+        .iter()
+        .filter(|(wf, l)| *l != homes[wf].to_string())
+        .count()
+}
+
+/// Wait until every Job carries the shard of its workflow's UID.
+async fn jobs_settled(client: &Client, ns: &str, homes: &HashMap<String, u32>, what: &str) {
+    eventually(T, what, || async {
+        (misplaced_jobs(client, ns, homes).await == 0).then_some(())
+    })
+    .await
+}
+
+/// (workflow, generation) of each Job in `ns`.
+async fn job_generations(client: &Client, ns: &str) -> Vec<(String, String)> {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    jobs.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|j| {
+            (
+                j.labels()["shoal.dev/workflow"].clone(),
+                j.labels()["shoal.dev/generation"].clone(),
+            )
+        })
+        .collect()
+}
+
 async fn relabelled(fleet: &Operator, reason: &str) -> f64 {
     fleet
         .metric_sum(&format!(
@@ -210,7 +244,7 @@ async fn edited_and_copied_labels_are_corrected_and_never_obeyed() {
     let ops_ns = common::namespace(&client, "shard-ops").await;
     let work_ns = common::namespace(&client, "shard-edit").await;
     let mut fleet = Operator::new(&ops_ns, &work_ns);
-    fleet.extra_args = fast_args(S);
+    fleet.extra_args = args(S, "1s");
     fleet.start("r1");
     fleet.start("r2");
     let held = eventually(
@@ -295,6 +329,33 @@ async fn edited_and_copied_labels_are_corrected_and_never_obeyed() {
     for w in &done {
         assert_eq!(w.uid().map(|u| uid_home[&u]), Some(home(w, S)));
     }
+    // Jobs carry the shard of their workflow's UID; one edited by hand is put back.
+    let homes: HashMap<String, u32> = done.iter().map(|w| (w.name_any(), home(w, S))).collect();
+    jobs_settled(
+        &client,
+        &work_ns,
+        &homes,
+        "every Job labelled with its workflow's shard",
+    )
+    .await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &work_ns);
+    let some_jobs = jobs.list(&ListParams::default()).await.unwrap().items;
+    for (j, bad) in some_jobs.iter().zip(["wrong", "wrong", "wrong", "99"]) {
+        let h = homes[&j.labels()["shoal.dev/workflow"]];
+        let value = if bad == "wrong" {
+            (0..S).find(|s| held[s] != held[&h]).unwrap().to_string()
+        } else {
+            bad.to_string()
+        };
+        jobs.patch(
+            &j.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {LABEL: value}}})),
+        )
+        .await
+        .unwrap();
+    }
+    jobs_settled(&client, &work_ns, &homes, "edited Job labels put back").await;
     // Let the 1 s resync reconcile every workflow a few more times before reading the log.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -310,14 +371,6 @@ async fn edited_and_copied_labels_are_corrected_and_never_obeyed() {
         .iter()
         .filter(|a| edited.contains_key(&a.uid))
         .count();
-    for (wf, shard) in job_labels(&client, &work_ns).await {
-        let w = done.iter().find(|w| w.name_any() == wf).unwrap();
-        assert_eq!(
-            shard,
-            home(w, S).to_string(),
-            "a Job carries the shard of its workflow's UID"
-        );
-    }
     let (wrong, out) = (
         relabelled(&fleet, "wrong").await,
         relabelled(&fleet, "out_of_range").await,
@@ -354,7 +407,7 @@ async fn a_change_of_shards_relabels_everything() {
     let ops_ns = common::namespace(&client, "shard-ops").await;
     let work_ns = common::namespace(&client, "shard-change").await;
     let mut fleet = Operator::new(&ops_ns, &work_ns);
-    fleet.extra_args = fast_args(OLD);
+    fleet.extra_args = args(OLD, "1s");
     fleet.start("old-1");
     fleet.start("old-2");
     eventually(
@@ -369,7 +422,7 @@ async fn a_change_of_shards_relabels_everything() {
     let mut wfs: Vec<Workflow> = (0..32)
         .map(|i| workflow(&format!("done-{i:02}"), None, "500ms"))
         .collect();
-    wfs.extend((0..8).map(|i| workflow(&format!("long-{i}"), None, "20s")));
+    wfs.extend((0..8).map(|i| workflow(&format!("long-{i}"), None, "30s")));
     create_all(&api, wfs).await;
     let before = settled(
         &api,
@@ -396,20 +449,27 @@ async fn a_change_of_shards_relabels_everything() {
     fleet.reap("old-1");
     fleet.reap("old-2");
 
+    let homes: HashMap<String, u32> = before
+        .iter()
+        .map(|w| (w.name_any(), home(w, NEW)))
+        .collect();
+    let stale_jobs = misplaced_jobs(&client, &work_ns, &homes).await;
     let out_of_range = before.iter().filter(|w| home(w, OLD) >= NEW).count();
     let wrong = before
         .iter()
         .filter(|w| home(w, OLD) < NEW && home(w, OLD) != home(w, NEW))
         .count();
     eprintln!(
-        "after 16 -> 12 shards: {out_of_range} of 40 labels out of range, {wrong} in range but wrong"
+        "after 16 -> 12 shards: {out_of_range} of 40 labels out of range, {wrong} in range but wrong; {stale_jobs} Jobs not in their workflow's new shard"
     );
     assert!(
-        out_of_range > 0 && wrong > 0,
+        out_of_range > 0 && wrong > 0 && stale_jobs > 0,
         "both kinds of stale label are exercised"
     );
 
-    fleet.extra_args = fast_args(NEW);
+    // The default resync (5 min): a workflow running across the change finishes only if its
+    // Job's events reach it, that is, if its Job was moved to the workflow's new shard.
+    fleet.extra_args = args(NEW, "5m");
     fleet.start("new-1");
     fleet.start("new-2");
     eventually(
@@ -424,6 +484,14 @@ async fn a_change_of_shards_relabels_everything() {
         40,
         "every label moved to the shard of the UID out of 12",
         |_| true,
+    )
+    .await;
+
+    jobs_settled(
+        &client,
+        &work_ns,
+        &homes,
+        "every Job moved to the shard of its workflow out of 12",
     )
     .await;
 
@@ -467,6 +535,15 @@ async fn a_change_of_shards_relabels_everything() {
             "{name} ran its new spec"
         );
     }
+    eventually(T, "the Jobs of the old specs deleted", || async {
+        let jobs = job_generations(&client, &work_ns).await;
+        let old = jobs
+            .iter()
+            .filter(|(wf, generation)| bumped.contains(wf) && *generation != "2")
+            .count();
+        (old == 0).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let actions = read_actions(&fleet.dir);
@@ -487,18 +564,9 @@ async fn a_change_of_shards_relabels_everything() {
             .all(|w| acted.contains(w.uid().unwrap().as_str())),
         "the new replicas reconciled every workflow"
     );
-    let stale_jobs = job_labels(&client, &work_ns)
-        .await
-        .into_iter()
-        .filter(|(wf, l)| {
-            done.iter()
-                .find(|w| &w.name_any() == wf)
-                .is_some_and(|w| *l != home(w, NEW).to_string())
-        })
-        .count();
     eprintln!(
         "relabelled by the new replicas: out_of_range {}, wrong {}; actions: {} under 16 shards ({e_old} epochs), {} under 12 ({e_new} epochs); \
-         Jobs still labelled for 16 shards (created before the change): {stale_jobs}",
+         all Jobs moved to their workflow's new shard",
         relabelled(&fleet, "out_of_range").await,
         relabelled(&fleet, "wrong").await,
         old.len(),
