@@ -78,15 +78,15 @@ impl Queue {
 
     async fn pop(&self) -> Key {
         loop {
-            if let Ok(mut s) = self.inner.state.lock() {
-                if let Some(k) = s.ready.pop_front() {
-                    s.queued.remove(&k);
-                    s.running.insert(k.clone());
-                    if !s.ready.is_empty() {
-                        self.inner.notify.notify_one();
-                    }
-                    return k;
+            if let Ok(mut s) = self.inner.state.lock()
+                && let Some(k) = s.ready.pop_front()
+            {
+                s.queued.remove(&k);
+                s.running.insert(k.clone());
+                if !s.ready.is_empty() {
+                    self.inner.notify.notify_one();
                 }
+                return k;
             }
             self.inner.notify.notified().await;
         }
@@ -138,16 +138,19 @@ impl<K> Store<K> {
     }
 
     fn unindex(&mut self, key: &Key, owner: Option<Key>) {
-        if let Some(owner) = owner {
-            if let Some(set) = self.by_owner.get_mut(&owner) {
-                set.remove(key);
-                if set.is_empty() {
-                    self.by_owner.remove(&owner);
-                }
+        if let Some(owner) = owner
+            && let Some(set) = self.by_owner.get_mut(&owner)
+        {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_owner.remove(&owner);
             }
         }
     }
 }
+
+type MapFn<K> = Box<dyn Fn(&K) -> Option<Key> + Send + Sync>;
+type RelevantFn<K> = Box<dyn Fn(Option<&K>, &K) -> bool + Send + Sync>;
 
 /// A cache of one kind, filled only from the shards this replica holds.
 pub struct Informer<K: Resource> {
@@ -157,9 +160,9 @@ pub struct Informer<K: Resource> {
     /// When each object last changed in this cache (for dispatch latency).
     seen: RwLock<HashMap<Key, std::time::Instant>>,
     /// Which queue key an event on an object wakes (the object itself, or its owner).
-    map: Box<dyn Fn(&K) -> Option<Key> + Send + Sync>,
+    map: MapFn<K>,
     /// Whether a change from the cached copy (if any) to the new one is worth a wake-up.
-    relevant: Box<dyn Fn(Option<&K>, &K) -> bool + Send + Sync>,
+    relevant: RelevantFn<K>,
     tasks: Mutex<HashMap<u32, JoinHandle<()>>>,
     queue: Queue,
     own: Ownership,
@@ -363,10 +366,10 @@ where
                     let old = self.get(&key);
                     let wake = if (self.relevant)(old.as_deref(), &o) { (self.map)(&o) } else { None };
                     self.insert(key.clone(), Arc::new(o));
-                    if wake.is_some() || old.is_none() {
-                        if let Ok(mut s) = self.seen.write() {
-                            s.insert(key, std::time::Instant::now());
-                        }
+                    if (wake.is_some() || old.is_none())
+                        && let Ok(mut s) = self.seen.write()
+                    {
+                        s.insert(key, std::time::Instant::now());
                     }
                     self.publish_size();
                     if let Some(w) = wake {

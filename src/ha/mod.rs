@@ -215,10 +215,10 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.inner.in_flight.lock() {
-            if let Some(c) = m.get_mut(&self.shard) {
-                *c = c.saturating_sub(1);
-            }
+        if let Ok(mut m) = self.inner.in_flight.lock()
+            && let Some(c) = m.get_mut(&self.shard)
+        {
+            *c = c.saturating_sub(1);
         }
     }
 }
@@ -335,13 +335,12 @@ impl Ownership {
             return None;
         };
         *self.inner.in_flight.lock().ok()?.entry(shard).or_default() += 1;
-        if let Ok(mut held) = self.inner.held.lock() {
-            if let Some(h) = held.get_mut(&shard) {
-                if !h.first_reconcile_seen {
-                    h.first_reconcile_seen = true;
-                    self.inner.metrics.acquire_to_first_reconcile.observe(h.acquired.elapsed().as_secs_f64());
-                }
-            }
+        if let Ok(mut held) = self.inner.held.lock()
+            && let Some(h) = held.get_mut(&shard)
+            && !h.first_reconcile_seen
+        {
+            h.first_reconcile_seen = true;
+            self.inner.metrics.acquire_to_first_reconcile.observe(h.acquired.elapsed().as_secs_f64());
         }
         Some((fence, InFlight { inner: self.inner.clone(), shard }))
     }
