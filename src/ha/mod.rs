@@ -487,6 +487,19 @@ mod tests {
     }
 
     #[test]
+    fn a_child_belongs_in_the_shard_of_its_controller_owner() {
+        let own = Ownership::new(HaConfig { shards: 8, ..HaConfig::default() }, "me".into(), "ns".into(), HaMetrics::new(&mut Registry::default()), None);
+        let owner = "6f1c1a2e-0000-4000-8000-00000000000a";
+        let mut job = object("6f1c1a2e-0000-4000-8000-00000000000b", None);
+        let reference = |uid: &str, controller: Option<bool>| k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference { uid: uid.into(), controller, ..Default::default() };
+        job.metadata.owner_references = Some(vec![reference("someone-else", None), reference(owner, Some(true))]);
+        assert_eq!(own.home_shard(&job, Sharding::ControllerUid), Some(crate::core::shard::shard_of(owner, 8)));
+        assert_eq!(own.home_shard(&job, Sharding::OwnUid), own.shard_for(&job));
+        job.metadata.owner_references = Some(vec![reference(owner, None)]);
+        assert_eq!(own.home_shard(&job, Sharding::ControllerUid), None, "no controller, no shard: left alone");
+    }
+
+    #[test]
     fn the_unsharded_selector_lists_every_shard() {
         assert_eq!(unsharded_selector(3), "shoal.dev/shard notin (0,1,2)");
         assert_eq!(unsharded_selector(1), "shoal.dev/shard notin (0)");
