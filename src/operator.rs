@@ -119,6 +119,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         crate::controllers::workflow::owner_key,
         crate::controllers::workflow::job_change_matters,
     );
+    tasks.spawn(named(
+        "job labeller",
+        crate::ha::run_child_labeler(api_for::<crate::controllers::step_job::StepJob>(&client, &cfg.watch_namespace), own.clone(), crate::controllers::workflow::WORKFLOW_LABEL, shutdown.clone()),
+    ));
     tasks.spawn(named("workflow informer", wf_informer.clone().run(shutdown.clone())));
     tasks.spawn(named("job informer", job_informer.clone().run(shutdown.clone())));
     let recorder = Recorder::new(clients.request.clone(), Reporter { controller: "shoal".into(), instance: Some(identity.clone()) });

@@ -221,7 +221,7 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         let Some(step) = wf.spec.containers.iter().find(|s| s.step_name == c.step) else {
             continue;
         };
-        let job = build_job(wf, uid, step, c, generation, &outputs)?;
+        let job = build_job(wf, uid, step, c, generation, &outputs, ctx.own.shard_for(wf))?;
         // Dispatch latency: from seeing the last dependency's Job finish to this create.
         let deps_seen: Option<Instant> = step
             .depends_on
@@ -360,10 +360,11 @@ async fn read_output(ctx: &Ctx, ns: &str, job: &str) -> Result<Option<String>, E
     Ok(msg.filter(|m| !m.is_empty()))
 }
 
-fn build_job(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>) -> Result<Job, Error> {
+fn build_job(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>, shard: Option<u32>) -> Result<Job, Error> {
     let mut labels = user_labels(wf);
     let cascaded: Vec<String> = labels.keys().cloned().collect();
-    let shard = wf.labels().get(SHARD_LABEL).cloned().unwrap_or_default();
+    // The shard of the workflow's UID, not its label: a label can be edited.
+    let shard = shard.map(|s| s.to_string()).unwrap_or_default();
     let step_label = plan::step_key(&step.step_name);
     let workflow_label = plan::label_value(&wf.name_any());
     labels.insert(SHARD_LABEL.into(), shard);

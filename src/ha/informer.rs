@@ -3,6 +3,12 @@
 //! A replica opens one label-selected watch (`shoal.dev/shard=<i>`) per kind for each shard
 //! it holds, and closes it when the shard goes, so each replica caches about 1/N of the
 //! objects. Work for a shard this replica does not hold is dropped at the queue and counted.
+//!
+//! The label only decides who *sees* an object. An object whose label is not the shard it
+//! belongs in (of its own UID; for a child, of its controller owner's UID) is never cached or
+//! queued here: the watch that sees it fixes the label instead (in range: the holder of that
+//! shard; missing or out of range: the leader, [`run_labeler`] and [`run_child_labeler`]).
+//! This module must never act on an object on the word of its label alone.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::{Debug, Display};
@@ -20,7 +26,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{ControllerLabel, Fence, KindLabel, Ownership, ResultLabel, ShardEvent};
+use super::{ControllerLabel, Fence, KindLabel, LabelState, Ownership, ReasonLabel, ResultLabel, ShardEvent, Sharding, label_state, unsharded_selector};
 use crate::api::SHARD_LABEL;
 
 /// (namespace, name) of an object.
@@ -102,15 +108,15 @@ impl Queue {
 
     async fn pop(&self) -> Key {
         loop {
-            if let Ok(mut s) = self.inner.state.lock() {
-                if let Some(k) = s.ready.pop_front() {
-                    s.queued.remove(&k);
-                    s.running.insert(k.clone());
-                    if !s.ready.is_empty() {
-                        self.inner.notify.notify_one();
-                    }
-                    return k;
+            if let Ok(mut s) = self.inner.state.lock()
+                && let Some(k) = s.ready.pop_front()
+            {
+                s.queued.remove(&k);
+                s.running.insert(k.clone());
+                if !s.ready.is_empty() {
+                    self.inner.notify.notify_one();
                 }
+                return k;
             }
             self.inner.notify.notified().await;
         }
@@ -162,16 +168,19 @@ impl<K> Store<K> {
     }
 
     fn unindex(&mut self, key: &Key, owner: Option<Key>) {
-        if let Some(owner) = owner {
-            if let Some(set) = self.by_owner.get_mut(&owner) {
-                set.remove(key);
-                if set.is_empty() {
-                    self.by_owner.remove(&owner);
-                }
+        if let Some(owner) = owner
+            && let Some(set) = self.by_owner.get_mut(&owner)
+        {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_owner.remove(&owner);
             }
         }
     }
 }
+
+type MapFn<K> = Box<dyn Fn(&K) -> Option<Key> + Send + Sync>;
+type RelevantFn<K> = Box<dyn Fn(Option<&K>, &K) -> bool + Send + Sync>;
 
 /// A cache of one kind, filled only from the shards this replica holds.
 pub struct Informer<K: Resource> {
@@ -181,12 +190,15 @@ pub struct Informer<K: Resource> {
     /// When each object last changed in this cache (for dispatch latency).
     seen: RwLock<HashMap<Key, std::time::Instant>>,
     /// Which queue key an event on an object wakes (the object itself, or its owner).
-    map: Box<dyn Fn(&K) -> Option<Key> + Send + Sync>,
+    map: MapFn<K>,
     /// Whether a change from the cached copy (if any) to the new one is worth a wake-up.
-    relevant: Box<dyn Fn(Option<&K>, &K) -> bool + Send + Sync>,
+    relevant: RelevantFn<K>,
     tasks: Mutex<HashMap<u32, JoinHandle<()>>>,
     queue: Queue,
     own: Ownership,
+    /// What the objects' shard is computed from: their own UID (`new`) or their controller
+    /// owner's (`new_mapped`, children).
+    sharding: Sharding,
 }
 
 impl<K> Informer<K>
@@ -194,18 +206,33 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default,
 {
+    /// An informer of objects sharded by their own UID, each waking itself in the queue. An
+    /// object whose label is not the shard of its UID is relabelled, never cached.
     pub fn new(api: Api<K>, own: Ownership, queue: Queue) -> Arc<Self> {
-        Self::new_mapped(api, own, queue, |o| Some(key_of(o)), |_, _| true)
+        Self::build(api, own, queue, |o| Some(key_of(o)), |_, _| true, Sharding::OwnUid)
     }
 
-    /// An informer whose events wake `map(object)` in the queue (e.g. a child's owner), and
-    /// only when `relevant(cached, new)` says the change matters to it.
+    /// An informer of children, whose events wake `map(object)` in the queue (their
+    /// owner), and only when `relevant(cached, new)` says the change matters to it. A child
+    /// belongs in the shard of its controller owner's UID, never of its own: one labelled
+    /// otherwise (created before `--shards` changed, or edited) is relabelled to it.
     pub fn new_mapped(
         api: Api<K>,
         own: Ownership,
         queue: Queue,
         map: impl Fn(&K) -> Option<Key> + Send + Sync + 'static,
         relevant: impl Fn(Option<&K>, &K) -> bool + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Self::build(api, own, queue, map, relevant, Sharding::ControllerUid)
+    }
+
+    fn build(
+        api: Api<K>,
+        own: Ownership,
+        queue: Queue,
+        map: impl Fn(&K) -> Option<Key> + Send + Sync + 'static,
+        relevant: impl Fn(Option<&K>, &K) -> bool + Send + Sync + 'static,
+        sharding: Sharding,
     ) -> Arc<Self> {
         let kind = K::kind(&K::DynamicType::default()).to_string();
         Arc::new(Self {
@@ -218,6 +245,7 @@ where
             tasks: Mutex::new(HashMap::new()),
             queue,
             own,
+            sharding,
         })
     }
 
@@ -241,8 +269,13 @@ where
         }
     }
 
-    fn remove(&self, key: &Key) {
+    /// Remove `key` if the cached copy came from the watch of `shard`: when an object moves
+    /// between two shards this replica holds, the other watch may already have cached it.
+    fn remove_from(&self, key: &Key, shard: u32) {
         if let Ok(mut s) = self.store.write() {
+            if s.objects.get(key).is_none_or(|o| Ownership::shard_label(o.as_ref()) != Some(shard)) {
+                return;
+            }
             s.remove(key, &self.map);
         }
         if let Ok(mut seen) = self.seen.write() {
@@ -324,7 +357,27 @@ where
         let cfg = watcher::Config::default().labels(&format!("{SHARD_LABEL}={shard}"));
         let mut stream = watcher(self.api.clone(), cfg).default_backoff().boxed();
         let mut seen: HashSet<Key> = HashSet::new();
-        while let Some(ev) = stream.next().await {
+        // Objects this watch delivered that belong in another shard, whose relabel has not
+        // gone through yet (retried every retry period).
+        let mut misplaced: HashMap<Key, K> = HashMap::new();
+        let mut retry = tokio::time::interval(self.own.config().retry_period);
+        loop {
+            let ev = tokio::select! {
+                ev = stream.next() => match ev {
+                    Some(ev) => ev,
+                    None => break,
+                },
+                _ = retry.tick(), if !misplaced.is_empty() => {
+                    let mut still = HashMap::new();
+                    for (key, o) in misplaced.drain() {
+                        if !self.relabel(&o, shard).await {
+                            still.insert(key, o);
+                        }
+                    }
+                    misplaced = still;
+                    continue;
+                }
+            };
             let Ok(ev) = ev else { continue };
             match ev {
                 watcher::Event::Init => seen.clear(),
@@ -332,14 +385,23 @@ where
                     let mut o = o;
                     o.meta_mut().managed_fields = None;
                     let key = key_of(&o);
+                    misplaced.remove(&key);
+                    if self.misplaced(&o, shard) {
+                        // Not cached, not queued: nobody acts on it until its label is right.
+                        self.own.metrics().mislabelled.inc();
+                        if !self.relabel(&o, shard).await {
+                            misplaced.insert(key, o);
+                        }
+                        continue;
+                    }
                     seen.insert(key.clone());
                     let old = self.get(&key);
                     let wake = if (self.relevant)(old.as_deref(), &o) { (self.map)(&o) } else { None };
                     self.insert(key.clone(), Arc::new(o));
-                    if wake.is_some() || old.is_none() {
-                        if let Ok(mut s) = self.seen.write() {
-                            s.insert(key, std::time::Instant::now());
-                        }
+                    if (wake.is_some() || old.is_none())
+                        && let Ok(mut s) = self.seen.write()
+                    {
+                        s.insert(key, std::time::Instant::now());
                     }
                     self.publish_size();
                     if let Some(w) = wake {
@@ -352,7 +414,12 @@ where
                 }
                 watcher::Event::Delete(o) => {
                     let key = key_of(&o);
-                    self.remove(&key);
+                    misplaced.remove(&key);
+                    if self.misplaced(&o, shard) {
+                        // Relabelled out of this watch (or deleted): it was never cached here.
+                        continue;
+                    }
+                    self.remove_from(&key, shard);
                     self.publish_size();
                     if let Some(w) = (self.map)(&o) {
                         self.queue.add(w);
@@ -361,6 +428,57 @@ where
             }
         }
     }
+
+    /// Whether `o`, delivered by the watch of `shard`, belongs in another shard.
+    fn misplaced(&self, o: &K, shard: u32) -> bool {
+        self.own.home_shard(o, self.sharding).is_some_and(|home| home != shard)
+    }
+
+    /// Give `o`, seen by the watch of `shard`, the label of the shard it belongs in. False
+    /// if it should be tried again.
+    ///
+    /// Under the fence of `shard`, not the leader's: the leader watches only objects that no
+    /// sharded watch selects, so the holder of `shard` is the one replica that sees this
+    /// object. What it writes is the same whoever writes it (the shard of the UID), so the
+    /// fence is not what keeps it right; it keeps a replica that has lost `shard` from
+    /// writing on the strength of a stale watch. The resourceVersion precondition keeps it
+    /// from overwriting a later edit, or a new object under the same name (their own
+    /// watch events decide again).
+    async fn relabel(&self, o: &K, shard: u32) -> bool {
+        let Some(home) = self.own.home_shard(o, self.sharding) else { return true };
+        if self.own.owns_shard(shard).is_none() {
+            // A lapse of the fence: try again. Lost or handed over: the next holder sees it.
+            return !self.own.is_held_not_draining(shard);
+        }
+        let patch = patch_shard_label(self.api.clone().into_client(), o, home);
+        // Bounded: the shard's watch waits for it.
+        let Ok(result) = tokio::time::timeout(self.own.config().renew_deadline, patch).await else { return false };
+        match result {
+            Ok(()) => {
+                self.own.metrics().relabelled.get_or_create(&ReasonLabel { reason: LabelState::Wrong.reason().into() }).inc();
+                tracing::info!(kind = %self.kind, object = ?key_of(o), from = shard, to = home, "relabelled to the shard it belongs in");
+                true
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => true,
+            Err(e) => {
+                tracing::warn!(kind = %self.kind, object = ?key_of(o), error = %e, "relabelling failed; will retry");
+                false
+            }
+        }
+    }
+}
+
+/// Set `o`'s shard label to `shard`, only if `o` is still at the resourceVersion it was read
+/// at (409 otherwise; a new object under the same name has another resourceVersion too).
+async fn patch_shard_label<K>(client: kube::Client, o: &K, shard: u32) -> Result<(), kube::Error>
+where
+    K: Resource,
+    K::DynamicType: Default,
+{
+    let url = K::url_path(&K::DynamicType::default(), o.meta().namespace.as_deref());
+    let body = serde_json::json!({"metadata": {"resourceVersion": o.meta().resource_version, "labels": {SHARD_LABEL: shard.to_string()}}});
+    let req = kube::core::Request::new(url).patch_metadata(&o.name_any(), &PatchParams::default(), &Patch::Merge(&body)).map_err(kube::Error::BuildRequest)?;
+    client.request::<kube::core::PartialObjectMeta<K>>(req).await.map(|_| ())
 }
 
 /// What to do after a successful reconcile.
@@ -402,7 +520,9 @@ where
                     queue.done(&key);
                     continue;
                 };
-                let Some(shard) = Ownership::shard_label(obj.as_ref()) else {
+                // The shard of its UID, and only if its label agrees (a cached copy with a wrong
+                // label would be a bug upstream; it is refused and counted, not acted on).
+                let Some(shard) = own.checked_shard(obj.as_ref()) else {
                     queue.done(&key);
                     continue;
                 };
@@ -466,10 +586,33 @@ where
     futures::future::join_all(handles).await;
 }
 
-/// Leader duty: give every object of kind `K` without a shard label the label of its shard.
+/// Leader duty: give every object of kind `K` that no sharded watch selects (no shard label,
+/// or one that is not a shard below `--shards`, e.g. after `--shards` shrank) the label of
+/// the shard of its UID. For kinds sharded by their own UID.
 pub async fn run_labeler<K>(api: Api<K>, own: Ownership, shutdown: CancellationToken)
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default,
+{
+    let selector = unsharded_selector(own.config().shards);
+    label_unsharded(api, own, Sharding::OwnUid, selector, shutdown).await
+}
+
+/// Leader duty for children: the same, for the objects of kind `K` that carry the label
+/// `owned_by` (shoal's own children, e.g. `shoal.dev/workflow` on a step's Job), to the
+/// shard of their controller owner's UID.
+pub async fn run_child_labeler<K>(api: Api<K>, own: Ownership, owned_by: &str, shutdown: CancellationToken)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default,
+{
+    let selector = format!("{owned_by},{}", unsharded_selector(own.config().shards));
+    label_unsharded(api, own, Sharding::ControllerUid, selector, shutdown).await
+}
+
+async fn label_unsharded<K>(api: Api<K>, own: Ownership, sharding: Sharding, selector: String, shutdown: CancellationToken)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default,
 {
     loop {
@@ -479,7 +622,7 @@ where
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {},
             }
         }
-        let cfg = watcher::Config::default().labels(&format!("!{SHARD_LABEL}"));
+        let cfg = watcher::Config::default().labels(&selector);
         let mut stream = watcher(api.clone(), cfg).default_backoff().applied_objects().boxed();
         let mut tick = tokio::time::interval(own.config().retry_period);
         // Restart the watch now and then: its fresh list catches any object an event missed.
@@ -491,19 +634,33 @@ where
                 o = stream.next() => match o {
                     Some(Ok(o)) => {
                         if own.leader_fence().is_none() { break }
-                        let Some(shard) = own.shard_for(&o) else { continue };
-                        let ns = o.meta().namespace.clone().unwrap_or_default();
-                        let api_ns: Api<K> = Api::namespaced(api.clone().into_client(), &ns);
-                        let patch = serde_json::json!({"metadata": {"labels": {SHARD_LABEL: shard.to_string()}}});
-                        if let Err(e) = api_ns.patch(&o.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
-                            tracing::debug!(error = %e, "labelling failed; will retry on the next event");
-                        }
+                        label_one(api.clone().into_client(), &own, sharding, &o).await;
                     }
                     Some(Err(_)) => continue,
                     None => break,
                 },
             }
         }
+    }
+}
+
+/// Label one object the leader's watch delivered with the shard it belongs in.
+async fn label_one<K>(client: kube::Client, own: &Ownership, sharding: Sharding, o: &K)
+where
+    K: Resource,
+    K::DynamicType: Default,
+{
+    let Some(shard) = own.home_shard(o, sharding) else { return };
+    let label = o.meta().labels.as_ref().and_then(|l| l.get(SHARD_LABEL)).map(String::as_str);
+    let state = label_state(label, shard, own.config().shards);
+    if state == LabelState::Right {
+        return;
+    }
+    match patch_shard_label(client, o, shard).await {
+        Ok(()) => {
+            own.metrics().relabelled.get_or_create(&ReasonLabel { reason: state.reason().into() }).inc();
+        }
+        Err(e) => tracing::debug!(error = %e, "labelling failed; will retry on the next event or the next list"),
     }
 }
 

@@ -32,7 +32,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-pub use informer::{Action, Informer, Key, Queue, key_of, run_controller, run_labeler};
+pub use informer::{Action, Informer, Key, Queue, key_of, run_child_labeler, run_controller, run_labeler};
 pub use leases::{LeaseError, run as run_leases};
 pub use writer::{Clients, FencedApi, ReadApi, WriteError, Writer};
 
@@ -163,6 +163,8 @@ pub struct HaMetrics {
     pub acquisitions: Family<ReasonLabel, Counter>,
     pub releases: Family<ReasonLabel, Counter>,
     pub ownership_denied: Counter,
+    pub mislabelled: Counter,
+    pub relabelled: Family<ReasonLabel, Counter>,
     pub leader: Family<NameLabel, Gauge>,
     pub acquire_to_first_reconcile: Histogram,
     pub cache_objects: Family<KindLabel, Gauge>,
@@ -178,6 +180,8 @@ impl HaMetrics {
             acquisitions: Family::default(),
             releases: Family::default(),
             ownership_denied: Counter::default(),
+            mislabelled: Counter::default(),
+            relabelled: Family::default(),
             leader: Family::default(),
             acquire_to_first_reconcile: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             cache_objects: Family::default(),
@@ -189,6 +193,8 @@ impl HaMetrics {
         registry.register("shoal_shard_acquisitions", "Shard Leases acquired, by reason", m.acquisitions.clone());
         registry.register("shoal_shard_releases", "Shard Leases released or lost, by reason", m.releases.clone());
         registry.register("shoal_ownership_denied", "Work dropped because this replica did not own the object", m.ownership_denied.clone());
+        registry.register("shoal_objects_mislabelled", "Objects kept out of the cache or refused work because their shard label is not the shard of their UID", m.mislabelled.clone());
+        registry.register("shoal_objects_relabelled", "Shard labels corrected to the shard of the object's UID, by what was wrong (missing, out_of_range, wrong)", m.relabelled.clone());
         registry.register("leader_election_master_status", "1 if this replica is the leader", m.leader.clone());
         registry.register("shoal_shard_acquire_to_first_reconcile_seconds", "Time from a shard's acquisition to its first reconcile", m.acquire_to_first_reconcile.clone());
         registry.register("shoal_cache_objects", "Objects in this replica's sharded cache", m.cache_objects.clone());
@@ -245,10 +251,10 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.inner.in_flight.lock() {
-            if let Some(c) = m.get_mut(&self.shard) {
-                *c = c.saturating_sub(1);
-            }
+        if let Ok(mut m) = self.inner.in_flight.lock()
+            && let Some(c) = m.get_mut(&self.shard)
+        {
+            *c = c.saturating_sub(1);
         }
     }
 }
@@ -295,7 +301,8 @@ impl Ownership {
         self.inner.events.subscribe()
     }
 
-    /// The shard an object is in, from its label (set by the leader or at creation).
+    /// The shard an object's label names. Only the sharded watches go by it: it decides
+    /// which replica *sees* an object, never which one may act on it.
     pub fn shard_label<K: Resource>(obj: &K) -> Option<u32> {
         obj.meta().labels.as_ref()?.get(SHARD_LABEL)?.parse().ok()
     }
@@ -303,6 +310,35 @@ impl Ownership {
     /// The shard an object belongs in, from its UID (what the leader labels it with).
     pub fn shard_for<K: Resource>(&self, obj: &K) -> Option<u32> {
         obj.meta().uid.as_deref().map(|u| crate::core::shard::shard_of(u, self.inner.cfg.shards))
+    }
+
+    /// The shard a child belongs in: the shard of its controller owner's UID (the label its
+    /// owner gave it at creation).
+    pub fn shard_for_child<K: Resource>(&self, obj: &K) -> Option<u32> {
+        let owner = obj.meta().owner_references.as_ref()?.iter().find(|r| r.controller == Some(true))?;
+        Some(crate::core::shard::shard_of(&owner.uid, self.inner.cfg.shards))
+    }
+
+    /// The shard `obj` belongs in, by `sharding`.
+    pub fn home_shard<K: Resource>(&self, obj: &K, sharding: Sharding) -> Option<u32> {
+        match sharding {
+            Sharding::OwnUid => self.shard_for(obj),
+            Sharding::ControllerUid => self.shard_for_child(obj),
+        }
+    }
+
+    /// The shard an object is in: the shard of its UID, and only while its label says so.
+    /// An object whose label disagrees (edited, copied from another object, out of range
+    /// after `--shards` changed) is nobody's until it is relabelled; the refusal is counted.
+    pub fn checked_shard<K: Resource>(&self, obj: &K) -> Option<u32> {
+        let shard = self.shard_for(obj)?;
+        let label = obj.meta().labels.as_ref().and_then(|l| l.get(SHARD_LABEL));
+        if label_state(label.map(String::as_str), shard, self.inner.cfg.shards) == LabelState::Right {
+            Some(shard)
+        } else {
+            self.inner.metrics.mislabelled.inc();
+            None
+        }
     }
 
     /// Do I own this shard right now? True only while the Lease is held, not being handed
@@ -322,10 +358,10 @@ impl Ownership {
         (!h.draining && h.transitions == fence.transitions && Instant::now() < deadline).then_some(deadline)
     }
 
-    /// Do I own this object right now?
+    /// Do I own this object right now? Only if I own the shard of its UID and its label
+    /// names that shard (see [`Ownership::checked_shard`]).
     pub fn owns<K: Resource>(&self, obj: &K) -> Option<Fence> {
-        let shard = Self::shard_label(obj)?;
-        self.owns_shard(shard)
+        self.owns_shard(self.checked_shard(obj)?)
     }
 
     /// Am I the leader right now (within the renew deadline of the leader Lease)?
@@ -348,13 +384,12 @@ impl Ownership {
             return None;
         };
         *self.inner.in_flight.lock().ok()?.entry(shard).or_default() += 1;
-        if let Ok(mut held) = self.inner.held.lock() {
-            if let Some(h) = held.get_mut(&shard) {
-                if !h.first_reconcile_seen {
-                    h.first_reconcile_seen = true;
-                    self.inner.metrics.acquire_to_first_reconcile.observe(h.acquired.elapsed().as_secs_f64());
-                }
-            }
+        if let Ok(mut held) = self.inner.held.lock()
+            && let Some(h) = held.get_mut(&shard)
+            && !h.first_reconcile_seen
+        {
+            h.first_reconcile_seen = true;
+            self.inner.metrics.acquire_to_first_reconcile.observe(h.acquired.elapsed().as_secs_f64());
         }
         Some((fence, InFlight { inner: self.inner.clone(), shard }))
     }
@@ -423,6 +458,122 @@ fn instance_id() -> String {
     format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
 }
 
+/// What an object's shard is computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharding {
+    /// Its own UID: an object a controller reconciles (a Workflow).
+    OwnUid,
+    /// Its controller owner's UID: a child (a step's Job), which must sit in its owner's
+    /// shard so that the owner's replica sees it.
+    ControllerUid,
+}
+
+/// How an object's shard label compares with `home`, the shard of its UID, out of `shards`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelState {
+    Right,
+    /// No label: the leader labels it.
+    Missing,
+    /// A value no sharded watch selects (not a shard number, or not below `shards`): the
+    /// leader relabels it.
+    OutOfRange,
+    /// Another shard in range: the holder of that shard, the one replica that sees it,
+    /// relabels it.
+    Wrong,
+}
+
+impl LabelState {
+    pub fn reason(self) -> &'static str {
+        match self {
+            LabelState::Right => "right",
+            LabelState::Missing => "missing",
+            LabelState::OutOfRange => "out_of_range",
+            LabelState::Wrong => "wrong",
+        }
+    }
+}
+
+pub fn label_state(label: Option<&str>, home: u32, shards: u32) -> LabelState {
+    let Some(label) = label else { return LabelState::Missing };
+    if label == home.to_string() {
+        return LabelState::Right;
+    }
+    // Exactly the values `shoal.dev/shard=<i>` selects for some i < shards ("03" is not one).
+    match label.parse::<u32>() {
+        Ok(i) if i < shards && label == i.to_string() => LabelState::Wrong,
+        _ => LabelState::OutOfRange,
+    }
+}
+
+/// The label selector of every object no sharded watch sees: no shard label, or one that
+/// is not `0`..`shards - 1`. (`notin` also matches objects without the key.)
+pub fn unsharded_selector(shards: u32) -> String {
+    let all: Vec<String> = (0..shards).map(|i| i.to_string()).collect();
+    format!("{SHARD_LABEL} notin ({})", all.join(","))
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_is_right_only_when_it_names_the_shard_of_the_uid() {
+        assert_eq!(label_state(Some("3"), 3, 8), LabelState::Right);
+        assert_eq!(label_state(None, 3, 8), LabelState::Missing);
+        assert_eq!(label_state(Some("7"), 3, 8), LabelState::Wrong);
+        assert_eq!(label_state(Some("0"), 3, 8), LabelState::Wrong);
+        for bad in ["8", "40", "03", "-1", "", "x", " 3"] {
+            assert_eq!(label_state(Some(bad), 3, 8), LabelState::OutOfRange, "{bad:?}");
+        }
+    }
+
+    fn object(uid: &str, label: Option<&str>) -> k8s_openapi::api::core::v1::ConfigMap {
+        let mut o = k8s_openapi::api::core::v1::ConfigMap::default();
+        o.metadata.uid = Some(uid.into());
+        o.metadata.labels = label.map(|l| [(SHARD_LABEL.to_string(), l.to_string())].into());
+        o
+    }
+
+    #[test]
+    fn ownership_follows_the_uid_and_refuses_a_label_that_disagrees() {
+        let cfg = HaConfig { shards: 8, ..HaConfig::default() };
+        let own = Ownership::new(cfg, "me".into(), "ns".into(), HaMetrics::new(&mut Registry::default()), None);
+        let uid = "6f1c1a2e-0000-4000-8000-000000000001";
+        let home = crate::core::shard::shard_of(uid, 8);
+        let other = (home + 1) % 8;
+        for s in [home, other] {
+            let now = Instant::now();
+            own.inner.held.lock().unwrap().insert(s, Hold { transitions: 1, renewed: now, acquired: now, draining: false, first_reconcile_seen: false });
+        }
+        assert_eq!(own.owns(&object(uid, Some(&home.to_string()))), Some(Fence { shard: home, transitions: 1 }));
+        // Held, but the label names another shard I also hold: still not mine to act on.
+        for label in [Some(other.to_string()), Some("8".into()), Some("x".into()), None] {
+            assert_eq!(own.owns(&object(uid, label.as_deref())), None, "{label:?}");
+        }
+        assert_eq!(own.metrics().mislabelled.get(), 4);
+        assert_eq!(own.checked_shard(&object(uid, Some(&home.to_string()))), Some(home));
+    }
+
+    #[test]
+    fn a_child_belongs_in_the_shard_of_its_controller_owner() {
+        let own = Ownership::new(HaConfig { shards: 8, ..HaConfig::default() }, "me".into(), "ns".into(), HaMetrics::new(&mut Registry::default()), None);
+        let owner = "6f1c1a2e-0000-4000-8000-00000000000a";
+        let mut job = object("6f1c1a2e-0000-4000-8000-00000000000b", None);
+        let reference = |uid: &str, controller: Option<bool>| k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference { uid: uid.into(), controller, ..Default::default() };
+        job.metadata.owner_references = Some(vec![reference("someone-else", None), reference(owner, Some(true))]);
+        assert_eq!(own.home_shard(&job, Sharding::ControllerUid), Some(crate::core::shard::shard_of(owner, 8)));
+        assert_eq!(own.home_shard(&job, Sharding::OwnUid), own.shard_for(&job));
+        job.metadata.owner_references = Some(vec![reference(owner, None)]);
+        assert_eq!(own.home_shard(&job, Sharding::ControllerUid), None, "no controller, no shard: left alone");
+    }
+
+    #[test]
+    fn the_unsharded_selector_lists_every_shard() {
+        assert_eq!(unsharded_selector(3), "shoal.dev/shard notin (0,1,2)");
+        assert_eq!(unsharded_selector(1), "shoal.dev/shard notin (0)");
+    }
 }

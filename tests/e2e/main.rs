@@ -11,4 +11,5 @@ mod examples;
 mod ha;
 mod helm;
 mod operator;
+mod sharding;
 mod workflow;
