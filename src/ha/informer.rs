@@ -712,8 +712,9 @@ mod tests {
         let cfg = crate::ha::HaConfig { shards: 4, ..Default::default() };
         let own = Ownership::new(cfg, "me".into(), "ns".into(), crate::ha::HaMetrics::new(&mut Registry::default()), None);
         let cm: k8s_openapi::api::core::v1::ConfigMap =
-            serde_json::from_value(serde_json::json!({"metadata": {"name": "o", "namespace": "ns", "uid": "u", "labels": {"shoal.dev/shard": "1"}}})).unwrap();
-        own.hold_for_test(1, 1, std::time::Instant::now());
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "o", "namespace": "ns", "uid": "u", "labels": {"shoal.dev/shard": crate::core::shard::shard_of("u", 4).to_string()}}}))
+                .unwrap();
+        own.hold_for_test(crate::core::shard::shard_of("u", 4), 1, std::time::Instant::now());
         // Nothing listens there; the informer's watch is never started in this test.
         let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
         let queue = Queue::default();

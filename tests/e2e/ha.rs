@@ -30,7 +30,7 @@ fn live(op: &Operator) -> Vec<String> {
 }
 
 /// The replica in a Lease holder string `<identity>_<instance>`.
-fn replica_of(holder: &str) -> &str {
+pub(crate) fn replica_of(holder: &str) -> &str {
     holder.rsplit_once('_').map_or(holder, |(id, _)| id)
 }
 

@@ -70,7 +70,7 @@ async fn holders(client: &Client, ns: &str, shards: u32) -> BTreeMap<u32, String
     for l in api.list(&ListParams::default().labels("shoal.dev/lease-role=shard")).await.unwrap().items {
         let shard: u32 = l.name_any().trim_start_matches("shoal-shard-").parse().unwrap();
         if let Some(h) = l.spec.and_then(|s| s.holder_identity).filter(|h| !h.is_empty() && shard < shards) {
-            out.insert(shard, h);
+            out.insert(shard, crate::ha::replica_of(&h).to_string());
         }
     }
     out
