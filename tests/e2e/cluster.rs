@@ -162,7 +162,7 @@ async fn deleting_an_owner_garbage_collects_its_children() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn kubectl_get_shoal_lists_every_kind() {
+async fn kubectl_get_shoal_lists_a_workflow_with_its_printer_columns() {
     let client = common::client().await;
     let ns = common::namespace(&client, "category").await;
     let wfs: Api<shoal::api::Workflow> = Api::namespaced(client.clone(), &ns);

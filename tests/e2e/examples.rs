@@ -1,4 +1,5 @@
-//! Every sample in examples/ is accepted by the API server as it is.
+//! Every sample in examples/ is accepted by the API server as it is, and `kubectl get shoal`
+//! lists every kind.
 
 use std::path::PathBuf;
 
@@ -8,7 +9,7 @@ use serde::Deserialize;
 use crate::common;
 
 #[tokio::test(flavor = "multi_thread")]
-async fn every_example_is_accepted() {
+async fn every_example_is_accepted_and_kubectl_get_shoal_lists_every_kind() {
     let client = common::client().await;
     let ns = common::namespace(&client, "examples").await;
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
@@ -40,5 +41,11 @@ async fn every_example_is_accepted() {
     let all: std::collections::BTreeSet<String> = ["Activity", "ActivityWorker", "Ignitor", "NamespaceManager", "Task", "Workflow"].iter().map(|s| s.to_string()).collect();
     assert_eq!(kinds, all, "examples/ must hold at least one sample per kind");
     assert!(created >= 6);
+    // The `shoal` category covers every kind.
+    let out = std::process::Command::new(common::bin_dir().join("kubectl")).args(["get", "shoal", "-n", &ns, "-o", "name"]).env("KUBECONFIG", common::kubeconfig()).output().expect("running kubectl");
+    assert!(out.status.success(), "kubectl get shoal failed: {}", String::from_utf8_lossy(&out.stderr));
+    let listed: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_once('/')).map(|(kind, _)| kind.to_string()).collect();
+    let want: std::collections::BTreeSet<String> = all.iter().map(|k| format!("{}.shoal.dev", k.to_lowercase())).collect();
+    assert_eq!(listed, want, "kubectl get shoal lists every kind");
     common::cleanup(&client, &ns).await;
 }

@@ -65,7 +65,7 @@ async fn diamond_and_wide_fan_out() {
     api.create(&PostParams::default(), &wf("diamond", json!({"containers": [step("a", &[]), step("b", &["a"]), step("c", &["a"]), step("d", &["b", "c"])]}))).await.unwrap();
     let mut fan = vec![step("root", &[])];
     for i in 0..50 {
-        fan.push(step(&format!("leaf-{i}"), &["root"]));
+        fan.push(json!({"stepName": format!("leaf-{i}"), "image": "busybox", "dependsOn": ["root"], "metadata": {"annotations": {"kwok.shoal.dev/delay": "5s"}}}));
     }
     fan.push(step("join", &(0..50).map(|i| format!("leaf-{i}")).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>()));
     api.create(&PostParams::default(), &wf("fan", json!({"containers": fan}))).await.unwrap();
@@ -78,13 +78,28 @@ async fn diamond_and_wide_fan_out() {
     assert_eq!(st.progress.as_deref(), Some("4/4"));
     assert!(st.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
 
-    let f = wait_phase(&api, "fan", WorkflowPhase::Completed).await;
-    // The 50 leaves ran at the same time: every leaf started before any leaf finished... or
-    // at least, far more than one was running at once.
-    let leaves: Vec<_> = (0..50).map(|i| format!("leaf-{i}")).collect();
-    let first_finish = leaves.iter().map(|l| finished(&f, l)).min().unwrap();
-    let concurrent = leaves.iter().filter(|l| started(&f, l) <= first_finish).count();
-    assert!(concurrent >= 25, "only {concurrent} leaves were running at once");
+    wait_phase(&api, "fan", WorkflowPhase::Completed).await;
+    // The 50 leaves ran at the same time: from their pods' own start and finish times (not
+    // the status, whose start times come from one reconcile), most leaf pods were running
+    // before the first one finished.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let leaf_pods: Vec<Pod> = pods
+        .list(&ListParams::default().labels("shoal.dev/workflow=fan"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.labels().get("shoal.dev/step").is_some_and(|s| s.starts_with("leaf-")))
+        .collect();
+    assert_eq!(leaf_pods.len(), 50);
+    let ran = |p: &Pod| {
+        let st = p.status.as_ref().unwrap();
+        let end = st.container_statuses.as_ref().unwrap()[0].state.as_ref().unwrap().terminated.as_ref().unwrap().finished_at.clone().unwrap().0;
+        (st.start_time.clone().unwrap().0, end)
+    };
+    let first_finish = leaf_pods.iter().map(|p| ran(p).1).min().unwrap();
+    let concurrent = leaf_pods.iter().filter(|p| ran(p).0 < first_finish).count();
+    assert!(concurrent >= 25, "only {concurrent} leaf pods were running at once");
     assert_eq!(jobs_of(&client, &ns, "fan").await.len(), 52);
     common::cleanup(&client, &ns).await;
 }
