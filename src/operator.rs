@@ -18,11 +18,10 @@ use kube::Client;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::controllers::Context as ControllerContext;
-use crate::ha::{HaConfig, HaMetrics, Informer, Ownership, Queue, run_controller};
+use crate::ha::{HaConfig, HaMetrics, Informer, Ownership, Queue, Synced, run_controller};
 
 /// Settings of `shoal run`, from flags or environment variables.
 #[derive(Debug, Clone, clap::Args)]
@@ -63,7 +62,8 @@ impl RunConfig {
 /// Shared state of the HTTP server.
 pub struct Shared {
     pub registry: Registry,
-    pub ready: watch::Receiver<bool>,
+    /// Ready: the member Lease is held and the caches of every shard held have synced.
+    pub ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
 fn api_for<K>(client: &Client, ns: &Option<String>) -> Api<K>
@@ -123,6 +123,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         "job labeller",
         crate::ha::run_child_labeler(api_for::<crate::controllers::step_job::StepJob>(&client, &cfg.watch_namespace), own.clone(), crate::controllers::workflow::WORKFLOW_LABEL, shutdown.clone()),
     ));
+    let (wf_cache, job_cache): (Arc<dyn Synced>, Arc<dyn Synced>) = (wf_informer.clone(), job_informer.clone());
     tasks.spawn(named("workflow informer", wf_informer.clone().run(shutdown.clone())));
     tasks.spawn(named("job informer", job_informer.clone().run(shutdown.clone())));
     let recorder = Recorder::new(clients.request.clone(), Reporter { controller: "shoal".into(), instance: Some(identity.clone()) });
@@ -135,19 +136,35 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         ));
     }
 
-    let (ready_tx, ready_rx) = watch::channel(false);
-    let shared = Arc::new(Shared { registry, ready: ready_rx });
+    let ready = {
+        let own = own.clone();
+        let caches: Vec<Arc<dyn Synced>> = vec![wf_cache, job_cache];
+        move || readiness(own.registered(), &own.active_shards(), &caches)
+    };
+    let shared = Arc::new(Shared { registry, ready: Box::new(ready) });
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr).await.with_context(|| format!("binding {}", cfg.metrics_addr))?;
     let http_shutdown = shutdown.clone();
     tasks.spawn(named("http server", async move {
         let _ = axum::serve(listener, router(shared)).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await;
     }));
-    ready_tx.send_replace(true);
     tracing::info!(%identity, holder = own.holder(), namespace = %cfg.namespace, shards = cfg.ha.shards, "shoal started");
 
     let result = supervise(leases, tasks, shutdown_signal(), shutdown).await;
     tracing::info!("shoal stopped");
     result
+}
+
+/// Ready means: in the ring (member Lease held) and every cache has listed every shard this
+/// replica holds. A replica that holds no shard (more replicas than shards) is ready once
+/// registered.
+fn readiness(registered: bool, shards: &[u32], caches: &[Arc<dyn Synced>]) -> Result<(), String> {
+    if !registered {
+        return Err("not registered: the member Lease is not held yet".into());
+    }
+    if let Some(i) = caches.iter().position(|c| !c.synced(shards)) {
+        return Err(format!("cache {i} has not synced every held shard ({} held)", shards.len()));
+    }
+    Ok(())
 }
 
 /// A long-running task that reports its name when it ends.
@@ -230,6 +247,22 @@ mod tests {
         assert!(shutdown.is_cancelled(), "everything else is told to stop");
     }
 
+    struct Cache(Vec<u32>);
+    impl Synced for Cache {
+        fn synced(&self, shards: &[u32]) -> bool {
+            shards.iter().all(|s| self.0.contains(s))
+        }
+    }
+
+    #[test]
+    fn ready_only_when_registered_and_every_cache_synced_every_held_shard() {
+        let caches: Vec<Arc<dyn Synced>> = vec![Arc::new(Cache(vec![1, 2, 3])), Arc::new(Cache(vec![1, 2]))];
+        assert!(readiness(false, &[], &caches).unwrap_err().contains("not registered"));
+        assert!(readiness(true, &[1, 2], &caches).is_ok());
+        assert!(readiness(true, &[1, 2, 3], &caches).unwrap_err().contains("cache 1"));
+        assert!(readiness(true, &[], &caches).is_ok(), "no shard held (more replicas than shards) is ready");
+    }
+
     #[tokio::test]
     async fn a_signal_is_a_clean_stop() {
         let shutdown = CancellationToken::new();
@@ -251,7 +284,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    if *s.ready.borrow() { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
+    match (s.ready)() {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {

@@ -194,6 +194,8 @@ pub struct Informer<K: Resource> {
     /// Whether a change from the cached copy (if any) to the new one is worth a wake-up.
     relevant: RelevantFn<K>,
     tasks: Mutex<HashMap<u32, JoinHandle<()>>>,
+    /// Shards whose watch has finished its initial list.
+    synced: Mutex<HashSet<u32>>,
     queue: Queue,
     own: Ownership,
     /// What the objects' shard is computed from: their own UID (`new`) or their controller
@@ -243,6 +245,7 @@ where
             map: Box::new(map),
             relevant: Box::new(relevant),
             tasks: Mutex::new(HashMap::new()),
+            synced: Mutex::new(HashSet::new()),
             queue,
             own,
             sharding,
@@ -349,6 +352,9 @@ where
         if let Some(t) = self.tasks.lock().ok().and_then(|mut t| t.remove(&shard)) {
             t.abort();
         }
+        if let Ok(mut synced) = self.synced.lock() {
+            synced.remove(&shard);
+        }
         self.remove_where(|_, o| Ownership::shard_label(o) == Some(shard));
         self.publish_size();
     }
@@ -411,6 +417,9 @@ where
                 watcher::Event::InitDone => {
                     self.remove_where(|k, o| Ownership::shard_label(o) == Some(shard) && !seen.contains(k));
                     self.publish_size();
+                    if let Ok(mut synced) = self.synced.lock() {
+                        synced.insert(shard);
+                    }
                 }
                 watcher::Event::Delete(o) => {
                     let key = key_of(&o);
@@ -479,6 +488,18 @@ where
     let body = serde_json::json!({"metadata": {"resourceVersion": o.meta().resource_version, "labels": {SHARD_LABEL: shard.to_string()}}});
     let req = kube::core::Request::new(url).patch_metadata(&o.name_any(), &PatchParams::default(), &Patch::Merge(&body)).map_err(kube::Error::BuildRequest)?;
     client.request::<kube::core::PartialObjectMeta<K>>(req).await.map(|_| ())
+}
+
+/// A cache that can say whether it has synced the given shards (for readiness).
+pub trait Synced: Send + Sync {
+    /// Has the watch of every one of `shards` finished its initial list?
+    fn synced(&self, shards: &[u32]) -> bool;
+}
+
+impl<K: Resource + Send + Sync> Synced for Informer<K> {
+    fn synced(&self, shards: &[u32]) -> bool {
+        self.synced.lock().map(|s| shards.iter().all(|x| s.contains(x))).unwrap_or(false)
+    }
 }
 
 /// What to do after a successful reconcile.

@@ -334,6 +334,9 @@ impl Loop {
             let mut wake = Instant::now() + cfg.retry_period;
             match self.tick().await {
                 Ok(t) => {
+                    // In the ring, and this tick took the shards it could: ready once their
+                    // caches have synced.
+                    self.own.set_registered(true);
                     api_ok = Instant::now();
                     if t.member_renewed {
                         member_ok = api_ok;

@@ -32,7 +32,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-pub use informer::{Action, Informer, Key, Queue, key_of, run_child_labeler, run_controller, run_labeler};
+pub use informer::{Action, Informer, Key, Queue, Synced, key_of, run_child_labeler, run_controller, run_labeler};
 pub use leases::{LeaseError, run as run_leases};
 pub use writer::{Clients, FencedApi, ReadApi, WriteError, Writer};
 
@@ -229,6 +229,9 @@ struct Inner {
     held: Mutex<HashMap<u32, Hold>>,
     in_flight: Mutex<HashMap<u32, usize>>,
     leader_epoch: AtomicI64,
+    /// Set once this process holds its member Lease and has run one full tick of the lease
+    /// loop (it joined the ring and took the shards it could).
+    registered: std::sync::atomic::AtomicBool,
     /// The instant read just before the last confirmed leader Lease write was sent; `None`
     /// when not the leader.
     leader_renewed: Mutex<Option<Instant>>,
@@ -271,6 +274,7 @@ impl Ownership {
                 held: Mutex::new(HashMap::new()),
                 in_flight: Mutex::new(HashMap::new()),
                 leader_epoch: AtomicI64::new(-1),
+                registered: std::sync::atomic::AtomicBool::new(false),
                 leader_renewed: Mutex::new(None),
                 events,
                 metrics,
@@ -287,6 +291,23 @@ impl Ownership {
     /// `<identity>_<instance>`, unique to the process.
     pub fn holder(&self) -> &str {
         &self.inner.holder
+    }
+
+    /// Has this process taken its member Lease (is it in the ring)?
+    pub fn registered(&self) -> bool {
+        self.inner.registered.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_registered(&self, yes: bool) {
+        self.inner.registered.store(yes, Ordering::SeqCst);
+    }
+
+    /// Shards held and not being handed over: the ones whose caches must be synced for this
+    /// replica to be ready.
+    pub fn active_shards(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.inner.held.lock().map(|h| h.iter().filter(|(_, h)| !h.draining).map(|(s, _)| *s).collect()).unwrap_or_default();
+        v.sort();
+        v
     }
 
     pub fn config(&self) -> &HaConfig {

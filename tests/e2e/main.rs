@@ -9,6 +9,7 @@ mod crds;
 mod exactly_once;
 mod examples;
 mod ha;
+mod health;
 mod helm;
 mod operator;
 mod sharding;

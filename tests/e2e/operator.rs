@@ -142,3 +142,20 @@ pub fn histogram_quantile(pages: &[String], name: &str, q: f64) -> Option<f64> {
     let total = sorted.last()?.1;
     sorted.into_iter().find(|(_, c)| *c >= q * total).map(|(le, _)| le)
 }
+
+/// GET `path` from a replica's HTTP server: (status code, body).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
+        let mut b = String::new();
+        s.read_to_string(&mut b).ok()?;
+        let code = b.split_whitespace().nth(1)?.parse().ok()?;
+        let body = b.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+        Some((code, body))
+    })
+    .await
+    .ok()?
+}
