@@ -16,12 +16,13 @@ use axum::routing::get;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::Api;
-use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::controllers::Context as ControllerContext;
-use crate::ha::{HaConfig, HaMetrics, Informer, Ownership, Queue, Synced, run_controller};
+use crate::controllers::runtime::{Runtime, Settings, named};
+use crate::controllers::step_job::StepJob;
+use crate::controllers::workflow;
+use crate::ha::{HaConfig, HaMetrics, Ownership, Synced};
 
 /// Settings of `shoal run`, from flags or environment variables.
 #[derive(Debug, Clone, clap::Args)]
@@ -66,17 +67,6 @@ pub struct Shared {
     pub ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
-fn api_for<K>(client: &Client, ns: &Option<String>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    K::DynamicType: Default,
-{
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
-
 /// Run the operator until SIGTERM or SIGINT. On a signal it stops taking work, drains,
 /// releases its Leases (so others take over at once) and returns. If the lease machinery
 /// fails, it returns an error: the process must not go on acting without fencing.
@@ -96,51 +86,28 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let shutdown = CancellationToken::new();
 
     let leases = tokio::spawn(crate::ha::run_leases(clients.request.clone(), own.clone(), shutdown.clone()));
-    let mut tasks = tokio::task::JoinSet::new();
-    macro_rules! label {
-        ($k:ty) => {
-            tasks.spawn(named("labeller", crate::ha::run_labeler(api_for::<$k>(&client, &cfg.watch_namespace), own.clone(), shutdown.clone())));
-        };
-    }
-    label!(crate::api::Workflow);
-    label!(crate::api::Activity);
-    label!(crate::api::ActivityWorker);
-    label!(crate::api::Task);
-    label!(crate::api::Ignitor);
-    label!(crate::api::NamespaceManager);
+    let settings = Settings { watch_namespace: cfg.watch_namespace.clone(), workers: cfg.workers, resync: cfg.resync };
+    let mut rt = Runtime::new(clients, own.clone(), settings, shutdown.clone());
+    // The leader labels every shoal kind, including those whose controllers are not built yet.
+    rt.label::<crate::api::Workflow>();
+    rt.label::<crate::api::Activity>();
+    rt.label::<crate::api::ActivityWorker>();
+    rt.label::<crate::api::Task>();
+    rt.label::<crate::api::Ignitor>();
+    rt.label::<crate::api::NamespaceManager>();
 
-    let wf_queue = Queue::default();
-    let wf_informer = Informer::new(api_for::<crate::api::Workflow>(&client, &cfg.watch_namespace), own.clone(), wf_queue.clone());
-    // Jobs wake the workflow that owns them.
-    let job_informer = Informer::new_mapped(
-        api_for::<crate::controllers::step_job::StepJob>(&client, &cfg.watch_namespace),
-        own.clone(),
-        wf_queue.clone(),
-        crate::controllers::workflow::owner_key,
-        crate::controllers::workflow::job_change_matters,
-    );
-    tasks.spawn(named(
-        "job labeller",
-        crate::ha::run_child_labeler(api_for::<crate::controllers::step_job::StepJob>(&client, &cfg.watch_namespace), own.clone(), crate::controllers::workflow::WORKFLOW_LABEL, shutdown.clone()),
-    ));
-    let (wf_cache, job_cache): (Arc<dyn Synced>, Arc<dyn Synced>) = (wf_informer.clone(), job_informer.clone());
-    tasks.spawn(named("workflow informer", wf_informer.clone().run(shutdown.clone())));
-    tasks.spawn(named("job informer", job_informer.clone().run(shutdown.clone())));
-    let recorder = Recorder::new(clients.request.clone(), Reporter { controller: "shoal".into(), instance: Some(identity.clone()) });
-    let ctx = Arc::new(ControllerContext::new(clients.clone(), recorder, own.clone(), cfg.resync, job_informer, crate::controllers::Metrics::new(&mut registry)));
-    {
-        let ctx = ctx.clone();
-        tasks.spawn(named(
-            "workflow controller",
-            run_controller(wf_informer, wf_queue, own.clone(), cfg.workers, move |wf, fence| crate::controllers::workflow::reconcile(wf, fence, ctx.clone()), shutdown.clone()),
-        ));
-    }
+    // Workflows, with their Jobs (a Job wakes the workflow that owns it).
+    let workflows = rt.kind::<crate::api::Workflow>("workflow controller");
+    let jobs = rt.children::<_, StepJob>(&workflows, workflow::owner_key, workflow::job_change_matters);
+    rt.label_children::<StepJob>(workflow::WORKFLOW_LABEL);
+    rt.run(workflows, workflow::State { jobs, metrics: crate::controllers::Metrics::new(&mut registry) }, workflow::reconcile);
 
     let ready = {
         let own = own.clone();
-        let caches: Vec<Arc<dyn Synced>> = vec![wf_cache, job_cache];
+        let caches = rt.caches();
         move || readiness(own.registered(), &own.active_shards(), &caches)
     };
+    let mut tasks = rt.into_tasks();
     let shared = Arc::new(Shared { registry, ready: Box::new(ready) });
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr).await.with_context(|| format!("binding {}", cfg.metrics_addr))?;
     let http_shutdown = shutdown.clone();
@@ -165,12 +132,6 @@ fn readiness(registered: bool, shards: &[u32], caches: &[Arc<dyn Synced>]) -> Re
         return Err(format!("cache {i} has not synced every held shard ({} held)", shards.len()));
     }
     Ok(())
-}
-
-/// A long-running task that reports its name when it ends.
-async fn named(name: &'static str, task: impl std::future::Future<Output = ()>) -> &'static str {
-    task.await;
-    name
 }
 
 /// Run until `signal`, or until the lease loop or any other task ends or fails. Every one of

@@ -1,39 +1,42 @@
-//! What every reconciler gets. The clients are private to this module: a reconcile reads
-//! through [`Context::read`] and writes only through the fenced [`Writer`] that
-//! [`Context::writer`] gives it, so no write can skip the fence check, the action log or the
-//! deadline.
+//! What every reconciler gets: a [`Context`] over its kind's own state `S` (child caches,
+//! metrics), reachable as `ctx.field` through `Deref`. The clients are private to this
+//! module: a reconcile reads through [`Context::read`] and writes only through the fenced
+//! [`Writer`] that [`Context::writer`] gives it, so no write can skip the fence check, the
+//! action log or the deadline.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use kube::Resource;
 use kube::runtime::events::Recorder;
 
-use super::Metrics;
-use super::step_job::StepJob;
-use crate::ha::{Clients, Fence, Informer, Key, Ownership, ReadApi, Writer};
+use crate::ha::{Clients, Fence, Key, Ownership, ReadApi, Writer};
 
-pub struct Context {
+pub struct Context<S> {
     clients: Clients,
     recorder: Recorder,
     pub own: Ownership,
     /// How often an object is looked at again without any change.
     pub resync: Duration,
-    /// Jobs of the shards this replica holds.
-    pub jobs: Arc<Informer<StepJob>>,
-    pub metrics: Metrics,
+    /// The kind's own state: its child caches and metrics.
+    state: S,
     /// For each object whose status this replica patched: the resourceVersion the patch
     /// replaced. A cached copy still at that version predates our own write (the watch has
     /// not caught up); planning from it could repeat work, so it is skipped.
     superseded: Mutex<HashMap<Key, String>>,
 }
 
-pub type Ctx = Arc<Context>;
+impl<S> std::ops::Deref for Context<S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.state
+    }
+}
 
-impl Context {
-    pub fn new(clients: Clients, recorder: Recorder, own: Ownership, resync: Duration, jobs: Arc<Informer<StepJob>>, metrics: Metrics) -> Self {
-        Self { clients, recorder, own, resync, jobs, metrics, superseded: Mutex::default() }
+impl<S> Context<S> {
+    pub fn new(clients: Clients, recorder: Recorder, own: Ownership, resync: Duration, state: S) -> Self {
+        Self { clients, recorder, own, resync, state, superseded: Mutex::default() }
     }
 
     /// The fenced writer for `obj` under `fence`.

@@ -4,6 +4,7 @@
 //! against the shard fence and written to the action log first.
 
 mod context;
+pub mod runtime;
 pub mod step_job;
 pub mod workflow;
 
@@ -30,7 +31,7 @@ impl Metrics {
     }
 }
 
-pub use context::{Context, Ctx};
+pub use context::Context;
 
 /// Errors of a reconcile; `reason()` names them for Events and metric labels.
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::step_job::StepJob;
-use super::{Ctx, Error};
+use super::{Context, Error, Metrics};
 use crate::api::SHARD_LABEL;
 use crate::api::conditions::{self, reasons, types};
 use crate::api::workflow::{StepPhase, Workflow, WorkflowPhase, WorkflowStatus};
@@ -48,6 +48,15 @@ pub fn output_env_name(step: &str) -> String {
 fn user_labels(wf: &Workflow) -> BTreeMap<String, String> {
     wf.labels().iter().filter(|(k, _)| !k.starts_with("shoal.dev/")).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
+
+/// What the Workflow controller keeps besides the workflows: its Job cache and its metrics.
+pub struct State {
+    /// Jobs of the shards this replica holds, indexed by their workflow.
+    pub jobs: Arc<crate::ha::Informer<StepJob>>,
+    pub metrics: Metrics,
+}
+
+pub type Ctx = Arc<Context<State>>;
 
 /// The controller ownerReference of an object, if it is a shoal Workflow.
 fn workflow_owner(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&OwnerReference> {
