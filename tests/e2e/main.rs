@@ -12,5 +12,6 @@ mod ha;
 mod health;
 mod helm;
 mod operator;
+mod runtime;
 mod sharding;
 mod workflow;
