@@ -1,5 +1,7 @@
 //! `Workflow` (seed 001): a DAG of container steps, each run as a Job in dependency order.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::EnvVar;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
@@ -87,6 +89,11 @@ pub struct WorkflowSpec {
     #[schemars(length(min = 1, max = 200))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["stepName"]))]
     pub containers: Vec<WorkflowStep>,
+
+    /// Pod settings for every step (resources, securityContext, serviceAccountName,
+    /// nodeSelector, tolerations, imagePullSecrets …); a step's own value replaces each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_defaults: Option<StepPodSettings>,
 }
 
 /// One step: a container run to completion as a Job.
@@ -129,6 +136,64 @@ pub struct WorkflowStep {
     #[schemars(range(min = -1, max = 604800))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == -1 || self > 0", "message": "timeoutSeconds must be -1 (unlimited) or a positive number of seconds"}]))]
     pub timeout_seconds: Option<i64>,
+    /// What the step's pod runs with (resources, security, placement, identity); each field
+    /// set here replaces the workflow's `stepDefaults` field of the same name.
+    #[serde(flatten)]
+    pub pod: StepPodSettings,
+}
+
+/// How a step's pod runs: what real workloads need. Set per step, or for every step in the
+/// workflow's `stepDefaults`; a field set on a step replaces the default as a whole.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepPodSettings {
+    /// CPU and memory requests and limits of the step's container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// The step container's security context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<k8s_openapi::api::core::v1::SecurityContext>,
+    /// The step pod's security context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_security_context: Option<k8s_openapi::api::core::v1::PodSecurityContext>,
+    /// The service account the step's pod runs as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
+    /// Mount the service account's API token into the pod. Default false: a step talks to
+    /// the API server only when asked to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automount_service_account_token: Option<bool>,
+    /// Run only on nodes with these labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the step's pod tolerates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Option<Vec<k8s_openapi::api::core::v1::Toleration>>,
+    /// Secrets for pulling the step's image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Option<Vec<k8s_openapi::api::core::v1::LocalObjectReference>>,
+}
+
+impl StepPodSettings {
+    /// The settings a step runs with: each field from the step if it sets it, else from the
+    /// workflow's defaults.
+    pub fn merged(defaults: Option<&StepPodSettings>, step: &StepPodSettings) -> StepPodSettings {
+        let d = defaults.cloned().unwrap_or_default();
+        StepPodSettings {
+            resources: step.resources.clone().or(d.resources),
+            security_context: step.security_context.clone().or(d.security_context),
+            pod_security_context: step.pod_security_context.clone().or(d.pod_security_context),
+            service_account_name: step.service_account_name.clone().or(d.service_account_name),
+            automount_service_account_token: step.automount_service_account_token.or(d.automount_service_account_token),
+            node_selector: step.node_selector.clone().or(d.node_selector),
+            tolerations: step.tolerations.clone().or(d.tolerations),
+            image_pull_secrets: step.image_pull_secrets.clone().or(d.image_pull_secrets),
+        }
+    }
 }
 
 /// Pod metadata of a step.
@@ -221,4 +286,20 @@ pub struct WorkflowStatus {
     pub observed_generation: Option<i64>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StepPodSettings;
+
+    #[test]
+    fn a_step_setting_replaces_the_default_field_by_field() {
+        let defaults: StepPodSettings = serde_json::from_value(serde_json::json!({"serviceAccountName": "etl", "nodeSelector": {"pool": "batch"}, "automountServiceAccountToken": true})).unwrap();
+        let step: StepPodSettings = serde_json::from_value(serde_json::json!({"nodeSelector": {"pool": "gpu"}})).unwrap();
+        let m = StepPodSettings::merged(Some(&defaults), &step);
+        assert_eq!(m.service_account_name.as_deref(), Some("etl"));
+        assert_eq!(m.node_selector.unwrap()["pool"], "gpu");
+        assert_eq!(m.automount_service_account_token, Some(true));
+        assert_eq!(StepPodSettings::merged(None, &StepPodSettings::default()), StepPodSettings::default());
+    }
 }
