@@ -4,6 +4,7 @@
 //! against the shard fence and written to the action log first.
 
 pub mod step_job;
+pub mod step_pod;
 pub mod workflow;
 
 use std::sync::Arc;

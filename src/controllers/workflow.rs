@@ -8,15 +8,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition};
-use k8s_openapi::api::core::v1::{EnvVar, Pod};
+use k8s_openapi::api::core::v1::EnvVar;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::step_job::StepJob;
+use super::step_pod;
 use super::{Ctx, Error};
 use crate::api::SHARD_LABEL;
 use crate::api::conditions::{self, reasons, types};
@@ -46,12 +47,12 @@ pub fn owner_key(job: &StepJob) -> Option<(String, String)> {
     Some((job.namespace()?, job.labels().get(WORKFLOW_LABEL)?.clone()))
 }
 
-/// Only a Job's arrival, its finishing (or failing) and its removal matter to its workflow;
-/// the Job controller's other status updates do not wake it.
+/// Only a Job's arrival, its finishing (or failing), a disrupted pod of it being replaced and
+/// its removal matter to its workflow; the Job controller's other status updates do not wake it.
 pub fn job_change_matters(old: Option<&StepJob>, new: &StepJob) -> bool {
     match old {
         None => true,
-        Some(old) => job_state(old) != job_state(new),
+        Some(old) => job_state(old) != job_state(new) || step_pod::disruptions(old) != step_pod::disruptions(new),
     }
 }
 
@@ -149,8 +150,11 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
         return write_status(&wf, &new, fence, &ctx).await;
     }
 
-    // Observe the Jobs of the steps that are running.
+    // Observe the Jobs of the steps that are running (and, through step_pod, their pods).
     let mut observed: HashMap<String, plan::JobState> = HashMap::new();
+    let spec_bytes = serde_json::to_vec(&wf.spec).map(|v| v.len()).unwrap_or(0);
+    let mut budget = step_pod::OutputBudget::new(spec_bytes, step_pod::recorded_outputs(&status.steps));
+    let mut look_again: Option<std::time::Duration> = None;
     for st in status.steps.iter().filter(|s| s.phase == StepPhase::Running) {
         let Some(jn) = &st.job_name else { continue };
         let job = match ctx.jobs.get(&(ns.clone(), jn.clone())) {
@@ -160,10 +164,11 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
         };
         let state = match job {
             None => plan::JobState::Gone,
-            Some(j) => match job_state(&j) {
-                plan::JobState::Succeeded { .. } => plan::JobState::Succeeded { output: read_output(&ctx, &ns, jn).await? },
-                other => other,
-            },
+            Some(j) => {
+                let (state, again) = step_pod::observe(&ctx.client, &j, job_state(&j), st, &mut budget, now).await?;
+                look_again = [look_again, again].into_iter().flatten().min();
+                state
+            }
         };
         observed.insert(jn.clone(), state);
     }
@@ -171,6 +176,9 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
     let steps: Vec<plan::StepSpec> = wf.spec.containers.iter().map(|c| plan::StepSpec { name: c.step_name.clone(), deps: c.depends_on.clone().unwrap_or_default(), retries: c.retries.unwrap_or(0) }).collect();
     let fail_fast = wf.spec.fail_fast.unwrap_or(true);
     let mut p = plan::plan(&name, generation, &steps, &status.steps, &observed, fail_fast, now);
+    if p.phase == WorkflowPhase::Started {
+        p.requeue_after = [p.requeue_after, look_again].into_iter().flatten().min();
+    }
 
     // Act: create the Jobs the plan asks for, concurrently (they are independent).
     let outputs: HashMap<String, String> = p.steps.iter().filter_map(|s| Some((s.step_name.clone(), s.output.clone()?))).collect();
@@ -253,7 +261,7 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
     };
     let next = write_status(&wf, &new, fence, &ctx).await?;
     for (reason, msg) in p.events {
-        let warn = matches!(reason, "StepFailed" | "StepTimedOut" | "StepRetried");
+        let warn = matches!(reason, "StepFailed" | "StepTimedOut" | "StepRetried" | step_pod::CANNOT_START_EVENT);
         publish(&ctx, &wf, if warn { EventType::Warning } else { EventType::Normal }, reason, msg).await;
     }
     Ok(match p.requeue_after {
@@ -282,16 +290,6 @@ async fn write_status(wf: &Workflow, new: &WorkflowStatus, fence: Fence, ctx: &C
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(Action::AwaitChange),
         Err(e) => Err(e.into()),
     }
-}
-
-/// The termination message of the Job's pod, cut to 4 KB.
-async fn read_output(ctx: &Ctx, ns: &str, job: &str) -> Result<Option<String>, Error> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let list = pods.list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"))).await?;
-    let msg = list.items.iter().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")).find_map(|p| {
-        p.status.as_ref()?.container_statuses.as_ref()?.iter().find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
-    });
-    Ok(msg.filter(|m| !m.is_empty()))
 }
 
 fn build_job(wf: &Workflow, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>) -> Result<Job, Error> {
@@ -333,12 +331,16 @@ fn build_job(wf: &Workflow, step: &crate::api::workflow::WorkflowStep, c: &plan:
             "ownerReferences": [owner],
         },
         "spec": {
-            "backoffLimit": 0,
-            "activeDeadlineSeconds": if timeout > 0 { Some(timeout) } else { None },
+            // Disrupted pods are replaced (a bounded number of times); any other pod failure
+            // fails the Job at once, and retries are shoal's (so every attempt is visible).
+            "backoffLimit": step_pod::MAX_DISRUPTIONS,
+            "podFailurePolicy": step_pod::pod_failure_policy(),
             "template": {
                 "metadata": {"labels": pod_labels, "annotations": pod_annotations},
                 "spec": {
                     "restartPolicy": "Never",
+                    // The step's timeout counts from its pod's start on a node, not the Job's.
+                    "activeDeadlineSeconds": step_pod::pod_deadline(timeout),
                     "containers": [{
                         "name": "main",
                         "image": step.image,
