@@ -10,4 +10,5 @@ mod examples;
 mod ha;
 mod helm;
 mod operator;
+mod step_pods;
 mod workflow;
