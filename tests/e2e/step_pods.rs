@@ -232,17 +232,6 @@ async fn an_evicted_pod_is_replaced_without_using_a_retry() {
     .await;
     let jn = st.job_name.unwrap();
 
-    // The step's timeout is on the pod, not on the Job.
-    let j = job(&client, &ns, &jn).await;
-    let spec = j.spec.as_ref().unwrap();
-    assert_eq!(spec.active_deadline_seconds, None);
-    assert_eq!(
-        spec.template.spec.as_ref().unwrap().active_deadline_seconds,
-        Some(60)
-    );
-    assert_eq!(spec.backoff_limit, Some(MAX_DISRUPTIONS));
-    assert!(spec.pod_failure_policy.is_some());
-
     let first = running_pod(&client, &ns, &jn, &[], T).await;
     Api::<Pod>::namespaced(client.clone(), &ns)
         .evict(&first.name_any(), &EvictParams::default())
@@ -273,6 +262,17 @@ async fn an_evicted_pod_is_replaced_without_using_a_retry() {
         Some(1),
         "the Job counted one disrupted pod"
     );
+    // The step's timeout is on the pod, not on the Job.
+    let j = job(&client, &ns, &jn).await;
+    let spec = j.spec.as_ref().unwrap();
+    assert_eq!(spec.active_deadline_seconds, None);
+    assert_eq!(
+        spec.template.spec.as_ref().unwrap().active_deadline_seconds,
+        Some(60)
+    );
+    assert_eq!(spec.backoff_limit, Some(MAX_DISRUPTIONS));
+    assert!(spec.pod_failure_policy.is_some());
+
     common::cleanup(&client, &ns).await;
 }
 
@@ -461,6 +461,21 @@ async fn a_pod_running_past_its_timeout_times_out() {
     let s = step_of(&failed, "sleepy");
     assert_eq!(s.message.as_deref(), Some("attempt 0 timed out"));
     let jn = s.job_name.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = pods
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={jn}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .next()
+        .expect("the step's pod is kept: its own deadline stopped it, the Job did not delete it");
+    let st = pod.status.unwrap();
+    assert_eq!(
+        (st.phase.as_deref(), st.reason.as_deref()),
+        (Some("Failed"), Some("DeadlineExceeded")),
+        "the pod's own deadline stopped it"
+    );
     assert_eq!(
         job(&client, &ns, &jn)
             .await
@@ -469,18 +484,6 @@ async fn a_pod_running_past_its_timeout_times_out() {
             .active_deadline_seconds,
         None,
         "no deadline on the Job"
-    );
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pod = pods
-        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={jn}")))
-        .await
-        .unwrap()
-        .items
-        .remove(0);
-    let st = pod.status.unwrap();
-    assert_eq!(
-        (st.phase.as_deref(), st.reason.as_deref()),
-        (Some("Failed"), Some("DeadlineExceeded"))
     );
     eventually(T, "a StepTimedOut Event", || async {
         (!events(&client, &ns, "w", "StepTimedOut").await.is_empty()).then_some(())
