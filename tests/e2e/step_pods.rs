@@ -505,18 +505,23 @@ async fn outputs_come_only_from_the_jobs_own_pod() {
     })
     .await;
     let jn = st.job_name.unwrap();
-    // A pod labelled with the Job's name (not its selector, so the Job controller does not
-    // adopt it) that is not the Job's finishes first.
-    let impostor: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "aaa-impostor", "labels": {"batch.kubernetes.io/job-name": jn, "job-name": jn},
-            "annotations": {"kwok.shoal.dev/termination-message": "forged"}},
-        "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox"}]},
-    }))
-    .unwrap();
-    Api::<Pod>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &impostor)
-        .await
+    running_pod(&client, &ns, &jn, &[], T).await;
+    // Pods labelled with the Job's name (not its selector, so the Job controller does not
+    // adopt them) that are not the Job's, newer than its pod and first and last by name,
+    // finish first.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for name in ["aaa-impostor", "zzz-impostor"] {
+        let impostor: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"batch.kubernetes.io/job-name": jn, "job-name": jn},
+                "annotations": {"kwok.shoal.dev/termination-message": "forged"}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox"}]},
+        }))
         .unwrap();
+        Api::<Pod>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &impostor)
+            .await
+            .unwrap();
+    }
     let done = wait_phase(&api, "w", WorkflowPhase::Completed, T).await;
     assert_eq!(step_of(&done, "produce").output.as_deref(), Some("real"));
     common::cleanup(&client, &ns).await;
