@@ -373,6 +373,16 @@ pub fn finished(job: &StepJob, base: JobState, pods: &[Pod]) -> JobState {
                     message: cut(&message, MAX_MESSAGE_BYTES),
                 };
             }
+            if reason == "PodFailurePolicy" {
+                // The pod that failed the Job is gone: deleted by hand, say (no disruption).
+                let message = format!(
+                    "its pod failed and was deleted before its status could be read ({message})"
+                );
+                return JobState::Failed {
+                    reason,
+                    message: cut(&message, MAX_MESSAGE_BYTES),
+                };
+            }
             JobState::Failed { reason, message }
         }
         other => other,
@@ -704,6 +714,14 @@ mod tests {
         assert!(
             matches!(finished(&job(json!({"failed": 4})), base.clone(), &[]), JobState::Failed { reason, .. } if reason == "PodDisrupted")
         );
+        // A pod deleted by hand fails the Job and is gone when shoal looks.
+        let gone = JobState::Failed {
+            reason: "PodFailurePolicy".into(),
+            message: "Pod ns/j-x has condition PodScheduled matching FailJob rule at index 1"
+                .into(),
+        };
+        assert!(matches!(finished(&job(json!({"failed": 1})), gone, &[]),
+            JobState::Failed { message, .. } if message.starts_with("its pod failed and was deleted before its status could be read")));
         // A Job from before the policy (backoffLimit 0) fails at its first failed pod.
         assert_eq!(
             finished(&job(json!({"failed": 1})), base.clone(), &[]),
