@@ -84,7 +84,8 @@ pub fn job_name(workflow: &str, generation: i64, step: &str, attempt: i32) -> St
     format!("{}{tail}", head.trim_end_matches('-'))
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// `s` cut to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
