@@ -395,3 +395,21 @@ async fn outputs_beyond_the_workflows_budget_fail_the_step() {
     assert_eq!(st.steps.iter().filter(|s| s.phase == StepPhase::Succeeded).count(), n - 1);
     common::cleanup(&client, &ns).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_step_says_why_from_its_pod() {
+    let client = common::client().await;
+    let (ns, _op) = setup(&client, "pod-why").await;
+    let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
+    api.create(
+        &PostParams::default(),
+        &wf("w", json!({"containers": [{"stepName": "bad", "image": "busybox", "metadata": {"labels": {"kwok.shoal.dev/exit-code": "3"}, "annotations": {"kwok.shoal.dev/termination-message": "no such table: rows\n"}}}]})),
+    )
+    .await
+    .unwrap();
+    let failed = wait_phase(&api, "w", WorkflowPhase::Failed, T).await;
+    let s = step_of(&failed, "bad");
+    assert_eq!(s.message.as_deref(), Some("attempt 0 failed: container main exited with code 3 (Error): no such table: rows"));
+    assert_eq!(s.output, None, "a failed step records no output");
+    common::cleanup(&client, &ns).await;
+}
