@@ -6,6 +6,7 @@
 mod context;
 pub mod runtime;
 pub mod step_job;
+pub mod step_pod;
 pub mod workflow;
 
 use prometheus_client::metrics::counter::Counter;

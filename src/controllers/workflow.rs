@@ -22,6 +22,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::step_job::StepJob;
+use super::step_pod;
 use super::{Context, Error, Metrics};
 use crate::api::SHARD_LABEL;
 use crate::api::conditions::{self, reasons, types};
@@ -54,6 +55,8 @@ pub struct State {
     /// Jobs of the shards this replica holds, indexed by their workflow.
     pub jobs: Arc<crate::ha::Informer<StepJob>>,
     pub metrics: Metrics,
+    /// When this replica last read each active Job's pods.
+    pub pod_looks: step_pod::PodLooks,
 }
 
 pub type Ctx = Arc<Context<State>>;
@@ -77,12 +80,12 @@ fn foreign(job: &str) -> String {
     format!("the Job name {job} is taken by an object this workflow does not own; it was not adopted (delete it, or rename the workflow or step)")
 }
 
-/// Only a Job's arrival, its finishing (or failing) and its removal matter to its workflow;
-/// the Job controller's other status updates do not wake it.
+/// Only a Job's arrival, its finishing (or failing), a disrupted pod of it being replaced and
+/// its removal matter to its workflow; the Job controller's other status updates do not wake it.
 pub fn job_change_matters(old: Option<&StepJob>, new: &StepJob) -> bool {
     match old {
         None => true,
-        Some(old) => job_state(old) != job_state(new),
+        Some(old) => job_state(old) != job_state(new) || step_pod::disruptions(old) != step_pod::disruptions(new),
     }
 }
 
@@ -198,8 +201,11 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         return Ok(next);
     }
 
-    // Observe the Jobs of the steps that are running.
+    // Observe the Jobs of the steps that are running (and, through step_pod, their pods).
     let mut observed: HashMap<String, plan::JobState> = HashMap::new();
+    let spec_bytes = serde_json::to_vec(&wf.spec).map(|v| v.len()).unwrap_or(0);
+    let mut budget = step_pod::OutputBudget::new(spec_bytes, step_pod::recorded_outputs(&status.steps));
+    let mut look_again: Option<std::time::Duration> = None;
     for st in status.steps.iter().filter(|s| s.phase == StepPhase::Running) {
         let Some(jn) = &st.job_name else { continue };
         let job = match ctx.jobs.get(&(ns.to_string(), jn.clone())) {
@@ -210,10 +216,11 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         let state = match job {
             None => plan::JobState::Gone,
             Some(j) if !owned_by(&j, uid) => plan::JobState::Foreign { message: foreign(jn) },
-            Some(j) => match job_state(&j) {
-                plan::JobState::Succeeded { .. } => plan::JobState::Succeeded { output: read_output(ctx, ns, jn).await? },
-                other => other,
-            },
+            Some(j) => {
+                let (state, again) = step_pod::observe(&ctx.read::<Pod>(ns), &ctx.pod_looks, &j, job_state(&j), st, &mut budget, now).await?;
+                look_again = [look_again, again].into_iter().flatten().min();
+                state
+            }
         };
         observed.insert(jn.clone(), state);
     }
@@ -222,6 +229,9 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         wf.spec.containers.iter().map(|c| plan::StepSpec { name: c.step_name.clone(), deps: c.depends_on.clone().unwrap_or_default(), retries: c.retries.unwrap_or(0) }).collect();
     let fail_fast = wf.spec.fail_fast.unwrap_or(true);
     let mut p = plan::plan(id, &steps, &status.steps, &observed, fail_fast, now);
+    if p.phase == WorkflowPhase::Started {
+        p.requeue_after = [p.requeue_after, look_again].into_iter().flatten().min();
+    }
 
     // Act: create the Jobs the plan asks for, concurrently (they are independent).
     let outputs: HashMap<String, String> = p.steps.iter().filter_map(|s| Some((s.step_name.clone(), s.output.clone()?))).collect();
@@ -317,7 +327,7 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     // lost) is planned again from the newer version, and its Events with it.
     if recorded {
         for (reason, step, msg) in p.events {
-            let warn = matches!(reason, "StepFailed" | "StepTimedOut" | "StepRetried" | "StepCancelled");
+            let warn = matches!(reason, "StepFailed" | "StepTimedOut" | "StepRetried" | "StepCancelled" | step_pod::CANNOT_START_EVENT);
             // Related to the step's Job, so that Events of different steps (or attempts) with
             // one reason are not folded into one series by the recorder.
             let job = new.steps.iter().find(|s| s.step_name == step).and_then(|s| Some(job_ref(ns, s.job_name.clone()?, s.job_uid.clone())));
@@ -358,17 +368,6 @@ async fn write_status(wf: &Workflow, new: &WorkflowStatus, w: &Writer, ctx: &Ctx
     }
 }
 
-/// The termination message of the Job's pod, cut to 4 KB.
-async fn read_output(ctx: &Ctx, ns: &str, job: &str) -> Result<Option<String>, Error> {
-    let list = ctx.read::<Pod>(ns).list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"))).await?;
-    let msg = list
-        .items
-        .iter()
-        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
-        .find_map(|p| p.status.as_ref()?.container_statuses.as_ref()?.iter().find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone()));
-    Ok(msg.filter(|m| !m.is_empty()))
-}
-
 fn build_job(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>, shard: Option<u32>) -> Result<Job, Error> {
     let mut labels = user_labels(wf);
     let cascaded: Vec<String> = labels.keys().cloned().collect();
@@ -402,6 +401,7 @@ fn build_job(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep
     pod_labels.insert(ATTEMPT_LABEL.into(), c.attempt.to_string());
     let pod_annotations = step.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
     let owner = wf.controller_owner_ref(&()).ok_or_else(|| Error::Json(serde::de::Error::custom("workflow has no uid")))?;
+    let pod = crate::api::workflow::StepPodSettings::merged(wf.spec.step_defaults.as_ref(), &step.pod);
     let job = json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -412,18 +412,31 @@ fn build_job(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep
             "ownerReferences": [owner],
         },
         "spec": {
-            "backoffLimit": 0,
-            "activeDeadlineSeconds": if timeout > 0 { Some(timeout) } else { None },
+            // Disrupted pods are replaced (a bounded number of times); any other pod failure
+            // fails the Job at once, and retries are shoal's (so every attempt is visible).
+            "backoffLimit": step_pod::MAX_DISRUPTIONS,
+            "podFailurePolicy": step_pod::pod_failure_policy(),
             "template": {
                 "metadata": {"labels": pod_labels, "annotations": pod_annotations},
                 "spec": {
                     "restartPolicy": "Never",
+                    // The step's timeout counts from its pod's start on a node, not the Job's.
+                    "activeDeadlineSeconds": step_pod::pod_deadline(timeout),
+                    "serviceAccountName": pod.service_account_name,
+                    // No API token in a step's pod unless the workflow asks for one.
+                    "automountServiceAccountToken": pod.automount_service_account_token.unwrap_or(false),
+                    "securityContext": pod.pod_security_context,
+                    "nodeSelector": pod.node_selector,
+                    "tolerations": pod.tolerations,
+                    "imagePullSecrets": pod.image_pull_secrets,
                     "containers": [{
                         "name": "main",
                         "image": step.image,
                         "command": step.command,
                         "args": step.args,
                         "env": env,
+                        "resources": pod.resources,
+                        "securityContext": pod.security_context,
                         "terminationMessagePolicy": "FallbackToLogsOnError",
                     }],
                 },

@@ -17,6 +17,9 @@ use crate::api::workflow::{StepPhase, StepStatus, WorkflowPhase};
 
 /// Termination messages longer than this are cut (Kubernetes itself keeps 4096 bytes).
 pub const MAX_OUTPUT_BYTES: usize = 4096;
+/// Failure reason of a step whose output does not fit the workflow's output budget. Not
+/// retried: the same step makes the same output.
+pub const OUTPUT_TOO_LARGE: &str = "OutputTooLarge";
 
 /// What a step needs for planning.
 #[derive(Debug, Clone)]
@@ -44,6 +47,9 @@ pub enum JobState {
     Foreign {
         message: String,
     },
+    /// Active, with news of its pod (it cannot start; disrupted pods were replaced): the step
+    /// stays Running with `message` as its message (none if empty), and `event` is emitted.
+    ActiveNoted { message: String, event: Option<PlannedEvent> },
 }
 
 /// The workflow being planned: its name, UID and spec generation.
@@ -119,7 +125,8 @@ pub fn step_key(step: &str) -> String {
     step.to_lowercase().replace(['_', '.'], "-")
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// `s` cut to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
@@ -158,6 +165,10 @@ pub fn plan(wf: WorkflowId<'_>, steps: &[StepSpec], previous: &[StepStatus], job
         };
         match job {
             JobState::Active => {}
+            JobState::ActiveNoted { message, event } => {
+                st.message = (!message.is_empty()).then(|| message.clone());
+                events.extend(event.clone());
+            }
             JobState::Succeeded { output } => {
                 st.phase = StepPhase::Succeeded;
                 st.finished_at = Some(t.clone());
@@ -184,7 +195,7 @@ pub fn plan(wf: WorkflowId<'_>, steps: &[StepSpec], previous: &[StepStatus], job
                     format!("failed: {message}")
                 };
                 st.finished_at = Some(t.clone());
-                if st.attempt < s.retries {
+                if st.attempt < s.retries && reason != OUTPUT_TOO_LARGE {
                     st.phase = StepPhase::Retrying;
                     st.message = Some(format!("attempt {} {what}; retrying", st.attempt));
                     events.push(("StepRetried", s.name.clone(), format!("step {} attempt {} {what}; retrying in {:?}", s.name, st.attempt, retry_backoff(st.attempt))));
@@ -437,6 +448,34 @@ mod tests {
         let p = plan(WF, &s, &[st], &jobs, true, ts(0));
         assert!(p.creates.is_empty());
         assert_eq!(p.phase, WorkflowPhase::Completed);
+    }
+
+    #[test]
+    fn pod_news_sets_the_message_of_a_running_step_and_its_event() {
+        let s = spec(&[("a", &[], 1)]);
+        let st = first_attempt("a", StepPhase::Running);
+        let noted = JobState::ActiveNoted { message: "pod cannot start: Unschedulable".into(), event: Some(("StepCannotStart", "a".into(), "step a: pod cannot start".into())) };
+        let jobs: HashMap<_, _> = [(st.job_name.clone().unwrap(), noted)].into();
+        let p = plan(WF, &s, &[st], &jobs, true, ts(0));
+        assert_eq!(p.steps[0].phase, StepPhase::Running);
+        assert_eq!(p.steps[0].message.as_deref(), Some("pod cannot start: Unschedulable"));
+        assert_eq!(p.events, vec![("StepCannotStart", "a".to_string(), "step a: pod cannot start".to_string())]);
+        assert!(p.creates.is_empty());
+        let cleared: HashMap<_, _> = [(p.steps[0].job_name.clone().unwrap(), JobState::ActiveNoted { message: String::new(), event: None })].into();
+        let p = plan(WF, &s, &p.steps, &cleared, true, ts(1));
+        assert_eq!(p.steps[0].message, None);
+        assert!(p.events.is_empty());
+    }
+
+    #[test]
+    fn an_output_over_the_budget_is_not_retried() {
+        let s = spec(&[("a", &[], 3)]);
+        let st = first_attempt("a", StepPhase::Running);
+        let jobs: HashMap<_, _> = [(st.job_name.clone().unwrap(), JobState::Failed { reason: OUTPUT_TOO_LARGE.into(), message: "too big".into() })].into();
+        let p = plan(WF, &s, &[st], &jobs, true, ts(0));
+        assert_eq!(p.steps[0].phase, StepPhase::Failed);
+        assert_eq!(p.steps[0].message.as_deref(), Some("attempt 0 failed: too big"));
+        assert_eq!(p.phase, WorkflowPhase::Failed);
     }
 
     #[test]

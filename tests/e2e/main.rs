@@ -14,4 +14,5 @@ mod helm;
 mod operator;
 mod runtime;
 mod sharding;
+mod step_pods;
 mod workflow;
