@@ -46,15 +46,35 @@ impl Drop for ClusterScoped {
     }
 }
 
+/// The lines of a replica's log where the API server refused it.
+fn refusals(log: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().filter(|l| l.contains("403") || l.to_lowercase().contains("forbidden")).map(String::from).collect()
+}
+
+/// If the test fails before its own check of the log, say what the API server refused.
+struct ShowRefusals(PathBuf);
+
+impl Drop for ShowRefusals {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("refused requests in {}:\n{}", self.0.display(), refusals(&self.0).join("\n"));
+        }
+    }
+}
+
 /// Take `resource:verb` out of every rule, for the negative check.
 fn drop_verb(docs: &mut [Value], spec: &str) {
     let (resource, verb) = spec.split_once(':').expect("SHOAL_TEST_RBAC_DROP=<resource>:<verb>");
     for d in docs.iter_mut() {
-        for r in d["rules"].as_array_mut().into_iter().flatten() {
+        let Some(rules) = d["rules"].as_array_mut() else { continue };
+        for r in rules.iter_mut() {
             if r["resources"].as_array().is_some_and(|rs| rs.iter().any(|x| x == resource)) {
                 r["verbs"].as_array_mut().unwrap().retain(|v| v != verb);
             }
         }
+        // A rule needs a verb.
+        rules.retain(|r| r["verbs"].as_array().is_some_and(|v| !v.is_empty()));
     }
     eprintln!("rbac: {verb} on {resource} removed from the chart's rules");
 }
@@ -70,9 +90,21 @@ fn impersonating(dir: &Path, user: &str) -> PathBuf {
     path
 }
 
-/// May `user` (with `groups`) do `verb` on `resource` (`group`, `subresource` optional,
-/// `name` optional) in `ns` ("" = every namespace)?
-async fn may(client: &Client, user: &str, groups: &[String], verb: &str, group: &str, resource: &str, ns: &str) -> bool {
+/// A user and its groups, as the authorizer sees them.
+struct Who {
+    user: String,
+    groups: Vec<String>,
+}
+
+impl Who {
+    fn new(user: &str, groups: &[&str]) -> Self {
+        Self { user: user.into(), groups: groups.iter().map(|g| g.to_string()).collect() }
+    }
+}
+
+/// May `who` do `verb` on `resource` (`resource[=name][/subresource]`) of API group
+/// `group` in `ns` ("" = every namespace)?
+async fn may(client: &Client, who: &Who, verb: &str, group: &str, resource: &str, ns: &str) -> bool {
     let (resource, subresource) = match resource.split_once('/') {
         Some((r, s)) => (r, Some(s.to_string())),
         None => (resource, None),
@@ -83,8 +115,8 @@ async fn may(client: &Client, user: &str, groups: &[String], verb: &str, group: 
     };
     let sar = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
-            user: Some(user.into()),
-            groups: Some(groups.to_vec()),
+            user: Some(who.user.clone()),
+            groups: Some(who.groups.clone()),
             resource_attributes: Some(ResourceAttributes {
                 verb: Some(verb.into()),
                 group: Some(group.into()),
@@ -103,10 +135,10 @@ async fn may(client: &Client, user: &str, groups: &[String], verb: &str, group: 
 }
 
 /// Wait until `may(...)` is `want` (RBAC changes reach the authorizer's cache in a moment).
-async fn expect(client: &Client, user: &str, groups: &[String], verb: &str, group: &str, resource: &str, ns: &str, want: bool) {
+async fn expect(client: &Client, who: &Who, verb: &str, group: &str, resource: &str, ns: &str, want: bool) {
     let ns_shown = if ns.is_empty() { "every namespace" } else { ns };
-    eventually(Duration::from_secs(20), &format!("{user} {} {verb} {group}/{resource} in {ns_shown}", if want { "may" } else { "may not" }), || async {
-        (may(client, user, groups, verb, group, resource, ns).await == want).then_some(())
+    eventually(Duration::from_secs(20), &format!("{} {} {verb} {group}/{resource} in {ns_shown}", who.user, if want { "may" } else { "may not" }), || async {
+        (may(client, who, verb, group, resource, ns).await == want).then_some(())
     })
     .await;
 }
@@ -145,15 +177,15 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
     kubectl_apply(&docs.iter().collect::<Vec<_>>(), &[]);
     let sa = docs.iter().find(|d| d["kind"] == "ServiceAccount").unwrap()["metadata"]["name"].as_str().unwrap().to_string();
     let user = format!("system:serviceaccount:{ops}:{sa}");
-    let groups = vec!["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{ops}"), "system:authenticated".to_string()];
+    let me = Who::new(&user, &["system:serviceaccounts", &format!("system:serviceaccounts:{ops}"), "system:authenticated"]);
 
     // What the ServiceAccount may do, and may not.
-    expect(&client, &user, &groups, "list", "batch", "jobs", &work, true).await;
+    expect(&client, &me, "list", "batch", "jobs", &work, true).await;
     for (verb, group, resource) in [("list", "batch", "jobs"), ("watch", "shoal.dev", "workflows"), ("watch", "shoal.dev", "namespacemanagers")] {
-        expect(&client, &user, &groups, verb, group, resource, "", !watch_namespace).await;
-        expect(&client, &user, &groups, verb, group, resource, "default", !watch_namespace).await;
+        expect(&client, &me, verb, group, resource, "", !watch_namespace).await;
+        expect(&client, &me, verb, group, resource, "default", !watch_namespace).await;
     }
-    expect(&client, &user, &groups, "get", "apiextensions.k8s.io", "customresourcedefinitions=workflows.shoal.dev", "", true).await;
+    expect(&client, &me, "get", "apiextensions.k8s.io", "customresourcedefinitions=workflows.shoal.dev", "", true).await;
     let denied = [
         ("get", "apiextensions.k8s.io", "customresourcedefinitions=widgets.example.com", ""),
         ("list", "apiextensions.k8s.io", "customresourcedefinitions", ""),
@@ -165,11 +197,12 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
         ("create", "shoal.dev", "activityworkers", work.as_str()),
         ("update", "shoal.dev", "workflows", work.as_str()),
         ("patch", "shoal.dev", "activities/status", work.as_str()),
+        ("update", "shoal.dev", "workflows/finalizers", work.as_str()),
         ("patch", "coordination.k8s.io", "leases", ops.as_str()),
         ("list", "coordination.k8s.io", "leases", work.as_str()),
     ];
     for (verb, group, resource, ns) in denied {
-        assert!(!may(&client, &user, &groups, verb, group, resource, ns).await, "{sa} may {verb} {group}/{resource} in {ns:?}");
+        assert!(!may(&client, &me, verb, group, resource, ns).await, "{sa} may {verb} {group}/{resource} in {ns:?}");
     }
 
     // A replica with the ServiceAccount's rights and nothing else.
@@ -180,6 +213,7 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
     // Event publishing failures are logged at debug level only.
     op.start_with("r1", "r1", &[("KUBECONFIG", kc.as_str()), ("RUST_LOG", "info,kube=warn,shoal::ha::writer=debug")]);
     let log = op.dir.join("r1.stderr");
+    let _show = ShowRefusals(log.clone());
 
     let api: Api<Workflow> = Api::namespaced(client.clone(), &work);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &work);
@@ -258,8 +292,7 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
     assert!(status.success(), "r1 exited with {status}:\n{text}");
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ops);
     assert!(leases.get_opt("shoal-member-r1").await.unwrap().is_none(), "the member Lease was not deleted");
-    let refused: Vec<&str> = text.lines().filter(|l| l.contains("403") || l.to_lowercase().contains("forbidden")).collect();
-    assert!(refused.is_empty(), "the API server refused the replica:\n{}", refused.join("\n"));
+    assert!(refusals(&log).is_empty(), "the API server refused the replica (its refused requests are printed below)");
     assert!(text.contains("shoal started"), "{text}");
 
     // People: view reads, edit and admin write, nobody writes status.
@@ -270,14 +303,14 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
         };
         let (viewer, editor, admin) = (format!("{release}-viewer"), format!("{release}-editor"), format!("{release}-admin"));
         kubectl_apply(&[&rb(&viewer, "view"), &rb(&editor, "edit"), &rb(&admin, "admin")], &[]);
-        let g = vec!["system:authenticated".to_string()];
+        let [viewer, editor, admin] = [viewer, editor, admin].map(|u| Who::new(&u, &["system:authenticated"]));
         for kind in ["workflows", "activities", "activityworkers", "tasks", "ignitors", "namespacemanagers"] {
-            expect(&client, &viewer, &g, "list", "shoal.dev", kind, &work, true).await;
-            expect(&client, &viewer, &g, "create", "shoal.dev", kind, &work, false).await;
-            expect(&client, &editor, &g, "create", "shoal.dev", kind, &work, true).await;
-            expect(&client, &admin, &g, "delete", "shoal.dev", kind, &work, true).await;
+            expect(&client, &viewer, "list", "shoal.dev", kind, &work, true).await;
+            expect(&client, &viewer, "create", "shoal.dev", kind, &work, false).await;
+            expect(&client, &editor, "create", "shoal.dev", kind, &work, true).await;
+            expect(&client, &admin, "delete", "shoal.dev", kind, &work, true).await;
             for u in [&viewer, &editor, &admin] {
-                expect(&client, u, &g, "patch", "shoal.dev", &format!("{kind}/status"), &work, false).await;
+                expect(&client, u, "patch", "shoal.dev", &format!("{kind}/status"), &work, false).await;
             }
         }
     }

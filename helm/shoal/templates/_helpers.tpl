@@ -37,11 +37,6 @@ Grow this list when a controller lands, never ahead of it.
 - apiGroups: ["shoal.dev"]
   resources: ["workflows/status"]
   verbs: ["patch"]
-# A step's Job has its workflow as controller owner with blockOwnerDeletion; API servers
-# with the OwnerReferencesPermissionEnforcement admission plugin require this to set it.
-- apiGroups: ["shoal.dev"]
-  resources: ["workflows/finalizers"]
-  verbs: ["update"]
 # Steps run as Jobs: watched per shard, read when not cached, created, labels cascaded and
 # shard labels fixed (patch), cancelled steps' Jobs deleted, an old spec's Jobs deleted
 # server-side by label (deletecollection).
