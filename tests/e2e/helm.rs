@@ -1,18 +1,23 @@
-//! The Helm chart renders (with the CRDs from crds/) and the API server accepts every object
-//! it renders.
+//! The Helm chart renders (with the CRDs from crds/), the API server accepts every object it
+//! renders, and the operator's pod passes Pod Security "restricted".
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde::Deserialize;
+use serde_json::{Value, json};
 
 use crate::common;
 
-fn helm_template(ns: &str, set: &[&str]) -> String {
+/// `helm template RELEASE helm/shoal --namespace NS --include-crds --set …`, as YAML.
+pub(crate) fn helm_template(release: &str, ns: &str, set: &[&str]) -> String {
     let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("helm/shoal");
     let mut cmd = Command::new(common::bin_dir().join("helm"));
-    cmd.args(["template", "shoal"]).arg(&chart).args(["--namespace", ns, "--include-crds"]);
+    cmd.args(["template", release]).arg(&chart).args(["--namespace", ns, "--include-crds"]);
     for s in set {
         cmd.args(["--set", s]);
     }
@@ -21,13 +26,52 @@ fn helm_template(ns: &str, set: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The rendered documents, as JSON.
+pub(crate) fn render(release: &str, ns: &str, set: &[&str]) -> Vec<Value> {
+    parse_yaml(&helm_template(release, ns, set))
+}
+
+fn parse_yaml(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text).map(|d| Value::deserialize(d).unwrap()).filter(|v| !v.is_null()).collect()
+}
+
+/// `kubectl apply` of `docs` (each names its namespace, or is cluster-scoped).
+pub(crate) fn kubectl_apply(docs: &[&Value], extra: &[&str]) -> String {
+    let objects: String = docs.iter().map(|d| format!("---\n{}", serde_yaml_ng::to_string(d).unwrap())).collect();
+    let mut kubectl = Command::new(common::bin_dir().join("kubectl"))
+        .arg("apply")
+        .args(extra)
+        .args(["-f", "-"])
+        .env("KUBECONFIG", common::kubeconfig())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    kubectl.stdin.take().unwrap().write_all(objects.as_bytes()).unwrap();
+    let out = kubectl.wait_with_output().unwrap();
+    assert!(out.status.success(), "API server rejected the chart: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn kinds(docs: &[Value]) -> Vec<&str> {
+    docs.iter().map(|d| d["kind"].as_str().unwrap()).collect()
+}
+
+/// Every (kind, name) whose rules mention `resource`.
+fn granting<'a>(docs: &'a [Value], resource: &str) -> Vec<(&'a str, &'a str)> {
+    docs.iter()
+        .filter(|d| d["rules"].as_array().is_some_and(|rules| rules.iter().any(|r| r["resources"].as_array().is_some_and(|rs| rs.iter().any(|x| x == resource)))))
+        .map(|d| (d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn chart_renders_and_the_api_server_accepts_it() {
     let client = common::client().await;
     let ns = common::namespace(&client, "helm").await;
-    let rendered = helm_template(&ns, &["replicaCount=3", "shards=64"]);
-    let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&rendered).map(|d| serde_json::Value::deserialize(d).unwrap()).filter(|v| !v.is_null()).collect();
-    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    let docs = render("shoal", &ns, &["replicaCount=3", "shards=64"]);
+    let kinds = kinds(&docs);
     assert_eq!(kinds.iter().filter(|k| **k == "CustomResourceDefinition").count(), 6, "the chart carries every CRD: {kinds:?}");
     for k in ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment", "Service", "PodDisruptionBudget"] {
         assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
@@ -38,24 +82,112 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     let get = |n: &str| env.iter().find(|e| e["name"] == n).cloned();
     assert_eq!(get("SHOAL_SHARDS").unwrap()["value"], "64");
     assert_eq!(get("POD_NAME").unwrap()["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
-    assert!(rendered.contains("coordination.k8s.io"), "Lease permissions");
+
+    // The chart's CRDs are crds/ exactly.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds");
+    let mut committed: Vec<Value> = std::fs::read_dir(&dir).unwrap().flat_map(|e| parse_yaml(&std::fs::read_to_string(e.unwrap().path()).unwrap())).collect();
+    let mut rendered: Vec<Value> = docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").cloned().collect();
+    let by_name = |v: &Value| v["metadata"]["name"].as_str().unwrap().to_string();
+    committed.sort_by_key(by_name);
+    rendered.sort_by_key(by_name);
+    assert!(committed == rendered, "the chart's CRDs differ from crds/");
+
+    // Cluster-wide: one ClusterRole for the watched objects and the CRD check; the Leases in
+    // a Role of the release namespace; nothing the code does not call.
+    assert_eq!(granting(&docs, "jobs"), vec![("ClusterRole", "shoal")]);
+    assert_eq!(granting(&docs, "leases"), vec![("Role", "shoal-leases")]);
+    assert_crd_rule(&docs);
+    for absent in ["namespaces", "deployments", "statefulsets", "deployments/scale", "secrets", "configmaps"] {
+        assert!(granting(&docs, absent).is_empty(), "{absent}: granted before any controller uses it");
+    }
 
     // Every non-CRD object passes the real API server's validation (server-side dry run).
-    let objects: String = docs.iter().filter(|d| d["kind"] != "CustomResourceDefinition").map(|d| format!("---\n{}", serde_yaml_ng::to_string(d).unwrap())).collect();
-    let mut kubectl = Command::new(common::bin_dir().join("kubectl"))
-        .args(["apply", "--dry-run=server", "-n", &ns, "-f", "-"])
-        .env("KUBECONFIG", common::kubeconfig())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    kubectl.stdin.take().unwrap().write_all(objects.as_bytes()).unwrap();
-    let out = kubectl.wait_with_output().unwrap();
-    assert!(out.status.success(), "API server rejected the chart: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("deployment.apps/shoal-shoal created (server dry run)"), "{}", String::from_utf8_lossy(&out.stdout));
+    let objects: Vec<&Value> = docs.iter().filter(|d| d["kind"] != "CustomResourceDefinition").collect();
+    let out = kubectl_apply(&objects, &["--dry-run=server"]);
+    assert!(out.contains("deployment.apps/shoal created (server dry run)"), "{out}");
+
+    // watchNamespace: the watched objects' rules in a Role there; the only ClusterRole of
+    // the operator is `get` on the shoal CRDs by name.
+    let work = common::namespace(&client, "helm-work").await;
+    let docs = render("shoal", &ns, &[&format!("watchNamespace={work}"), "rbac.aggregateToDefaultRoles=false"]);
+    assert_eq!(granting(&docs, "jobs"), vec![("Role", "shoal")]);
+    let role = docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "shoal").unwrap();
+    assert_eq!(role["metadata"]["namespace"], work.as_str());
+    let cluster_roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "ClusterRole").collect();
+    assert_eq!(cluster_roles.len(), 1, "{cluster_roles:?}");
+    assert_eq!(cluster_roles[0]["rules"].as_array().unwrap().len(), 1);
+    assert_crd_rule(&docs);
+    let objects: Vec<&Value> = docs.iter().filter(|d| d["kind"] != "CustomResourceDefinition").collect();
+    kubectl_apply(&objects, &["--dry-run=server"]);
 
     // One replica: no PodDisruptionBudget (it would block every eviction).
-    assert!(!helm_template(&ns, &["replicaCount=1"]).contains("kind: PodDisruptionBudget"));
+    assert!(!helm_template("shoal", &ns, &["replicaCount=1"]).contains("kind: PodDisruptionBudget"));
+    common::cleanup(&client, &ns).await;
+    common::cleanup(&client, &work).await;
+}
+
+/// `get` on exactly the CRDs the code checks at start, by name.
+fn assert_crd_rule(docs: &[Value]) {
+    let want: BTreeSet<String> = shoal::api::crds::all().into_iter().map(|c| c.metadata.name.unwrap()).collect();
+    let rules: Vec<&Value> = docs.iter().filter_map(|d| d["rules"].as_array()).flatten().filter(|r| r["resources"] == json!(["customresourcedefinitions"])).collect();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0]["verbs"], json!(["get"]));
+    let names: BTreeSet<String> = rules[0]["resourceNames"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
+    assert_eq!(names, want);
+}
+
+/// A Pod made from the Deployment's pod template, as the ReplicaSet controller would.
+fn pod_of(deploy: &Value) -> Pod {
+    let t = &deploy["spec"]["template"];
+    serde_json::from_value(json!({"metadata": {"name": "shoal-psa", "labels": t["metadata"]["labels"]}, "spec": t["spec"]})).unwrap()
+}
+
+/// Pod Security admission enforces on Pods (it only warns on Deployments), so the check
+/// creates the Pod itself, as a server-side dry run, in a namespace that enforces
+/// "restricted".
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pod_passes_pod_security_restricted() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "helm-psa").await;
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let label = json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}});
+    nss.patch(&ns, &PatchParams::default(), &Patch::Merge(&label)).await.unwrap();
+    let docs = render("shoal", &ns, &["actionLog.enabled=true"]);
+    let deploy = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    // The ServiceAccount admission plugin wants the Pod's ServiceAccount to exist.
+    let sa: ServiceAccount = serde_json::from_value(docs.iter().find(|d| d["kind"] == "ServiceAccount").unwrap().clone()).unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns).create(&PostParams::default(), &sa).await.unwrap();
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let dry = PostParams { dry_run: true, ..Default::default() };
+    pods.create(&dry, &pod_of(deploy)).await.unwrap_or_else(|e| panic!("the chart's pod is refused under Pod Security restricted: {e}"));
+
+    // The check can fail: the same pod without seccompProfile, or allowing privilege
+    // escalation, is refused.
+    let mut no_seccomp = deploy.clone();
+    no_seccomp["spec"]["template"]["spec"]["securityContext"].as_object_mut().unwrap().remove("seccompProfile");
+    let mut escalating = deploy.clone();
+    escalating["spec"]["template"]["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = json!(true);
+    for (what, bad) in [("seccompProfile", no_seccomp), ("allowPrivilegeEscalation", escalating)] {
+        match pods.create(&dry, &pod_of(&bad)).await {
+            Err(kube::Error::Api(e)) => assert!(e.code == 403 && e.message.contains("restricted") && e.message.contains(what), "{e:?}"),
+            other => panic!("a pod without {what} was not refused: {other:?}"),
+        }
+    }
+
+    // The action log: on an emptyDir, since the root filesystem is read-only.
+    let spec = &deploy["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    let path = container["env"].as_array().unwrap().iter().find(|e| e["name"] == "SHOAL_ACTION_LOG").expect("SHOAL_ACTION_LOG")["value"].as_str().unwrap().to_string();
+    let mount = container["volumeMounts"].as_array().unwrap().iter().find(|m| path.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap()))).expect("the action log's directory is mounted");
+    let volume = spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+    assert!(volume["emptyDir"].is_object(), "{volume}");
+    assert_ne!(mount["readOnly"], true);
+
+    // Off by default: no variable, no volume.
+    let docs = render("shoal", &ns, &[]);
+    let spec = &docs.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"];
+    assert!(spec["volumes"].is_null() && !spec["containers"][0]["env"].as_array().unwrap().iter().any(|e| e["name"] == "SHOAL_ACTION_LOG"));
     common::cleanup(&client, &ns).await;
 }

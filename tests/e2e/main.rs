@@ -12,6 +12,7 @@ mod ha;
 mod health;
 mod helm;
 mod operator;
+mod rbac;
 mod runtime;
 mod sharding;
 mod step_pods;

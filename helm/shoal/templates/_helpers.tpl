@@ -1,5 +1,12 @@
 {{- define "shoal.name" -}}shoal{{- end -}}
-{{- define "shoal.fullname" -}}{{ .Release.Name }}-shoal{{- end -}}
+{{/* "shoal" for a release named shoal (or shoal-something), else "<release>-shoal". */}}
+{{- define "shoal.fullname" -}}
+{{- if contains "shoal" .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-shoal" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
 {{- define "shoal.labels" -}}
 app.kubernetes.io/name: shoal
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -10,3 +17,49 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/name: shoal
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+{{- define "shoal.serviceAccountSubject" -}}
+- kind: ServiceAccount
+  name: {{ include "shoal.fullname" . }}
+  namespace: {{ .Release.Namespace }}
+{{- end -}}
+
+{{/*
+The operator's rules on the objects it watches, for a ClusterRole (all namespaces) or a Role
+(watchNamespace). Exactly what the code calls today; docs/operate.md says why each is there.
+Grow this list when a controller lands, never ahead of it.
+*/}}
+{{- define "shoal.watchedRules" -}}
+# Sharded watches and the leader's labeller read every shoal kind and set its shard label.
+- apiGroups: ["shoal.dev"]
+  resources: ["workflows", "activities", "activityworkers", "tasks", "ignitors", "namespacemanagers"]
+  verbs: ["list", "watch", "patch"]
+# The Workflow controller records progress (merge patch with a resourceVersion precondition).
+- apiGroups: ["shoal.dev"]
+  resources: ["workflows/status"]
+  verbs: ["patch"]
+# Steps run as Jobs: watched per shard, read when not cached, created, labels cascaded and
+# shard labels fixed (patch), cancelled steps' Jobs deleted, an old spec's Jobs deleted
+# server-side by label (deletecollection).
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]
+# A finished step's output is its pod's termination message.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+# Events about workflows and their steps (kube's Recorder: create, then patch a series).
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
+
+{{/* `shoal run` checks at start that every shoal CRD is installed (by name). */}}
+{{- define "shoal.crdRules" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  resourceNames: ["activities.shoal.dev", "activityworkers.shoal.dev", "ignitors.shoal.dev", "namespacemanagers.shoal.dev", "tasks.shoal.dev", "workflows.shoal.dev"]
+  verbs: ["get"]
+{{- end -}}
+
+{{- define "shoal.kinds" -}}["workflows", "activities", "activityworkers", "tasks", "ignitors", "namespacemanagers"]{{- end -}}
+{{- define "shoal.statuses" -}}["workflows/status", "activities/status", "activityworkers/status", "tasks/status", "ignitors/status", "namespacemanagers/status"]{{- end -}}
