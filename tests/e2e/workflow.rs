@@ -351,3 +351,48 @@ async fn two_hundred_workflows_three_replicas() {
 async fn two_hundred_workflows_with_a_crash() {
     many_workflows("wf-crash", true).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn steps_run_with_their_pod_settings() {
+    let client = common::client().await;
+    let (ns, _op) = setup(&client, "wf-podset").await;
+    let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &wf("podset", json!({
+        "stepDefaults": {
+            "serviceAccountName": "default",
+            "nodeSelector": {"type": "kwok"},
+            "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+            "imagePullSecrets": [{"name": "registry-creds"}],
+            "podSecurityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}
+        },
+        "containers": [
+            step("plain", &[]),
+            {"stepName": "custom", "image": "busybox", "resources": {"requests": {"cpu": "250m"}}, "automountServiceAccountToken": true},
+        ]
+    }))).await.unwrap();
+    wait_phase(&api, "podset", WorkflowPhase::Completed).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod_of = |step: &'static str| {
+        let pods = pods.clone();
+        async move { pods.list(&ListParams::default().labels(&format!("shoal.dev/workflow=podset,shoal.dev/step={step}"))).await.unwrap().items.remove(0).spec.unwrap() }
+    };
+    let plain = pod_of("plain").await;
+    assert_eq!(plain.service_account_name.as_deref(), Some("default"));
+    assert_eq!(plain.automount_service_account_token, Some(false), "no API token unless asked");
+    assert_eq!(plain.node_selector.as_ref().unwrap()["type"], "kwok");
+    assert_eq!(plain.tolerations.as_ref().unwrap()[0].key.as_deref(), Some("batch"));
+    assert_eq!(plain.image_pull_secrets.as_ref().unwrap()[0].name, "registry-creds");
+    assert_eq!(plain.security_context.as_ref().unwrap().seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+    let c = &plain.containers[0];
+    assert_eq!(c.security_context.as_ref().unwrap().allow_privilege_escalation, Some(false));
+    assert_eq!(c.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0, "100m");
+    let custom = pod_of("custom").await;
+    assert_eq!(custom.automount_service_account_token, Some(true));
+    let r = custom.containers[0].resources.as_ref().unwrap().requests.as_ref().unwrap();
+    assert_eq!(r["cpu"].0, "250m", "a step's resources replace the default's");
+    assert!(!r.contains_key("memory"), "as a whole");
+    assert_eq!(custom.node_selector.as_ref().unwrap()["type"], "kwok", "other defaults still apply");
+    common::cleanup(&client, &ns).await;
+}
