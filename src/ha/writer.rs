@@ -109,12 +109,15 @@ impl Writer {
         if !self.own.record_action(self.fence, &self.object, &self.uid, action) {
             return Err(WriteError::Fenced);
         }
-        match tokio::time::timeout_at(deadline.into(), request).await {
-            Ok(r) => r.map_err(WriteError::from),
-            Err(_) => {
+        // The deadline is polled first: a process that froze after the check above and wakes
+        // past the fence's end gives up before the request is even started.
+        tokio::select! {
+            biased;
+            _ = tokio::time::sleep_until(deadline.into()) => {
                 tracing::warn!(object = %self.object, action, "request outlived its fence; abandoned");
                 Err(WriteError::Deadline)
             }
+            r = request => r.map_err(WriteError::from),
         }
     }
 
