@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::ListParams;
 use kube::ResourceExt;
+use kube::api::ListParams;
 use serde_json::{Value, json};
 
 use super::step_job::StepJob;
@@ -95,7 +95,15 @@ pub fn owned_by(pods: Vec<Pod>, uid: &str) -> Vec<Pod> {
 /// Reads the Job's pods when the Job has finished, and when it has been active for a while
 /// without a ready pod (at most once per [`RECHECK`] per Job on this replica). Returns the
 /// state to plan from and, for a Job without a ready pod, when to look again.
-pub async fn observe(pods_api: &ReadApi<Pod>, looks: &PodLooks, job: &StepJob, base: JobState, step: &StepStatus, budget: &mut OutputBudget, now: Timestamp) -> Result<(JobState, Option<Duration>), kube::Error> {
+pub async fn observe(
+    pods_api: &ReadApi<Pod>,
+    looks: &PodLooks,
+    job: &StepJob,
+    base: JobState,
+    step: &StepStatus,
+    budget: &mut OutputBudget,
+    now: Timestamp,
+) -> Result<(JobState, Option<Duration>), kube::Error> {
     let uid = job.uid().unwrap_or_default();
     match base {
         JobState::Succeeded { .. } | JobState::Failed { .. } => {

@@ -49,7 +49,10 @@ pub enum JobState {
     },
     /// Active, with news of its pod (it cannot start; disrupted pods were replaced): the step
     /// stays Running with `message` as its message (none if empty), and `event` is emitted.
-    ActiveNoted { message: String, event: Option<PlannedEvent> },
+    ActiveNoted {
+        message: String,
+        event: Option<PlannedEvent>,
+    },
 }
 
 /// The workflow being planned: its name, UID and spec generation.
@@ -288,10 +291,10 @@ impl Plan {
         };
         if phase == WorkflowPhase::Failed && fail_fast {
             for st in self.steps.iter_mut().filter(|s| matches!(s.phase, StepPhase::Running | StepPhase::Retrying)) {
-                if st.phase == StepPhase::Running {
-                    if let Some(j) = &st.job_name {
-                        self.cancels.push(j.clone());
-                    }
+                if st.phase == StepPhase::Running
+                    && let Some(j) = &st.job_name
+                {
+                    self.cancels.push(j.clone());
                 }
                 st.phase = StepPhase::Cancelled;
                 st.finished_at = Some(Time(now));
@@ -582,7 +585,7 @@ mod tests {
     proptest! {
         #[test]
         fn planner_invariants(steps in arb_dag(), fail_fast in any::<bool>(), fail_seed in any::<u64>()) {
-            let fails = |step: &str, attempt: i32| (crate::core::shard::weight(attempt as u32, step) ^ fail_seed) % 4 == 0;
+            let fails = |step: &str, attempt: i32| (crate::core::shard::weight(attempt as u32, step) ^ fail_seed).is_multiple_of(4);
             let mut status: Vec<StepStatus> = vec![];
             let mut jobs: HashMap<String, JobState> = HashMap::new();
             let mut planned: HashSet<(String, i32)> = HashSet::new();

@@ -357,21 +357,29 @@ async fn steps_run_with_their_pod_settings() {
     let client = common::client().await;
     let (ns, _op) = setup(&client, "wf-podset").await;
     let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &wf("podset", json!({
-        "stepDefaults": {
-            "serviceAccountName": "default",
-            "nodeSelector": {"type": "kwok"},
-            "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
-            "imagePullSecrets": [{"name": "registry-creds"}],
-            "podSecurityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
-            "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
-            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}
-        },
-        "containers": [
-            step("plain", &[]),
-            {"stepName": "custom", "image": "busybox", "resources": {"requests": {"cpu": "250m"}}, "automountServiceAccountToken": true},
-        ]
-    }))).await.unwrap();
+    api.create(
+        &PostParams::default(),
+        &wf(
+            "podset",
+            json!({
+                "stepDefaults": {
+                    "serviceAccountName": "default",
+                    "nodeSelector": {"type": "kwok"},
+                    "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+                    "imagePullSecrets": [{"name": "registry-creds"}],
+                    "podSecurityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+                    "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}
+                },
+                "containers": [
+                    step("plain", &[]),
+                    {"stepName": "custom", "image": "busybox", "resources": {"requests": {"cpu": "250m"}}, "automountServiceAccountToken": true},
+                ]
+            }),
+        ),
+    )
+    .await
+    .unwrap();
     wait_phase(&api, "podset", WorkflowPhase::Completed).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pod_of = |step: &'static str| {
