@@ -8,7 +8,7 @@ DEMO_CLUSTER ?= $(CURDIR)/.shoal-dev
 KUBECTL := $(HOME)/.cache/shoal/k8s-v1.35.4/bin/kubectl
 TEST_THREADS ?= 8
 
-.PHONY: cluster build crds test demo demo-down fmt
+.PHONY: cluster build crds test lint demo demo-down fmt
 
 ## Build the local control plane into ~/.cache/shoal (a no-op when cached).
 cluster:
@@ -16,6 +16,11 @@ cluster:
 
 build:
 	$(CARGO) build --bins --tests
+
+## Formatting and lints, as CI runs them.
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
 
 ## Regenerate crds/ from the Rust types.
 crds: build
