@@ -220,9 +220,8 @@ async fn shutdown_signal() {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_task_that_ends_stops_the_process_with_an_error() {
-        let shutdown = CancellationToken::new();
+    /// A lease loop and a "job informer" that both run until `shutdown`.
+    fn fleet(shutdown: &CancellationToken) -> (tokio::task::JoinHandle<Result<()>>, tokio::task::JoinSet<&'static str>) {
         let s = shutdown.clone();
         let leases = tokio::spawn(async move {
             s.cancelled().await;
@@ -231,6 +230,13 @@ mod tests {
         let mut tasks = tokio::task::JoinSet::new();
         let s = shutdown.clone();
         tasks.spawn(named("job informer", async move { s.cancelled().await }));
+        (leases, tasks)
+    }
+
+    #[tokio::test]
+    async fn a_task_that_ends_stops_the_process_with_an_error() {
+        let shutdown = CancellationToken::new();
+        let (leases, mut tasks) = fleet(&shutdown);
         tasks.spawn(named("workflow controller", async {}));
         let r = tokio::time::timeout(Duration::from_secs(10), supervise(leases, tasks, std::future::pending(), shutdown.clone())).await.expect("supervise returns");
         let e = r.expect_err("a task that ends is a fault");
@@ -257,14 +263,7 @@ mod tests {
     #[tokio::test]
     async fn a_signal_is_a_clean_stop() {
         let shutdown = CancellationToken::new();
-        let s = shutdown.clone();
-        let leases = tokio::spawn(async move {
-            s.cancelled().await;
-            Ok(())
-        });
-        let mut tasks = tokio::task::JoinSet::new();
-        let s = shutdown.clone();
-        tasks.spawn(named("job informer", async move { s.cancelled().await }));
+        let (leases, tasks) = fleet(&shutdown);
         let r = supervise(leases, tasks, async {}, shutdown.clone()).await;
         assert!(r.is_ok(), "{r:?}");
     }

@@ -47,7 +47,7 @@ async fn shard_leases(client: &Client, ns: &str) -> BTreeMap<u32, (Option<String
 }
 
 /// shard -> holding replica, from the shard Leases.
-async fn holders(client: &Client, ns: &str) -> BTreeMap<u32, String> {
+pub(crate) async fn holders(client: &Client, ns: &str) -> BTreeMap<u32, String> {
     shard_leases(client, ns).await.into_iter().filter_map(|(s, (h, _))| Some((s, replica_of(&h?).to_string()))).collect()
 }
 

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use nix::sys::signal::{Signal, kill};
@@ -65,15 +64,7 @@ async fn set_label(api: &Api<Workflow>, name: &str, value: &str) {
 
 /// shard -> holder, for the shards below `shards`.
 async fn holders(client: &Client, ns: &str, shards: u32) -> BTreeMap<u32, String> {
-    let api: Api<Lease> = Api::namespaced(client.clone(), ns);
-    let mut out = BTreeMap::new();
-    for l in api.list(&ListParams::default().labels("shoal.dev/lease-role=shard")).await.unwrap().items {
-        let shard: u32 = l.name_any().trim_start_matches("shoal-shard-").parse().unwrap();
-        if let Some(h) = l.spec.and_then(|s| s.holder_identity).filter(|h| !h.is_empty() && shard < shards) {
-            out.insert(shard, crate::ha::replica_of(&h).to_string());
-        }
-    }
-    out
+    crate::ha::holders(client, ns).await.into_iter().filter(|(s, _)| *s < shards).collect()
 }
 
 /// Every shard held, each of `members` holding some.
