@@ -11,5 +11,6 @@ mod examples;
 mod ha;
 mod helm;
 mod operator;
+mod outage;
 mod sharding;
 mod workflow;
