@@ -251,7 +251,7 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
     let started = Instant::now();
     let mut cluster = DevCluster { dir: dir.clone(), kubeconfig: kubeconfig.clone(), server: server.clone(), bin_dir: bin.clone(), processes: vec![], start_seconds: 0.0 };
     let spawn = |cluster: &mut DevCluster, name: &str, args: Vec<String>| -> Result<()> {
-        let p = spawn_component(&bin.join(name), name, args, &logs)?;
+        let p = spawn_component(&bin.join(name), name, args, &logs, false)?;
         cluster.processes.push(p);
         std::fs::write(state_path(&cluster.dir), serde_json::to_vec_pretty(cluster)?)?;
         Ok(())
@@ -363,9 +363,9 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
     Ok(cluster)
 }
 
-/// Start one component, its output appended to `logs/<name>.log`.
-fn spawn_component(exe: &Path, name: &str, args: Vec<String>, logs: &Path) -> Result<Proc> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{name}.log")))?;
+/// Start one component, its output written (or appended) to `logs/<name>.log`.
+fn spawn_component(exe: &Path, name: &str, args: Vec<String>, logs: &Path, append: bool) -> Result<Proc> {
+    let log = std::fs::OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(logs.join(format!("{name}.log")))?;
     let child = Command::new(exe).args(&args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).spawn().with_context(|| format!("starting {}", exe.display()))?;
     Ok(Proc { name: name.to_string(), pid: child.id() as i32, exe: exe.to_path_buf(), args })
 }
@@ -385,13 +385,14 @@ pub async fn restart(dir: &Path, name: &str) -> Result<Proc> {
     if pid_alive(&old) {
         let _ = kill(nix::unistd::Pid::from_raw(old.pid), Signal::SIGKILL);
     }
+    // Collect only this child: the caller's other children (say, operator replicas it
+    // supervises) are its own to wait for.
     let deadline = Instant::now() + Duration::from_secs(10);
     while pid_alive(&old) && Instant::now() < deadline {
-        reap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    reap();
-    let p = spawn_component(&old.exe, name, old.args.clone(), &cluster.dir.join("logs"))?;
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(old.pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    let p = spawn_component(&old.exe, name, old.args.clone(), &cluster.dir.join("logs"), true)?;
     cluster.processes[i] = p.clone();
     std::fs::write(state_path(&cluster.dir), serde_json::to_vec_pretty(&cluster)?)?;
     if name == "kube-apiserver" {
