@@ -22,11 +22,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::informer::with_backoff;
 use super::{Hold, Ownership, ReasonLabel, ShardEvent};
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=shoal";
@@ -37,8 +38,27 @@ const DEFAULT_LEASE_SECS: i32 = 15;
 /// The leader deletes a member Lease unchanged for this many lease durations.
 const DEAD_MEMBER_LEASES: u32 = 4;
 /// The lease loop gives up when the Lease API (or the member Lease) has failed for this
-/// many lease durations.
+/// many lease durations, plus up to [`UNREACHABLE_JITTER`] of that again.
 const UNREACHABLE_LEASES: u32 = 4;
+/// The random part of the exit bound, drawn once per process, so that replicas cut off
+/// together do not all exit (and restart, and relist) at the same instant.
+const UNREACHABLE_JITTER: f64 = 0.5;
+
+/// How long the Lease API may stay unreachable before the lease loop gives up:
+/// [`UNREACHABLE_LEASES`] lease durations, stretched by `draw` (in 0..1) times
+/// [`UNREACHABLE_JITTER`].
+pub(super) fn unreachable_limit(lease: Duration, draw: f64) -> Duration {
+    (lease * UNREACHABLE_LEASES).mul_f64(1.0 + UNREACHABLE_JITTER * draw.clamp(0.0, 1.0))
+}
+
+/// A number in 0..1, different in every process.
+fn random_draw() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// Why the lease loop stopped: the process must exit rather than act without fencing.
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +267,8 @@ struct Loop {
     seen: Arc<Mutex<Observations>>,
     /// Shards being drained and released in the background.
     releasing: Arc<Mutex<HashMap<u32, JoinHandle<()>>>>,
+    /// How long the Lease API may stay unreachable before the loop gives up (jittered).
+    unreachable_limit: Duration,
 }
 
 /// What one tick learned.
@@ -272,8 +294,10 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
         clock: Clock { offset: SignedDuration::from_secs(cfg.test_clock_offset) },
         seen: Arc::default(),
         releasing: Arc::default(),
+        unreachable_limit: unreachable_limit(cfg.lease_duration, random_draw()),
         own,
     };
+    tracing::info!(limit = ?lp.unreachable_limit, "the process exits if the Lease API stays unreachable this long");
     let notify = Arc::new(Notify::new());
     let watch_task = tokio::spawn(watch_leases(api, notify.clone(), lp.seen.clone()));
     let result = lp.run(&notify, &shutdown).await;
@@ -286,9 +310,10 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
 
 /// Record every Lease change as it is seen, and wake the loop early when membership changes
 /// or a shard or leader Lease is freed, so handover does not wait for the next retry period.
+/// Errors back off (0.8 s doubling to 15 s, jittered) until the watch makes progress again.
 async fn watch_leases(api: Api<Lease>, notify: Arc<Notify>, seen: Arc<Mutex<Observations>>) {
     let mut members: HashMap<String, Option<String>> = HashMap::new();
-    let mut stream = watcher(api, watcher::Config::default().labels(MANAGED)).default_backoff().boxed();
+    let mut stream = with_backoff(watcher(api, watcher::Config::default().labels(MANAGED))).boxed();
     while let Some(ev) = stream.next().await {
         let Ok(ev) = ev else { continue };
         match ev {
@@ -328,7 +353,7 @@ impl Loop {
             _ = shutdown.cancelled() => return Ok(()),
         }
         let cfg = self.own.config().clone();
-        let limit = cfg.lease_duration * UNREACHABLE_LEASES;
+        let limit = self.unreachable_limit;
         let (mut api_ok, mut member_ok) = (Instant::now(), Instant::now());
         while !shutdown.is_cancelled() {
             let mut wake = Instant::now() + cfg.retry_period;
@@ -396,7 +421,7 @@ impl Loop {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the member Lease failed");
-                    if started.elapsed() > cfg.lease_duration * UNREACHABLE_LEASES {
+                    if started.elapsed() > self.unreachable_limit {
                         return Err(LeaseError::Unreachable { what: "the Lease API", waited: started.elapsed(), last: e.to_string() }.into());
                     }
                 }

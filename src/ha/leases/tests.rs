@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{LEADER_LEASE, Observations, Record, Stamp, cleared, live_members, may_hand_over, may_take, member_lease_name, renewed, run, shard_lease_name, taken};
+use super::{LEADER_LEASE, Observations, Record, Stamp, cleared, live_members, may_hand_over, may_take, member_lease_name, random_draw, renewed, run, shard_lease_name, taken, unreachable_limit};
 use crate::ha::{HaConfig, HaMetrics, Ownership, ReasonLabel};
 
 fn secs(n: u64) -> Duration {
@@ -185,6 +185,8 @@ struct Fake {
     writes: Mutex<Vec<Write>>,
     fail_put: Mutex<HashSet<String>>,
     list_delay: Mutex<Duration>,
+    /// Answer every request with 503, as an API server that is away would.
+    down: std::sync::atomic::AtomicBool,
 }
 
 fn reply(code: u16, body: serde_json::Value) -> Response<Body> {
@@ -229,6 +231,9 @@ impl Fake {
         let query = parts.uri.query().unwrap_or("").to_string();
         let name = parts.uri.path().split_once("/leases/").map(|(_, n)| n.to_string());
         let body = body.collect_bytes().await.unwrap_or_default();
+        if self.down.load(Ordering::SeqCst) {
+            return status(503, "ServiceUnavailable");
+        }
         match (parts.method, name) {
             (Method::GET, None) if query.contains("watch=true") => std::future::pending().await,
             (Method::GET, None) => {
@@ -553,4 +558,33 @@ async fn dead_members_are_collected_by_observation_not_by_their_wall_clocks() {
     live.cancel();
     r.stop.cancel();
     r.task.await.unwrap().unwrap();
+}
+
+#[test]
+fn the_exit_bound_is_four_lease_durations_and_up_to_half_as_much_again_drawn_per_process() {
+    assert_eq!(unreachable_limit(secs(5), 0.0), secs(20));
+    assert_eq!(unreachable_limit(secs(5), 0.5), secs(25));
+    assert_eq!(unreachable_limit(secs(5), 1.0), secs(30));
+    let draws: Vec<f64> = (0..200).map(|_| random_draw()).collect();
+    assert!(draws.iter().all(|d| (0.0..1.0).contains(d)), "{draws:?}");
+    let (lo, hi) = draws.iter().fold((1.0f64, 0.0f64), |(lo, hi), d| (lo.min(*d), hi.max(*d)));
+    assert!(lo < 0.2 && hi > 0.8, "draws spread over 0..1: {lo:.3}..{hi:.3}");
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_from_the_lease_api_exits_within_its_jittered_bound() {
+    let fake = Arc::new(Fake::default());
+    let r = start(&fake, "a", config(2, 1, 600, 100));
+    until(secs(5), "a shard held", || (!r.own.held_shards().is_empty()).then_some(())).await;
+    let cut = Instant::now();
+    fake.down.store(true, Ordering::SeqCst);
+    let result = tokio::time::timeout(secs(10), r.task).await.expect("the loop gives up").unwrap();
+    let waited = cut.elapsed();
+    let e = result.expect_err("an unreachable Lease API stops the loop");
+    assert!(e.to_string().contains("the Lease API failed"), "{e}");
+    // Four lease durations (4 s) to six, counted from the last tick that went through (up to
+    // one retry period before the cut).
+    assert!(waited >= ms(3900) && waited <= ms(6400), "exited {waited:?} after the cut");
+    assert!(r.own.owns_shard(0).is_none() && r.own.owns_shard(1).is_none(), "fenced long before");
+    r.stop.cancel();
 }
