@@ -420,7 +420,13 @@ where
                     continue;
                 }
             };
-            let Ok(ev) = ev else { continue };
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::debug!(kind = %self.kind, shard, error = %e, "watch failed; backing off");
+                    continue;
+                }
+            };
             match ev {
                 watcher::Event::Init => seen.clear(),
                 watcher::Event::InitApply(o) | watcher::Event::Apply(o) => {

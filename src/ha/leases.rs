@@ -269,6 +269,8 @@ struct Loop {
     releasing: Arc<Mutex<HashMap<u32, JoinHandle<()>>>>,
     /// How long the Lease API may stay unreachable before the loop gives up (jittered).
     unreachable_limit: Duration,
+    /// When the last list of the Leases was answered.
+    last_list: Arc<Mutex<Instant>>,
 }
 
 /// What one tick learned.
@@ -295,6 +297,7 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
         seen: Arc::default(),
         releasing: Arc::default(),
         unreachable_limit: unreachable_limit(cfg.lease_duration, random_draw()),
+        last_list: Arc::new(Mutex::new(Instant::now())),
         own,
     };
     tracing::info!(limit = ?lp.unreachable_limit, "the process exits if the Lease API stays unreachable this long");
@@ -315,7 +318,13 @@ async fn watch_leases(api: Api<Lease>, notify: Arc<Notify>, seen: Arc<Mutex<Obse
     let mut members: HashMap<String, Option<String>> = HashMap::new();
     let mut stream = with_backoff(watcher(api, watcher::Config::default().labels(MANAGED))).boxed();
     while let Some(ev) = stream.next().await {
-        let Ok(ev) = ev else { continue };
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::debug!(error = %e, "Lease watch failed; backing off");
+                continue;
+            }
+        };
         match ev {
             watcher::Event::Apply(l) | watcher::Event::InitApply(l) => {
                 let name = l.metadata.name.clone().unwrap_or_default();
@@ -352,6 +361,7 @@ impl Loop {
             r = self.join() => r?,
             _ = shutdown.cancelled() => return Ok(()),
         }
+        *lock(&self.last_list) = Instant::now();
         let cfg = self.own.config().clone();
         let limit = self.unreachable_limit;
         let (mut api_ok, mut member_ok) = (Instant::now(), Instant::now());
@@ -469,9 +479,20 @@ impl Loop {
         let member_renewed = self.renew_member().await?;
         let list = self.api.list(&ListParams::default().labels(MANAGED)).await?;
         let now = Instant::now();
+        // No list answered for longer than the renew deadline (the API server was away or
+        // hung): that nothing changed meanwhile says nothing about the holders, who most
+        // likely could not reach it either.
+        let blind = now.duration_since(std::mem::replace(&mut *lock(&self.last_list), now)) > cfg.renew_deadline;
         let by_name: HashMap<String, Lease> = list.items.into_iter().filter_map(|l| Some((l.metadata.name.clone()?, l))).collect();
         let members = {
             let mut seen = lock(&self.seen);
+            if blind {
+                // Every Lease counts as renewed now, as for a replica that just started: a
+                // holder gets a whole lease duration to renew before anyone takes its shards,
+                // instead of all of them changing hands the moment the API server is back.
+                tracing::info!("the Lease API is back after more than the renew deadline; every Lease counts as renewed now");
+                seen.retain(|_| false);
+            }
             seen.retain(|n| by_name.contains_key(n));
             for (name, l) in &by_name {
                 seen.observe(name, Record::of(l), now);
@@ -504,10 +525,15 @@ impl Loop {
             }
         }
         let leader = self.leader(by_name.get(LEADER_LEASE).cloned(), now);
-        futures::future::join3(futures::future::join_all(renewals), futures::future::join_all(acquisitions), leader).await;
+        let (renewed, acquired, ()) = futures::future::join3(futures::future::join_all(renewals), futures::future::join_all(acquisitions), leader).await;
+        let confirmed: HashSet<u32> = renewed.into_iter().chain(acquired).flatten().collect();
 
         // Fencing sweep: a shard not renewed within the deadline is no longer ours to act on.
-        let stale: Vec<u32> = lock(&self.own.inner.held).iter().filter(|(_, h)| !h.draining && h.renewed.elapsed() >= cfg.renew_deadline).map(|(s, _)| *s).collect();
+        // Except one whose write this tick went through, only too slowly to keep the fence
+        // (the API server hung while it was in flight): the Lease is still ours, under the
+        // same epoch, and the next renewal restores the fence; dropping it would leave the
+        // shard to nobody until it expired.
+        let stale: Vec<u32> = lock(&self.own.inner.held).iter().filter(|(s, h)| !h.draining && h.renewed.elapsed() >= cfg.renew_deadline && !confirmed.contains(s)).map(|(s, _)| *s).collect();
         for s in stale {
             self.lose(s, "renew_deadline");
         }
@@ -523,24 +549,30 @@ impl Loop {
         Ok(Tick { member_renewed, next_expiry })
     }
 
-    async fn renew_shard(&self, s: u32, lease: Lease) {
+    /// Renew shard `s`; `Some(s)` if the write went through under the epoch still held.
+    async fn renew_shard(&self, s: u32, lease: Lease) -> Option<u32> {
         let held = lock(&self.own.inner.held).get(&s).map(|h| (h.transitions, h.renewed.elapsed()));
-        let Some((epoch, since)) = held else { return };
+        let (epoch, since) = held?;
         if since < self.own.config().retry_period / 2 {
-            return;
+            return None;
         }
         let stamp = self.clock.stamp();
         match self.api.replace(&shard_lease_name(s), &PostParams::default(), &renewed(lease, self.lease_secs, stamp)).await {
             Ok(_) => {
-                if let Some(h) = lock(&self.own.inner.held).get_mut(&s).filter(|h| h.transitions == epoch && !h.draining) {
-                    h.renewed = h.renewed.max(stamp.at);
-                }
+                let mut held = lock(&self.own.inner.held);
+                let h = held.get_mut(&s).filter(|h| h.transitions == epoch && !h.draining)?;
+                h.renewed = h.renewed.max(stamp.at);
+                Some(s)
             }
-            Err(e) => tracing::debug!(shard = s, error = %e, "renew failed; retrying next tick"),
+            Err(e) => {
+                tracing::debug!(shard = s, error = %e, "renew failed; retrying next tick");
+                None
+            }
         }
     }
 
-    async fn acquire(&self, s: u32, lease: Option<Lease>, reason: &'static str) {
+    /// Take shard `s`; `Some(s)` if the write went through.
+    async fn acquire(&self, s: u32, lease: Option<Lease>, reason: &'static str) -> Option<u32> {
         let name = shard_lease_name(s);
         let exists = lease.is_some();
         let stamp = self.clock.stamp();
@@ -553,9 +585,13 @@ impl Loop {
                 self.own.metrics().acquisitions.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
                 tracing::info!(shard = s, transitions, reason, "acquired shard");
                 let _ = self.own.inner.events.send(ShardEvent::Acquired(s));
+                Some(s)
             }
-            Err(e) if is_conflict(&e) => {}
-            Err(e) => tracing::debug!(shard = s, error = %e, "acquire failed"),
+            Err(e) if is_conflict(&e) => None,
+            Err(e) => {
+                tracing::debug!(shard = s, error = %e, "acquire failed");
+                None
+            }
         }
     }
 

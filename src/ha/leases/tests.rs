@@ -187,6 +187,8 @@ struct Fake {
     list_delay: Mutex<Duration>,
     /// Answer every request with 503, as an API server that is away would.
     down: std::sync::atomic::AtomicBool,
+    /// Hold every replace this long before applying it, as a hung API server would.
+    put_delay: Mutex<Duration>,
 }
 
 fn reply(code: u16, body: serde_json::Value) -> Response<Body> {
@@ -259,6 +261,8 @@ impl Fake {
                 reply(201, serde_json::to_value(self.store(&mut leases, lease)).unwrap())
             }
             (Method::PUT, Some(n)) => {
+                let delay = *self.put_delay.lock().unwrap();
+                tokio::time::sleep(delay).await;
                 let lease: Lease = serde_json::from_slice(&body).unwrap();
                 let mut leases = self.leases.lock().unwrap();
                 let failing = self.fail_put.lock().unwrap().contains(&n);
@@ -587,4 +591,53 @@ async fn a_replica_cut_off_from_the_lease_api_exits_within_its_jittered_bound() 
     assert!(waited >= ms(3900) && waited <= ms(6400), "exited {waited:?} after the cut");
     assert!(r.own.owns_shard(0).is_none() && r.own.owns_shard(1).is_none(), "fenced long before");
     r.stop.cancel();
+}
+
+/// Shards and their transition counts, as `own` holds them.
+fn epochs(own: &Ownership) -> Vec<(u32, Option<crate::ha::Fence>)> {
+    own.held_shards().into_iter().map(|s| (s, own.owns_shard(s))).collect()
+}
+
+#[tokio::test]
+async fn a_renewal_that_goes_through_too_late_for_the_fence_keeps_the_shard() {
+    let fake = Arc::new(Fake::default());
+    let r = start(&fake, "a", config(4, 2, 600, 100));
+    until(secs(5), "every shard held", || (r.own.held_shards().len() == 4).then_some(())).await;
+    let before = epochs(&r.own);
+    // The API server hangs for 1.5 s with renewals in flight: they land after the fence.
+    *fake.put_delay.lock().unwrap() = ms(1500);
+    until(secs(5), "the fences lapse", || r.own.owns_shard(0).is_none().then_some(())).await;
+    *fake.put_delay.lock().unwrap() = Duration::ZERO;
+    until(secs(5), "the fences back", || (0..4).all(|s| r.own.owns_shard(s).is_some()).then_some(())).await;
+    assert_eq!(epochs(&r.own), before, "the same shards, under the same epochs");
+    let lost = r.own.metrics().releases.get_or_create(&ReasonLabel { reason: "renew_deadline".into() }).get();
+    assert_eq!(lost, 0, "no shard dropped for a renewal that went through");
+    r.stop.cancel();
+    let _ = r.task.await;
+}
+
+#[tokio::test]
+async fn after_an_outage_no_replica_takes_the_shards_of_another_that_was_cut_off_too() {
+    let fake = Arc::new(Fake::default());
+    let cfg = config(8, 2, 600, 100);
+    let a = start(&fake, "a", cfg.clone());
+    let b = start(&fake, "b", cfg);
+    until(secs(10), "the shards split 4/4", || (a.own.held_shards().len() == 4 && b.own.held_shards().len() == 4).then_some(())).await;
+    let before = (epochs(&a.own), epochs(&b.own));
+    // The API server is away for longer than the lease: nobody renews anything.
+    fake.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(secs(3)).await;
+    fake.down.store(false, Ordering::SeqCst);
+    until(secs(5), "every fence back", || (a.own.held_shards().iter().chain(&b.own.held_shards()).filter_map(|s| a.own.owns_shard(*s).or(b.own.owns_shard(*s))).count() == 8).then_some(())).await;
+    // Give any mistaken takeover (one lease duration after the return) the time to happen.
+    tokio::time::sleep(secs(3)).await;
+    assert_eq!((epochs(&a.own), epochs(&b.own)), before, "each kept its shards, under the same epochs");
+    for r in [&a, &b] {
+        let expired = r.own.metrics().acquisitions.get_or_create(&ReasonLabel { reason: "expired".into() }).get();
+        assert_eq!(expired, 0, "{}: took a Lease as expired", r.own.holder());
+    }
+    for r in [a, b] {
+        r.stop.cancel();
+        let _ = r.task.await;
+    }
 }
