@@ -187,7 +187,10 @@ struct Fake {
     list_delay: Mutex<Duration>,
     /// Answer every request with 503, as an API server that is away would.
     down: std::sync::atomic::AtomicBool,
-    /// Hold every replace this long before applying it, as a hung API server would.
+    /// Answer every write with 503.
+    writes_down: std::sync::atomic::AtomicBool,
+    /// Hold every replace of a shard Lease this long before applying it, as a hung API
+    /// server would.
     put_delay: Mutex<Duration>,
 }
 
@@ -233,7 +236,7 @@ impl Fake {
         let query = parts.uri.query().unwrap_or("").to_string();
         let name = parts.uri.path().split_once("/leases/").map(|(_, n)| n.to_string());
         let body = body.collect_bytes().await.unwrap_or_default();
-        if self.down.load(Ordering::SeqCst) {
+        if self.down.load(Ordering::SeqCst) || (parts.method != Method::GET && self.writes_down.load(Ordering::SeqCst)) {
             return status(503, "ServiceUnavailable");
         }
         match (parts.method, name) {
@@ -261,8 +264,10 @@ impl Fake {
                 reply(201, serde_json::to_value(self.store(&mut leases, lease)).unwrap())
             }
             (Method::PUT, Some(n)) => {
-                let delay = *self.put_delay.lock().unwrap();
-                tokio::time::sleep(delay).await;
+                if n.starts_with("shoal-shard-") {
+                    let delay = *self.put_delay.lock().unwrap();
+                    tokio::time::sleep(delay).await;
+                }
                 let lease: Lease = serde_json::from_slice(&body).unwrap();
                 let mut leases = self.leases.lock().unwrap();
                 let failing = self.fail_put.lock().unwrap().contains(&n);
@@ -604,9 +609,11 @@ async fn a_renewal_that_goes_through_too_late_for_the_fence_keeps_the_shard() {
     let r = start(&fake, "a", config(4, 2, 600, 100));
     until(secs(5), "every shard held", || (r.own.held_shards().len() == 4).then_some(())).await;
     let before = epochs(&r.own);
-    // The API server hangs for 1.5 s with renewals in flight: they land after the fence.
+    // The API server hangs for 1.5 s with shard renewals in flight: they land after the
+    // fence has ended.
     *fake.put_delay.lock().unwrap() = ms(1500);
     until(secs(5), "the fences lapse", || r.own.owns_shard(0).is_none().then_some(())).await;
+    tokio::time::sleep(ms(1500)).await;
     *fake.put_delay.lock().unwrap() = Duration::ZERO;
     until(secs(5), "the fences back", || (0..4).all(|s| r.own.owns_shard(s).is_some()).then_some(())).await;
     assert_eq!(epochs(&r.own), before, "the same shards, under the same epochs");
@@ -621,13 +628,19 @@ async fn after_an_outage_no_replica_takes_the_shards_of_another_that_was_cut_off
     let fake = Arc::new(Fake::default());
     let cfg = config(8, 2, 600, 100);
     let a = start(&fake, "a", cfg.clone());
+    // Out of step with a, as replicas are: after the outage one of them lists first.
+    tokio::time::sleep(ms(50)).await;
     let b = start(&fake, "b", cfg);
     until(secs(10), "the shards split 4/4", || (a.own.held_shards().len() == 4 && b.own.held_shards().len() == 4).then_some(())).await;
     let before = (epochs(&a.own), epochs(&b.own));
-    // The API server is away for longer than the lease: nobody renews anything.
+    // The API server is away for longer than the lease: nobody renews anything. (Writes
+    // stop a moment before reads, so that each has seen the other's last renewal.)
+    fake.writes_down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(ms(300)).await;
     fake.down.store(true, Ordering::SeqCst);
     tokio::time::sleep(secs(3)).await;
     fake.down.store(false, Ordering::SeqCst);
+    fake.writes_down.store(false, Ordering::SeqCst);
     until(secs(5), "every fence back", || (a.own.held_shards().iter().chain(&b.own.held_shards()).filter_map(|s| a.own.owns_shard(*s).or(b.own.owns_shard(*s))).count() == 8).then_some(())).await;
     // Give any mistaken takeover (one lease duration after the return) the time to happen.
     tokio::time::sleep(secs(3)).await;
