@@ -144,20 +144,35 @@ fn watch_backoff() -> backon::ExponentialBackoff {
     ExponentialBuilder::default().with_min_delay(Duration::from_millis(800)).with_max_delay(Duration::from_secs(15)).with_factor(2.0).with_jitter().without_max_times().build()
 }
 
+/// Rung by the lease loop when the API server answers again after it did not: every watch
+/// waiting out a back-off then tries again within a second (at a random moment, so that they
+/// do not all list at once), instead of up to 30 s later.
+pub(super) static API_BACK: Notify = Notify::const_new();
+
 /// `stream` (a watcher) paused after each error for [`watch_backoff`], which starts over only
-/// once the watch makes progress again (an object, a delete, a completed list).
+/// once the watch makes progress again (an object, a delete, a completed list), or cut short
+/// by `api_back` ([`API_BACK`]). An expired resourceVersion (410 Gone) is not paused for: the API server
+/// answered, and the watcher lists again at once.
 ///
 /// kube's `default_backoff` starts over at every `Ok`, and a watcher whose list fails yields
 /// `Init` before each new try: through an outage that ends in a relist (a restarted API
 /// server, say), every watch of every replica retried about once a second for as long as it
-/// lasted, and all at once when it ended.
-pub(super) fn with_backoff<K: Send + 'static>(stream: impl Stream<Item = WatchItem<K>> + Send + 'static) -> impl Stream<Item = WatchItem<K>> + Send {
-    futures::stream::unfold((stream.boxed(), watch_backoff(), None::<Duration>), |(mut stream, mut backoff, pause)| async move {
+/// lasted; and it pauses after the 410 that a restarted API server answers an old watch with,
+/// for as long as the outage had grown the pause.
+pub(super) fn with_backoff<K: Send + 'static>(stream: impl Stream<Item = WatchItem<K>> + Send + 'static, api_back: &'static Notify) -> impl Stream<Item = WatchItem<K>> + Send {
+    futures::stream::unfold((stream.boxed(), watch_backoff(), None::<Duration>), move |(mut stream, mut backoff, pause)| async move {
         if let Some(pause) = pause {
-            tokio::time::sleep(pause).await;
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = api_back.notified() => tokio::time::sleep(Duration::from_secs(1).mul_f64(super::leases::random_draw())).await,
+            }
         }
         let item = stream.next().await?;
         let pause = match &item {
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                backoff = watch_backoff();
+                None
+            }
             Err(_) => backoff.next(),
             Ok(watcher::Event::Init) => None,
             Ok(_) => {
@@ -390,7 +405,7 @@ where
 
     async fn watch_shard(self: Arc<Self>, shard: u32) {
         let cfg = watcher::Config::default().labels(&format!("{SHARD_LABEL}={shard}"));
-        self.follow(shard, with_backoff(watcher(self.api.clone(), cfg))).await
+        self.follow(shard, with_backoff(watcher(self.api.clone(), cfg), &API_BACK)).await
     }
 
     /// Keep the cache of `shard` in step with its watch `stream`, waking the queue key of
@@ -703,7 +718,7 @@ where
             }
         }
         let cfg = watcher::Config::default().labels(&selector);
-        let mut stream = with_backoff(watcher(api.clone(), cfg)).applied_objects().boxed();
+        let mut stream = with_backoff(watcher(api.clone(), cfg), &API_BACK).applied_objects().boxed();
         let mut tick = tokio::time::interval(own.config().retry_period);
         // Restart the watch now and then: its fresh list catches any object an event missed.
         let relist_at = tokio::time::Instant::now() + own.config().lease_duration * 2;
@@ -947,17 +962,41 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_watch_backs_off_until_it_makes_progress() {
         // Gaps between the failing tries: 0.8 s doubling to 15 s (each plus up to as much again).
-        let at = timeline(with_backoff, failing_lists(8)).await;
+        static BACK: Notify = Notify::const_new();
+        let backoff = |s| with_backoff(s, &BACK);
+        let at = timeline(backoff, failing_lists(8)).await;
         let tries: Vec<f64> = at.chunks(2).map(|c| c[0].as_secs_f64()).collect();
         let gaps: Vec<f64> = tries.windows(2).map(|w| w[1] - w[0]).collect();
         for (i, (gap, floor)) in gaps.iter().zip([0.8, 1.6, 3.2, 6.4, 12.8, 15.0, 15.0]).enumerate() {
             assert!(*gap >= floor && *gap < floor * 2.0 + 0.01, "gap {i}: {gap:.2}s, expected {floor}s to {}s ({gaps:?})", floor * 2.0);
         }
+        // An expired resourceVersion (the API server answered: list again) is not paused for,
+        // and starts it over.
+        let mut items = failing_lists(4);
+        items.extend([Err(watcher::Error::WatchError(kube::core::Status { code: 410, ..Default::default() }.boxed())), Ok(watcher::Event::Init)]);
+        items.extend(failing_lists(2));
+        let at = timeline(backoff, items).await;
+        assert_eq!(at[9], at[8], "no pause after the 410");
+        let gap = (at[12] - at[11]).as_secs_f64();
+        assert!((0.8..1.61).contains(&gap), "the first pause after a 410 is short again: {gap:.2}s");
+
+        // So does the lease loop's word that the API server answers again: a long pause ends
+        // within a second of it.
+        let ring = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            BACK.notify_waiters();
+        });
+        let at = timeline(backoff, failing_lists(8)).await;
+        ring.await.unwrap();
+        let tries: Vec<f64> = at.chunks(2).map(|c| c[0].as_secs_f64()).collect();
+        let after = tries.iter().find(|t| **t >= 20.0).copied().unwrap_or(f64::MAX);
+        assert!(after <= 21.0, "the first try after the API server is back: {after:.2}s ({tries:?})");
+
         // Progress starts it over.
         let mut items = failing_lists(4);
         items.extend([Ok(watcher::Event::InitApply(())), Ok(watcher::Event::InitDone)]);
         items.extend(failing_lists(2));
-        let at = timeline(with_backoff, items).await;
+        let at = timeline(backoff, items).await;
         let gap = (at[12] - at[11]).as_secs_f64();
         assert!((0.8..1.61).contains(&gap), "after a completed list the first pause is short again: {gap:.2}s");
 

@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::informer::with_backoff;
+use super::informer::{API_BACK, with_backoff};
 use super::{Hold, Ownership, ReasonLabel, ShardEvent};
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=shoal";
@@ -51,8 +51,8 @@ pub(super) fn unreachable_limit(lease: Duration, draw: f64) -> Duration {
     (lease * UNREACHABLE_LEASES).mul_f64(1.0 + UNREACHABLE_JITTER * draw.clamp(0.0, 1.0))
 }
 
-/// A number in 0..1, different in every process.
-fn random_draw() -> f64 {
+/// A number in 0..1, different at every call (and in every process).
+pub(super) fn random_draw() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
@@ -316,7 +316,7 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
 /// Errors back off (0.8 s doubling to 15 s, jittered) until the watch makes progress again.
 async fn watch_leases(api: Api<Lease>, notify: Arc<Notify>, seen: Arc<Mutex<Observations>>) {
     let mut members: HashMap<String, Option<String>> = HashMap::new();
-    let mut stream = with_backoff(watcher(api, watcher::Config::default().labels(MANAGED))).boxed();
+    let mut stream = with_backoff(watcher(api, watcher::Config::default().labels(MANAGED)), &API_BACK).boxed();
     while let Some(ev) = stream.next().await {
         let ev = match ev {
             Ok(ev) => ev,
@@ -492,6 +492,7 @@ impl Loop {
                 // instead of all of them changing hands the moment the API server is back.
                 tracing::info!("the Lease API is back after more than the renew deadline; every Lease counts as renewed now");
                 seen.retain(|_| false);
+                API_BACK.notify_waiters();
             }
             seen.retain(|n| by_name.contains_key(n));
             for (name, l) in &by_name {
