@@ -81,6 +81,9 @@ pub struct Proc {
     pub name: String,
     pub pid: i32,
     pub exe: PathBuf,
+    /// Its flags, so [`restart`] can start it again as it was.
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 /// Directory holding the control-plane binaries (`$SHOAL_CACHE_DIR` or `~/.cache/shoal`).
@@ -126,8 +129,34 @@ pub fn ensure_binaries(build: bool) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `n` distinct ports free on 127.0.0.1 now, chosen at random below the kernel's ephemeral
+/// range: an outgoing connection never takes one, so a component can be stopped and started
+/// again on its port (see [`restart`]). All are held until all are chosen, so they differ.
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok()).unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(20_000));
+    let mut held = Vec::new();
+    for attempt in 0u32..10_000 {
+        if held.len() == n {
+            break;
+        }
+        let port = low + (random_u64(attempt) % u64::from(high - low)) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    if held.len() < n {
+        bail!("found only {} free ports in {low}..{high}", held.len());
+    }
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+fn random_u64(salt: u32) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(salt);
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
 }
 
 fn state_path(dir: &Path) -> PathBuf {
@@ -202,12 +231,7 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
     let etcd_dir = dir.join("etcd");
     let _ = std::fs::remove_dir_all(&etcd_dir);
 
-    let etcd_port = free_port()?;
-    let peer_port = free_port()?;
-    let api_port = free_port()?;
-    let kcm_port = free_port()?;
-    let sched_port = free_port()?;
-    let kwok_port = free_port()?;
+    let [etcd_port, peer_port, api_port, kcm_port, sched_port, kwok_port] = free_ports(6)?[..] else { bail!("free_ports") };
     let server = format!("https://127.0.0.1:{api_port}");
     let p = |rel: &str| dir.join(rel).display().to_string();
 
@@ -227,10 +251,8 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
     let started = Instant::now();
     let mut cluster = DevCluster { dir: dir.clone(), kubeconfig: kubeconfig.clone(), server: server.clone(), bin_dir: bin.clone(), processes: vec![], start_seconds: 0.0 };
     let spawn = |cluster: &mut DevCluster, name: &str, args: Vec<String>| -> Result<()> {
-        let exe = bin.join(name);
-        let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-        let child = Command::new(&exe).args(&args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).spawn().with_context(|| format!("starting {}", exe.display()))?;
-        cluster.processes.push(Proc { name: name.to_string(), pid: child.id() as i32, exe });
+        let p = spawn_component(&bin.join(name), name, args, &logs, false)?;
+        cluster.processes.push(p);
         std::fs::write(state_path(&cluster.dir), serde_json::to_vec_pretty(cluster)?)?;
         Ok(())
     };
@@ -339,6 +361,44 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
     cluster.start_seconds = started.elapsed().as_secs_f64();
     std::fs::write(state_path(&dir), serde_json::to_vec_pretty(&cluster)?)?;
     Ok(cluster)
+}
+
+/// Start one component, its output written (or appended) to `logs/<name>.log`.
+fn spawn_component(exe: &Path, name: &str, args: Vec<String>, logs: &Path, append: bool) -> Result<Proc> {
+    let log = std::fs::OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(logs.join(format!("{name}.log")))?;
+    let child = Command::new(exe).args(&args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).spawn().with_context(|| format!("starting {}", exe.display()))?;
+    Ok(Proc { name: name.to_string(), pid: child.id() as i32, exe: exe.to_path_buf(), args })
+}
+
+/// Start component `name` of the cluster in `dir` again, with the flags it was started with
+/// (same ports, same data), after it stopped or was killed; kills it first if it still runs.
+/// Returns once the process is started; for the API server, once it is ready again. For
+/// outage tests.
+pub async fn restart(dir: &Path, name: &str) -> Result<Proc> {
+    use nix::sys::signal::{Signal, kill};
+    let mut cluster = DevCluster::load(dir).ok_or_else(|| anyhow!("no cluster in {}", dir.display()))?;
+    let i = cluster.processes.iter().position(|p| p.name == name).ok_or_else(|| anyhow!("no component {name}"))?;
+    let old = cluster.processes[i].clone();
+    if old.args.is_empty() {
+        bail!("{name} was started without recorded flags; start the cluster again");
+    }
+    if pid_alive(&old) {
+        let _ = kill(nix::unistd::Pid::from_raw(old.pid), Signal::SIGKILL);
+    }
+    // Collect only this child: the caller's other children (say, operator replicas it
+    // supervises) are its own to wait for.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(&old) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(old.pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    let p = spawn_component(&old.exe, name, old.args.clone(), &cluster.dir.join("logs"), true)?;
+    cluster.processes[i] = p.clone();
+    std::fs::write(state_path(&cluster.dir), serde_json::to_vec_pretty(&cluster)?)?;
+    if name == "kube-apiserver" {
+        wait_for_apiserver(&cluster.kubeconfig, Duration::from_secs(60), &cluster).await?;
+    }
+    Ok(p)
 }
 
 /// Stop exactly the processes `up` started in `dir` (newest first) and forget them.

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
@@ -134,6 +134,54 @@ impl Queue {
             self.add(key.clone());
         }
     }
+}
+
+type WatchItem<K> = Result<watcher::Event<K>, watcher::Error>;
+
+/// How long a watch waits after its `n`th error in a row: 0.8 s doubling up to 15 s, plus a
+/// random jitter of up to as much again, so the watches of many replicas do not retry in step.
+fn watch_backoff() -> backon::ExponentialBackoff {
+    ExponentialBuilder::default().with_min_delay(Duration::from_millis(800)).with_max_delay(Duration::from_secs(15)).with_factor(2.0).with_jitter().without_max_times().build()
+}
+
+/// Rung by the lease loop when the API server answers again after it did not: every watch
+/// waiting out a back-off then tries again within a second (at a random moment, so that they
+/// do not all list at once), instead of up to 30 s later.
+pub(super) static API_BACK: Notify = Notify::const_new();
+
+/// `stream` (a watcher) paused after each error for [`watch_backoff`], which starts over only
+/// once the watch makes progress again (an object, a delete, a completed list), or cut short
+/// by `api_back` ([`API_BACK`]). An expired resourceVersion (410 Gone) is not paused for: the API server
+/// answered, and the watcher lists again at once.
+///
+/// kube's `default_backoff` starts over at every `Ok`, and a watcher whose list fails yields
+/// `Init` before each new try: through an outage that ends in a relist (a restarted API
+/// server, say), every watch of every replica retried about once a second for as long as it
+/// lasted; and it pauses after the 410 that a restarted API server answers an old watch with,
+/// for as long as the outage had grown the pause.
+pub(super) fn with_backoff<K: Send + 'static>(stream: impl Stream<Item = WatchItem<K>> + Send + 'static, api_back: &'static Notify) -> impl Stream<Item = WatchItem<K>> + Send {
+    futures::stream::unfold((stream.boxed(), watch_backoff(), None::<Duration>), move |(mut stream, mut backoff, pause)| async move {
+        if let Some(pause) = pause {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = api_back.notified() => tokio::time::sleep(Duration::from_secs(1).mul_f64(super::leases::random_draw())).await,
+            }
+        }
+        let item = stream.next().await?;
+        let pause = match &item {
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                backoff = watch_backoff();
+                None
+            }
+            Err(_) => backoff.next(),
+            Ok(watcher::Event::Init) => None,
+            Ok(_) => {
+                backoff = watch_backoff();
+                None
+            }
+        };
+        Some((item, (stream, backoff, pause)))
+    })
 }
 
 /// The cached objects, indexed by the queue key each one wakes (its owner), so that a
@@ -286,16 +334,17 @@ where
         }
     }
 
-    fn remove_where(&self, mut gone: impl FnMut(&Key, &K) -> bool) {
-        if let Ok(mut s) = self.store.write() {
-            let keys: Vec<Key> = s.objects.iter().filter(|(k, o)| gone(k, o)).map(|(k, _)| k.clone()).collect();
-            for k in keys {
-                s.remove(&k, &self.map);
-            }
-            if let Ok(mut seen) = self.seen.write() {
-                seen.retain(|k, _| s.objects.contains_key(k));
-            }
+    /// Remove the cached objects `gone` picks, and return them.
+    fn remove_where(&self, mut gone: impl FnMut(&Key, &K) -> bool) -> Vec<Arc<K>> {
+        let Ok(mut s) = self.store.write() else { return Vec::new() };
+        let removed: Vec<(Key, Arc<K>)> = s.objects.iter().filter(|(k, o)| gone(k, o)).map(|(k, o)| (k.clone(), o.clone())).collect();
+        for (k, _) in &removed {
+            s.remove(k, &self.map);
         }
+        if let Ok(mut seen) = self.seen.write() {
+            seen.retain(|k, _| s.objects.contains_key(k));
+        }
+        removed.into_iter().map(|(_, o)| o).collect()
     }
 
     fn publish_size(&self) {
@@ -355,13 +404,21 @@ where
         if let Ok(mut synced) = self.synced.lock() {
             synced.remove(&shard);
         }
+        // Dropped, not deleted: whoever holds the shard next lists them again.
         self.remove_where(|_, o| Ownership::shard_label(o) == Some(shard));
         self.publish_size();
     }
 
     async fn watch_shard(self: Arc<Self>, shard: u32) {
         let cfg = watcher::Config::default().labels(&format!("{SHARD_LABEL}={shard}"));
-        let mut stream = watcher(self.api.clone(), cfg).default_backoff().boxed();
+        self.follow(shard, with_backoff(watcher(self.api.clone(), cfg), &API_BACK)).await
+    }
+
+    /// Keep the cache of `shard` in step with its watch `stream`, waking the queue key of
+    /// every object that changed in a way that matters, until the stream ends.
+    async fn follow(&self, shard: u32, stream: impl Stream<Item = WatchItem<K>> + Send) {
+        let mut stream = std::pin::pin!(stream);
+        // The objects listed so far by the relist under way.
         let mut seen: HashSet<Key> = HashSet::new();
         // Objects this watch delivered that belong in another shard, whose relabel has not
         // gone through yet (retried every retry period).
@@ -384,7 +441,13 @@ where
                     continue;
                 }
             };
-            let Ok(ev) = ev else { continue };
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::debug!(kind = %self.kind, shard, error = %e, "watch failed; backing off");
+                    continue;
+                }
+            };
             match ev {
                 watcher::Event::Init => seen.clear(),
                 watcher::Event::InitApply(o) | watcher::Event::Apply(o) => {
@@ -401,24 +464,22 @@ where
                         continue;
                     }
                     seen.insert(key.clone());
-                    let old = self.get(&key);
-                    let wake = if (self.relevant)(old.as_deref(), &o) { (self.map)(&o) } else { None };
-                    self.insert(key.clone(), Arc::new(o));
-                    if (wake.is_some() || old.is_none())
-                        && let Ok(mut s) = self.seen.write()
-                    {
-                        s.insert(key, std::time::Instant::now());
-                    }
-                    self.publish_size();
-                    if let Some(w) = wake {
-                        self.queue.add(w);
-                    }
+                    self.apply(key, o);
                 }
                 watcher::Event::InitDone => {
-                    self.remove_where(|k, o| Ownership::shard_label(o) == Some(shard) && !seen.contains(k));
+                    // A relist (after a watch expired, broke, or fell too far behind) stands
+                    // for every event missed in the gap: what it no longer lists was deleted
+                    // meanwhile, and no delete event will come for it. Its owner is woken as
+                    // a delete would wake it.
+                    let gone = self.remove_where(|k, o| Ownership::shard_label(o) == Some(shard) && !seen.contains(k));
                     self.publish_size();
                     if let Ok(mut synced) = self.synced.lock() {
                         synced.insert(shard);
+                    }
+                    for o in gone {
+                        if let Some(w) = (self.map)(&o) {
+                            self.queue.add(w);
+                        }
                     }
                 }
                 watcher::Event::Delete(o) => {
@@ -435,6 +496,28 @@ where
                     }
                 }
             }
+        }
+    }
+
+    /// Cache `o` (listed or changed) and wake whom the change concerns: its owner if
+    /// `relevant` says so, and always when it is another object under the same name (deleted
+    /// and created again, say in a gap a relist covers) or it moved to another owner (the
+    /// previous owner lost a child).
+    fn apply(&self, key: Key, o: K) {
+        let old = self.get(&key);
+        let owner = (self.map)(&o);
+        let replaced = old.as_ref().is_some_and(|old| old.meta().uid != o.meta().uid);
+        let previous_owner = old.as_deref().and_then(|old| (self.map)(old)).filter(|w| Some(w) != owner.as_ref());
+        let wake = if replaced || previous_owner.is_some() || (self.relevant)(old.as_deref(), &o) { owner.clone() } else { None };
+        self.insert(key.clone(), Arc::new(o));
+        if (wake.is_some() || old.is_none())
+            && let Ok(mut s) = self.seen.write()
+        {
+            s.insert(key, std::time::Instant::now());
+        }
+        self.publish_size();
+        for w in wake.into_iter().chain(previous_owner) {
+            self.queue.add(w);
         }
     }
 
@@ -558,6 +641,11 @@ where
                 };
                 let result = std::panic::AssertUnwindSafe(reconcile(obj, fence)).catch_unwind().await;
                 drop(guard);
+                // A reconcile whose fence ended while it ran (the API server hung, say) may have
+                // stopped short, its writes refused or abandoned, whatever it returned; and the
+                // event that woke it is spent. While this replica still holds the shard it runs
+                // again once the fence is renewed (a shard that went is listed by its next owner).
+                let cut_short = own.fence_deadline(fence).is_none() && own.is_held_not_draining(shard);
                 // A panic is an error like any other: logged with the object, counted, and
                 // retried with backoff, never left stuck.
                 let result = result.unwrap_or_else(|panic| {
@@ -571,6 +659,13 @@ where
                 };
                 metrics.reconciles.get_or_create(&ResultLabel { controller: controller.clone(), result: outcome.into() }).inc();
                 queue.done(&key);
+                if cut_short {
+                    if let Err(e) = &result {
+                        tracing::debug!(object = ?key, error = %e, "reconcile cut short by its fence; again once it is renewed");
+                    }
+                    queue.add_after(key, own.config().retry_period);
+                    continue;
+                }
                 match result {
                     Ok(action) => {
                         if let Ok(mut a) = attempts.lock() {
@@ -644,7 +739,7 @@ where
             }
         }
         let cfg = watcher::Config::default().labels(&selector);
-        let mut stream = watcher(api.clone(), cfg).default_backoff().applied_objects().boxed();
+        let mut stream = with_backoff(watcher(api.clone(), cfg), &API_BACK).applied_objects().boxed();
         let mut tick = tokio::time::interval(own.config().retry_period);
         // Restart the watch now and then: its fresh list catches any object an event missed.
         let relist_at = tokio::time::Instant::now() + own.config().lease_duration * 2;
@@ -766,6 +861,171 @@ mod tests {
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
         let panics = own.metrics().panics.get_or_create(&ControllerLabel { controller: "configmap".into() }).get();
         assert_eq!(panics, 1);
+    }
+
+    /// The keys waiting in the queue, in order, taken out of it.
+    fn drain(q: &Queue) -> Vec<Key> {
+        let mut s = q.inner.state.lock().unwrap();
+        let keys: Vec<Key> = s.ready.drain(..).collect();
+        s.queued.clear();
+        keys
+    }
+
+    fn ownership(shards: u32, renew_deadline: Duration, retry_period: Duration) -> Ownership {
+        use prometheus_client::registry::Registry;
+        let cfg = crate::ha::HaConfig { shards, lease_duration: Duration::from_secs(2), renew_deadline, retry_period, ..Default::default() };
+        Ownership::new(cfg, "me".into(), "ns".into(), crate::ha::HaMetrics::new(&mut Registry::default()), None)
+    }
+
+    /// A child ConfigMap `name` (uid `uid`) of workflow `owner`, holding `data`, in shard 0 of 1.
+    fn child(name: &str, uid: &str, owner: &str, data: &str) -> k8s_openapi::api::core::v1::ConfigMap {
+        serde_json::from_value(serde_json::json!({"metadata": {
+            "name": name, "namespace": "ns", "uid": uid, "labels": {SHARD_LABEL: "0"},
+            "ownerReferences": [{"apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "name": owner, "uid": format!("uid-{owner}"), "controller": true}],
+        }, "data": {"d": data}}))
+        .unwrap()
+    }
+
+    /// An informer of children that wake their owner when their data changes, never watching
+    /// anything itself (`follow` is fed by the test).
+    fn child_informer(queue: &Queue) -> Arc<Informer<k8s_openapi::api::core::v1::ConfigMap>> {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let owner = |o: &ConfigMap| o.metadata.owner_references.as_ref()?.first().map(|r| ("ns".to_string(), r.name.clone()));
+        let relevant = |old: Option<&ConfigMap>, new: &ConfigMap| old.is_none_or(|old| old.data != new.data);
+        Informer::new_mapped(Api::<ConfigMap>::namespaced(client, "ns"), ownership(1, Duration::from_secs(1), Duration::from_millis(100)), queue.clone(), owner, relevant)
+    }
+
+    /// A relist of `objects`, as the watcher delivers it.
+    fn relist(objects: Vec<k8s_openapi::api::core::v1::ConfigMap>) -> Vec<WatchItem<k8s_openapi::api::core::v1::ConfigMap>> {
+        std::iter::once(watcher::Event::Init).chain(objects.into_iter().map(watcher::Event::InitApply)).chain([watcher::Event::InitDone]).map(Ok).collect()
+    }
+
+    #[tokio::test]
+    async fn a_relist_wakes_the_owners_of_what_changed_or_vanished_in_the_gap() {
+        let queue = Queue::default();
+        let informer = child_informer(&queue);
+        let feed = |items| informer.follow(0, futures::stream::iter(items));
+        feed(relist(vec![child("a-1", "u1", "a", "x"), child("b-1", "u2", "b", "x"), child("c-1", "u3", "c", "x")])).await;
+        assert_eq!(drain(&queue), [k("a"), k("b"), k("c")], "a first list wakes every owner");
+
+        // The watch broke and came back with a relist: b-1 was deleted in the gap (no delete
+        // event will ever come), c-1 changed, a-1 did not.
+        feed(relist(vec![child("a-1", "u1", "a", "x"), child("c-1", "u3", "c", "y")])).await;
+        let mut woken = drain(&queue);
+        woken.sort();
+        assert_eq!(woken, [k("b"), k("c")], "the owner of what vanished and of what changed, not of what stayed the same");
+        assert!(informer.get(&k("b-1")).is_none() && informer.children_of(&k("b")).is_empty());
+
+        // a-1 deleted and created again in a gap, same data: another object, so news to a.
+        feed(relist(vec![child("a-1", "u9", "a", "x"), child("c-1", "u3", "c", "y")])).await;
+        assert_eq!(drain(&queue), [k("a")]);
+        // A child that moves to another owner wakes both (its new owner first).
+        feed(vec![Ok(watcher::Event::Apply(child("c-1", "u3", "d", "y")))]).await;
+        assert_eq!(drain(&queue), [k("d"), k("c")]);
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_cut_short_by_its_fence_runs_again_once_the_fence_is_renewed() {
+        let (deadline, retry) = (Duration::from_millis(300), Duration::from_millis(50));
+        let own = ownership(1, deadline, retry);
+        own.hold_for_test(0, 1, std::time::Instant::now());
+        let queue = Queue::default();
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let api = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client, "ns");
+        let informer = Informer::new(api, own.clone(), queue.clone());
+        let mut cm = child("o", "u", "nobody", "x");
+        cm.metadata.owner_references = None;
+        informer.insert(k("o"), Arc::new(cm));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = calls.clone();
+        // The first reconcile outlives its fence (the API server hung under it) and, as a
+        // reconcile whose write was refused by the fence does, returns without a requeue.
+        let reconcile = move |_o, _f| {
+            let c = c.clone();
+            async move {
+                if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+                Ok::<_, String>(Action::AwaitChange)
+            }
+        };
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(run_controller(informer, queue.clone(), own.clone(), 1, reconcile, shutdown.clone()));
+        queue.add(k("o"));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "not while the fence is down");
+        // The API server is back and the shard renewed: the cut-short reconcile runs again.
+        own.hold_for_test(0, 1, std::time::Instant::now() + Duration::from_secs(3600));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2, "once more, and only once");
+        shutdown.cancel();
+        run.await.unwrap();
+    }
+
+    /// When each item of `items`, fed through `backoff`, came out (the stream yields every
+    /// item at once, so any gap is the backoff's).
+    async fn timeline<S: Stream<Item = WatchItem<()>>>(backoff: impl FnOnce(futures::stream::Iter<std::vec::IntoIter<WatchItem<()>>>) -> S, items: Vec<WatchItem<()>>) -> Vec<Duration> {
+        let t0 = tokio::time::Instant::now();
+        let mut out = std::pin::pin!(backoff(futures::stream::iter(items)));
+        let mut at = Vec::new();
+        while out.next().await.is_some() {
+            at.push(t0.elapsed());
+        }
+        at
+    }
+
+    /// A watcher whose list keeps failing: `Init`, then the error, again and again.
+    fn failing_lists(n: usize) -> Vec<WatchItem<()>> {
+        (0..n).flat_map(|_| [Ok(watcher::Event::Init), Err(watcher::Error::NoResourceVersion)]).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_backs_off_until_it_makes_progress() {
+        // Gaps between the failing tries: 0.8 s doubling to 15 s (each plus up to as much again).
+        static BACK: Notify = Notify::const_new();
+        let backoff = |s| with_backoff(s, &BACK);
+        let at = timeline(backoff, failing_lists(8)).await;
+        let tries: Vec<f64> = at.chunks(2).map(|c| c[0].as_secs_f64()).collect();
+        let gaps: Vec<f64> = tries.windows(2).map(|w| w[1] - w[0]).collect();
+        for (i, (gap, floor)) in gaps.iter().zip([0.8, 1.6, 3.2, 6.4, 12.8, 15.0, 15.0]).enumerate() {
+            assert!(*gap >= floor && *gap < floor * 2.0 + 0.01, "gap {i}: {gap:.2}s, expected {floor}s to {}s ({gaps:?})", floor * 2.0);
+        }
+        // An expired resourceVersion (the API server answered: list again) is not paused for,
+        // and starts it over.
+        let mut items = failing_lists(4);
+        items.extend([Err(watcher::Error::WatchError(kube::core::Status { code: 410, ..Default::default() }.boxed())), Ok(watcher::Event::Init)]);
+        items.extend(failing_lists(2));
+        let at = timeline(backoff, items).await;
+        assert_eq!(at[9], at[8], "no pause after the 410");
+        let gap = (at[12] - at[11]).as_secs_f64();
+        assert!((0.8..1.61).contains(&gap), "the first pause after a 410 is short again: {gap:.2}s");
+
+        // So does the lease loop's word that the API server answers again: a long pause ends
+        // within a second of it.
+        let ring = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            BACK.notify_waiters();
+        });
+        let at = timeline(backoff, failing_lists(8)).await;
+        ring.await.unwrap();
+        let tries: Vec<f64> = at.chunks(2).map(|c| c[0].as_secs_f64()).collect();
+        let after = tries.iter().find(|t| **t >= 20.0).copied().unwrap_or(f64::MAX);
+        assert!(after <= 21.0, "the first try after the API server is back: {after:.2}s ({tries:?})");
+
+        // Progress starts it over.
+        let mut items = failing_lists(4);
+        items.extend([Ok(watcher::Event::InitApply(())), Ok(watcher::Event::InitDone)]);
+        items.extend(failing_lists(2));
+        let at = timeline(backoff, items).await;
+        let gap = (at[12] - at[11]).as_secs_f64();
+        assert!((0.8..1.61).contains(&gap), "after a completed list the first pause is short again: {gap:.2}s");
+
+        // What kube's default_backoff does with the same watcher: `Init` starts it over every
+        // time, so it never waits more than its first pause.
+        let at = timeline(|s| s.default_backoff(), failing_lists(8)).await;
+        let longest = at.chunks(2).map(|c| c[0]).collect::<Vec<_>>().windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).fold(0.0, f64::max);
+        assert!(longest < 1.61, "kube's default_backoff: {longest:.2}s at most");
     }
 
     #[test]

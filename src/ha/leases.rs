@@ -22,11 +22,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::informer::{API_BACK, with_backoff};
 use super::{Hold, Ownership, ReasonLabel, ShardEvent};
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=shoal";
@@ -37,8 +38,27 @@ const DEFAULT_LEASE_SECS: i32 = 15;
 /// The leader deletes a member Lease unchanged for this many lease durations.
 const DEAD_MEMBER_LEASES: u32 = 4;
 /// The lease loop gives up when the Lease API (or the member Lease) has failed for this
-/// many lease durations.
+/// many lease durations, plus up to [`UNREACHABLE_JITTER`] of that again.
 const UNREACHABLE_LEASES: u32 = 4;
+/// The random part of the exit bound, drawn once per process, so that replicas cut off
+/// together do not all exit (and restart, and relist) at the same instant.
+const UNREACHABLE_JITTER: f64 = 0.5;
+
+/// How long the Lease API may stay unreachable before the lease loop gives up:
+/// [`UNREACHABLE_LEASES`] lease durations, stretched by `draw` (in 0..1) times
+/// [`UNREACHABLE_JITTER`].
+pub(super) fn unreachable_limit(lease: Duration, draw: f64) -> Duration {
+    (lease * UNREACHABLE_LEASES).mul_f64(1.0 + UNREACHABLE_JITTER * draw.clamp(0.0, 1.0))
+}
+
+/// A number in 0..1, different at every call (and in every process).
+pub(super) fn random_draw() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// Why the lease loop stopped: the process must exit rather than act without fencing.
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +267,10 @@ struct Loop {
     seen: Arc<Mutex<Observations>>,
     /// Shards being drained and released in the background.
     releasing: Arc<Mutex<HashMap<u32, JoinHandle<()>>>>,
+    /// How long the Lease API may stay unreachable before the loop gives up (jittered).
+    unreachable_limit: Duration,
+    /// When the last list of the Leases was answered.
+    last_list: Arc<Mutex<Instant>>,
 }
 
 /// What one tick learned.
@@ -272,8 +296,11 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
         clock: Clock { offset: SignedDuration::from_secs(cfg.test_clock_offset) },
         seen: Arc::default(),
         releasing: Arc::default(),
+        unreachable_limit: unreachable_limit(cfg.lease_duration, random_draw()),
+        last_list: Arc::new(Mutex::new(Instant::now())),
         own,
     };
+    tracing::info!(limit = ?lp.unreachable_limit, "the process exits if the Lease API stays unreachable this long");
     let notify = Arc::new(Notify::new());
     let watch_task = tokio::spawn(watch_leases(api, notify.clone(), lp.seen.clone()));
     let result = lp.run(&notify, &shutdown).await;
@@ -286,11 +313,18 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
 
 /// Record every Lease change as it is seen, and wake the loop early when membership changes
 /// or a shard or leader Lease is freed, so handover does not wait for the next retry period.
+/// Errors back off (0.8 s doubling to 15 s, jittered) until the watch makes progress again.
 async fn watch_leases(api: Api<Lease>, notify: Arc<Notify>, seen: Arc<Mutex<Observations>>) {
     let mut members: HashMap<String, Option<String>> = HashMap::new();
-    let mut stream = watcher(api, watcher::Config::default().labels(MANAGED)).default_backoff().boxed();
+    let mut stream = with_backoff(watcher(api, watcher::Config::default().labels(MANAGED)), &API_BACK).boxed();
     while let Some(ev) = stream.next().await {
-        let Ok(ev) = ev else { continue };
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::debug!(error = %e, "Lease watch failed; backing off");
+                continue;
+            }
+        };
         match ev {
             watcher::Event::Apply(l) | watcher::Event::InitApply(l) => {
                 let name = l.metadata.name.clone().unwrap_or_default();
@@ -327,8 +361,9 @@ impl Loop {
             r = self.join() => r?,
             _ = shutdown.cancelled() => return Ok(()),
         }
+        *lock(&self.last_list) = Instant::now();
         let cfg = self.own.config().clone();
-        let limit = cfg.lease_duration * UNREACHABLE_LEASES;
+        let limit = self.unreachable_limit;
         let (mut api_ok, mut member_ok) = (Instant::now(), Instant::now());
         while !shutdown.is_cancelled() {
             let mut wake = Instant::now() + cfg.retry_period;
@@ -399,7 +434,7 @@ impl Loop {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the member Lease failed");
-                    if started.elapsed() > cfg.lease_duration * UNREACHABLE_LEASES {
+                    if started.elapsed() > self.unreachable_limit {
                         return Err(LeaseError::Unreachable { what: "the Lease API", waited: started.elapsed(), last: e.to_string() }.into());
                     }
                 }
@@ -447,9 +482,21 @@ impl Loop {
         let member_renewed = self.renew_member().await?;
         let list = self.api.list(&ListParams::default().labels(MANAGED)).await?;
         let now = Instant::now();
+        // No list answered for longer than the renew deadline (the API server was away or
+        // hung): that nothing changed meanwhile says nothing about the holders, who most
+        // likely could not reach it either.
+        let blind = now.duration_since(std::mem::replace(&mut *lock(&self.last_list), now)) > cfg.renew_deadline;
         let by_name: HashMap<String, Lease> = list.items.into_iter().filter_map(|l| Some((l.metadata.name.clone()?, l))).collect();
         let members = {
             let mut seen = lock(&self.seen);
+            if blind {
+                // Every Lease counts as renewed now, as for a replica that just started: a
+                // holder gets a whole lease duration to renew before anyone takes its shards,
+                // instead of all of them changing hands the moment the API server is back.
+                tracing::info!("the Lease API is back after more than the renew deadline; every Lease counts as renewed now");
+                seen.retain(|_| false);
+                API_BACK.notify_waiters();
+            }
             seen.retain(|n| by_name.contains_key(n));
             for (name, l) in &by_name {
                 seen.observe(name, Record::of(l), now);
@@ -482,10 +529,15 @@ impl Loop {
             }
         }
         let leader = self.leader(by_name.get(LEADER_LEASE).cloned(), now);
-        futures::future::join3(futures::future::join_all(renewals), futures::future::join_all(acquisitions), leader).await;
+        let (renewed, acquired, ()) = futures::future::join3(futures::future::join_all(renewals), futures::future::join_all(acquisitions), leader).await;
+        let confirmed: HashSet<u32> = renewed.into_iter().chain(acquired).flatten().collect();
 
         // Fencing sweep: a shard not renewed within the deadline is no longer ours to act on.
-        let stale: Vec<u32> = lock(&self.own.inner.held).iter().filter(|(_, h)| !h.draining && h.renewed.elapsed() >= cfg.renew_deadline).map(|(s, _)| *s).collect();
+        // Except one whose write this tick went through, only too slowly to keep the fence
+        // (the API server hung while it was in flight): the Lease is still ours, under the
+        // same epoch, and the next renewal restores the fence; dropping it would leave the
+        // shard to nobody until it expired.
+        let stale: Vec<u32> = lock(&self.own.inner.held).iter().filter(|(s, h)| !h.draining && h.renewed.elapsed() >= cfg.renew_deadline && !confirmed.contains(s)).map(|(s, _)| *s).collect();
         for s in stale {
             self.lose(s, "renew_deadline");
         }
@@ -501,24 +553,30 @@ impl Loop {
         Ok(Tick { member_renewed, next_expiry })
     }
 
-    async fn renew_shard(&self, s: u32, lease: Lease) {
+    /// Renew shard `s`; `Some(s)` if the write went through under the epoch still held.
+    async fn renew_shard(&self, s: u32, lease: Lease) -> Option<u32> {
         let held = lock(&self.own.inner.held).get(&s).map(|h| (h.transitions, h.renewed.elapsed()));
-        let Some((epoch, since)) = held else { return };
+        let (epoch, since) = held?;
         if since < self.own.config().retry_period / 2 {
-            return;
+            return None;
         }
         let stamp = self.clock.stamp();
         match self.api.replace(&shard_lease_name(s), &PostParams::default(), &renewed(lease, self.lease_secs, stamp)).await {
             Ok(_) => {
-                if let Some(h) = lock(&self.own.inner.held).get_mut(&s).filter(|h| h.transitions == epoch && !h.draining) {
-                    h.renewed = h.renewed.max(stamp.at);
-                }
+                let mut held = lock(&self.own.inner.held);
+                let h = held.get_mut(&s).filter(|h| h.transitions == epoch && !h.draining)?;
+                h.renewed = h.renewed.max(stamp.at);
+                Some(s)
             }
-            Err(e) => tracing::debug!(shard = s, error = %e, "renew failed; retrying next tick"),
+            Err(e) => {
+                tracing::debug!(shard = s, error = %e, "renew failed; retrying next tick");
+                None
+            }
         }
     }
 
-    async fn acquire(&self, s: u32, lease: Option<Lease>, reason: &'static str) {
+    /// Take shard `s`; `Some(s)` if the write went through.
+    async fn acquire(&self, s: u32, lease: Option<Lease>, reason: &'static str) -> Option<u32> {
         let name = shard_lease_name(s);
         let exists = lease.is_some();
         let stamp = self.clock.stamp();
@@ -531,9 +589,13 @@ impl Loop {
                 self.own.metrics().acquisitions.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
                 tracing::info!(shard = s, transitions, reason, "acquired shard");
                 let _ = self.own.inner.events.send(ShardEvent::Acquired(s));
+                Some(s)
             }
-            Err(e) if is_conflict(&e) => {}
-            Err(e) => tracing::debug!(shard = s, error = %e, "acquire failed"),
+            Err(e) if is_conflict(&e) => None,
+            Err(e) => {
+                tracing::debug!(shard = s, error = %e, "acquire failed");
+                None
+            }
         }
     }
 

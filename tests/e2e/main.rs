@@ -12,6 +12,7 @@ mod ha;
 mod health;
 mod helm;
 mod operator;
+mod outage;
 mod rbac;
 mod runtime;
 mod sharding;

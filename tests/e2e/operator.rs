@@ -19,6 +19,8 @@ pub struct Operator {
     pub dir: PathBuf,
     pub replicas: Vec<Replica>,
     pub extra_args: Vec<String>,
+    /// The cluster the replicas talk to; the shared test cluster if `None`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Drop for Operator {
@@ -38,7 +40,14 @@ impl Operator {
     pub fn new(ops_ns: &str, work_ns: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("shoal-test-{work_ns}"));
         std::fs::create_dir_all(&dir).unwrap();
-        Self { ops_ns: ops_ns.into(), work_ns: work_ns.into(), dir, replicas: vec![], extra_args: vec![] }
+        Self { ops_ns: ops_ns.into(), work_ns: work_ns.into(), dir, replicas: vec![], extra_args: vec![], kubeconfig: None }
+    }
+
+    /// Replicas that talk to the cluster of `kubeconfig` instead of the shared one.
+    pub fn on_cluster(ops_ns: &str, work_ns: &str, kubeconfig: PathBuf) -> Self {
+        let mut op = Self::new(ops_ns, work_ns);
+        op.kubeconfig = Some(kubeconfig);
+        op
     }
 
     pub fn start(&mut self, name: &str) {
@@ -56,7 +65,7 @@ impl Operator {
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(["--action-log", &self.dir.join(format!("{name}.actions")).display().to_string()])
             .args(&self.extra_args)
-            .env("KUBECONFIG", common::kubeconfig())
+            .env("KUBECONFIG", self.kubeconfig.clone().unwrap_or_else(common::kubeconfig))
             .env("RUST_LOG", "info,kube=warn")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

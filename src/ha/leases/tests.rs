@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{LEADER_LEASE, Observations, Record, Stamp, cleared, live_members, may_hand_over, may_take, member_lease_name, renewed, run, shard_lease_name, taken};
+use super::{LEADER_LEASE, Observations, Record, Stamp, cleared, live_members, may_hand_over, may_take, member_lease_name, random_draw, renewed, run, shard_lease_name, taken, unreachable_limit};
 use crate::ha::{HaConfig, HaMetrics, Ownership, ReasonLabel};
 
 fn secs(n: u64) -> Duration {
@@ -185,6 +185,13 @@ struct Fake {
     writes: Mutex<Vec<Write>>,
     fail_put: Mutex<HashSet<String>>,
     list_delay: Mutex<Duration>,
+    /// Answer every request with 503, as an API server that is away would.
+    down: std::sync::atomic::AtomicBool,
+    /// Answer every write with 503.
+    writes_down: std::sync::atomic::AtomicBool,
+    /// Hold every replace of a shard Lease this long before applying it, as a hung API
+    /// server would.
+    put_delay: Mutex<Duration>,
 }
 
 fn reply(code: u16, body: serde_json::Value) -> Response<Body> {
@@ -229,6 +236,9 @@ impl Fake {
         let query = parts.uri.query().unwrap_or("").to_string();
         let name = parts.uri.path().split_once("/leases/").map(|(_, n)| n.to_string());
         let body = body.collect_bytes().await.unwrap_or_default();
+        if self.down.load(Ordering::SeqCst) || (parts.method != Method::GET && self.writes_down.load(Ordering::SeqCst)) {
+            return status(503, "ServiceUnavailable");
+        }
         match (parts.method, name) {
             (Method::GET, None) if query.contains("watch=true") => std::future::pending().await,
             (Method::GET, None) => {
@@ -254,6 +264,10 @@ impl Fake {
                 reply(201, serde_json::to_value(self.store(&mut leases, lease)).unwrap())
             }
             (Method::PUT, Some(n)) => {
+                if n.starts_with("shoal-shard-") {
+                    let delay = *self.put_delay.lock().unwrap();
+                    tokio::time::sleep(delay).await;
+                }
                 let lease: Lease = serde_json::from_slice(&body).unwrap();
                 let mut leases = self.leases.lock().unwrap();
                 let failing = self.fail_put.lock().unwrap().contains(&n);
@@ -553,4 +567,90 @@ async fn dead_members_are_collected_by_observation_not_by_their_wall_clocks() {
     live.cancel();
     r.stop.cancel();
     r.task.await.unwrap().unwrap();
+}
+
+#[test]
+fn the_exit_bound_is_four_lease_durations_and_up_to_half_as_much_again_drawn_per_process() {
+    assert_eq!(unreachable_limit(secs(5), 0.0), secs(20));
+    assert_eq!(unreachable_limit(secs(5), 0.5), secs(25));
+    assert_eq!(unreachable_limit(secs(5), 1.0), secs(30));
+    let draws: Vec<f64> = (0..200).map(|_| random_draw()).collect();
+    assert!(draws.iter().all(|d| (0.0..1.0).contains(d)), "{draws:?}");
+    let (lo, hi) = draws.iter().fold((1.0f64, 0.0f64), |(lo, hi), d| (lo.min(*d), hi.max(*d)));
+    assert!(lo < 0.2 && hi > 0.8, "draws spread over 0..1: {lo:.3}..{hi:.3}");
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_from_the_lease_api_exits_within_its_jittered_bound() {
+    let fake = Arc::new(Fake::default());
+    let r = start(&fake, "a", config(2, 1, 600, 100));
+    until(secs(5), "a shard held", || (!r.own.held_shards().is_empty()).then_some(())).await;
+    let cut = Instant::now();
+    fake.down.store(true, Ordering::SeqCst);
+    let result = tokio::time::timeout(secs(10), r.task).await.expect("the loop gives up").unwrap();
+    let waited = cut.elapsed();
+    let e = result.expect_err("an unreachable Lease API stops the loop");
+    assert!(e.to_string().contains("the Lease API failed"), "{e}");
+    // Four lease durations (4 s) to six, counted from the last tick that went through (up to
+    // one retry period before the cut).
+    assert!(waited >= ms(3900) && waited <= ms(6400), "exited {waited:?} after the cut");
+    assert!(r.own.owns_shard(0).is_none() && r.own.owns_shard(1).is_none(), "fenced long before");
+    r.stop.cancel();
+}
+
+/// Shards and their transition counts, as `own` holds them.
+fn epochs(own: &Ownership) -> Vec<(u32, Option<crate::ha::Fence>)> {
+    own.held_shards().into_iter().map(|s| (s, own.owns_shard(s))).collect()
+}
+
+#[tokio::test]
+async fn a_renewal_that_goes_through_too_late_for_the_fence_keeps_the_shard() {
+    let fake = Arc::new(Fake::default());
+    let r = start(&fake, "a", config(4, 2, 600, 100));
+    until(secs(5), "every shard held", || (r.own.held_shards().len() == 4).then_some(())).await;
+    let before = epochs(&r.own);
+    // The API server hangs for 1.5 s with shard renewals in flight: they land after the
+    // fence has ended.
+    *fake.put_delay.lock().unwrap() = ms(1500);
+    until(secs(5), "the fences lapse", || r.own.owns_shard(0).is_none().then_some(())).await;
+    tokio::time::sleep(ms(1500)).await;
+    *fake.put_delay.lock().unwrap() = Duration::ZERO;
+    until(secs(5), "the fences back", || (0..4).all(|s| r.own.owns_shard(s).is_some()).then_some(())).await;
+    assert_eq!(epochs(&r.own), before, "the same shards, under the same epochs");
+    let lost = r.own.metrics().releases.get_or_create(&ReasonLabel { reason: "renew_deadline".into() }).get();
+    assert_eq!(lost, 0, "no shard dropped for a renewal that went through");
+    r.stop.cancel();
+    let _ = r.task.await;
+}
+
+#[tokio::test]
+async fn after_an_outage_no_replica_takes_the_shards_of_another_that_was_cut_off_too() {
+    let fake = Arc::new(Fake::default());
+    let cfg = config(8, 2, 600, 100);
+    let a = start(&fake, "a", cfg.clone());
+    // Out of step with a, as replicas are: after the outage one of them lists first.
+    tokio::time::sleep(ms(50)).await;
+    let b = start(&fake, "b", cfg);
+    until(secs(10), "the shards split 4/4", || (a.own.held_shards().len() == 4 && b.own.held_shards().len() == 4).then_some(())).await;
+    let before = (epochs(&a.own), epochs(&b.own));
+    // The API server is away for longer than the lease: nobody renews anything. (Writes
+    // stop a moment before reads, so that each has seen the other's last renewal.)
+    fake.writes_down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(ms(300)).await;
+    fake.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(secs(3)).await;
+    fake.down.store(false, Ordering::SeqCst);
+    fake.writes_down.store(false, Ordering::SeqCst);
+    until(secs(5), "every fence back", || (a.own.held_shards().iter().chain(&b.own.held_shards()).filter_map(|s| a.own.owns_shard(*s).or(b.own.owns_shard(*s))).count() == 8).then_some(())).await;
+    // Give any mistaken takeover (one lease duration after the return) the time to happen.
+    tokio::time::sleep(secs(3)).await;
+    assert_eq!((epochs(&a.own), epochs(&b.own)), before, "each kept its shards, under the same epochs");
+    for r in [&a, &b] {
+        let expired = r.own.metrics().acquisitions.get_or_create(&ReasonLabel { reason: "expired".into() }).get();
+        assert_eq!(expired, 0, "{}: took a Lease as expired", r.own.holder());
+    }
+    for r in [a, b] {
+        r.stop.cancel();
+        let _ = r.task.await;
+    }
 }
