@@ -114,6 +114,24 @@ fn restart_exited(op: &mut Operator, last_restart: &mut HashMap<String, Instant>
     restarted
 }
 
+/// Wait for the next Job of `ns` to be marked Complete (seen on a watch, as the replicas see it).
+async fn next_job_completion(client: &Client, ns: &str) {
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    let complete = |j: &Job| j.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Complete" && c.status == "True"));
+    let mut events = watcher(Api::<Job>::namespaced(client.clone(), ns), watcher::Config::default()).boxed();
+    let wait = async {
+        while let Some(ev) = events.next().await {
+            if let Ok(watcher::Event::Apply(j)) = ev
+                && complete(&j)
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), wait).await.expect("a Job completing");
+}
+
 async fn count_phases(api: &Api<Workflow>) -> Option<(usize, Vec<Workflow>)> {
     let l = api.list(&ListParams::default()).await.ok()?;
     let done = l.items.iter().filter(|w| w.status.as_ref().and_then(|s| s.workflow_status) == Some(WorkflowPhase::Completed)).count();
@@ -193,6 +211,11 @@ async fn workflows_through(name: &str, outage: Outage) {
     .await;
     let (done_before, _) = count_phases(&api).await.unwrap();
 
+    if let Outage::Hang(_) = outage {
+        // Hang it right as a Job completes: the replica that owns the step is then reading
+        // the step's output, and the hang catches it between that read and its status write.
+        next_job_completion(&client, &ns).await;
+    }
     let mut last_restart: HashMap<String, Instant> = HashMap::new();
     let mut restarts: Vec<String> = Vec::new();
     let cpu_before = op.cpu_seconds();
