@@ -173,14 +173,14 @@ async fn assert_one_job_per_attempt(client: &Client, ns: &str, since: k8s_openap
             planned += s.attempt as usize + 1;
             let jn = s.job_name.as_ref().unwrap_or_else(|| panic!("{}/{}: no Job recorded", w.name_any(), s.step_name));
             assert_eq!(s.job_uid.as_ref(), by_name.get(jn), "{}/{}: the recorded Job UID is the one Job of that name", w.name_any(), s.step_name);
-            if let (Some(done), Some(recorded)) = (completed.get(jn), s.finished_at.as_ref()) {
-                if *done >= since {
-                    let lag = recorded.0.as_second() - done.as_second();
-                    if lag > 10 {
-                        eprintln!("slow: {}/{} Job {jn} marked Complete at {done}, recorded Succeeded at {} ({lag}s)", w.name_any(), s.step_name, recorded.0);
-                    }
-                    lags.push(lag);
+            if let (Some(done), Some(recorded)) = (completed.get(jn), s.finished_at.as_ref())
+                && *done >= since
+            {
+                let lag = recorded.0.as_second() - done.as_second();
+                if lag > 10 {
+                    eprintln!("slow: {}/{} Job {jn} marked Complete at {done}, recorded Succeeded at {} ({lag}s)", w.name_any(), s.step_name, recorded.0);
                 }
+                lags.push(lag);
             }
         }
     }
