@@ -211,15 +211,14 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
     let dir = dir.to_path_buf();
     std::fs::create_dir_all(&dir)?;
     if let Some(existing) = DevCluster::load(&dir) {
-        if existing.all_alive() {
-            if let Ok(client) = existing.client().await {
-                if client.apiserver_version().await.is_ok() {
-                    if opts.install_crds {
-                        install_crds(&client).await?;
-                    }
-                    return Ok(existing);
-                }
+        if existing.all_alive()
+            && let Ok(client) = existing.client().await
+            && client.apiserver_version().await.is_ok()
+        {
+            if opts.install_crds {
+                install_crds(&client).await?;
             }
+            return Ok(existing);
         }
         down(&dir)?;
     }
@@ -459,10 +458,10 @@ async fn wait_for_apiserver(kubeconfig: &Path, timeout: Duration, cluster: &DevC
         }
         if let Ok(client) = client_from(kubeconfig).await {
             let req = http::Request::get("/readyz").body(Vec::new())?;
-            if let Ok(body) = client.request_text(req).await {
-                if body.trim() == "ok" {
-                    return Ok(client);
-                }
+            if let Ok(body) = client.request_text(req).await
+                && body.trim() == "ok"
+            {
+                return Ok(client);
             }
         }
         if Instant::now() > deadline {
