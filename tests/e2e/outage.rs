@@ -332,7 +332,9 @@ async fn workflows_through(name: &str, outage: Outage) {
         if exits.is_empty() { "none".to_string() } else { exits.join(", ") },
         lags.len(),
     );
-    assert!(lag_max <= 60, "a step was recorded {lag_max}s after its Job was marked Complete");
+    // Measured: at most 1-2 s. A watch left waiting out a back-off that the outage grew
+    // (instead of relisting as soon as the API server is back) made it 16-30 s.
+    assert!(lag_max <= 20, "a step was recorded {lag_max}s after its Job was marked Complete");
     match outage {
         // Shorter than the exit bound (four leases, 20 s here, and more): each replica rides
         // it out and recovers by itself.
