@@ -6,7 +6,7 @@
 //! `async fn(Arc<K>, Fence, Arc<Context<S>>) -> Result<Action, E>`, and a few lines in
 //! `operator::run`:
 //!
-//! ```ignore
+//! ```text
 //! let kind = rt.kind::<MyKind>("mykind");                       // sharded cache + queue
 //! let children = rt.children::<MyKind, Job>(&kind, "job", owner_key, changed); // wakes owners
 //! rt.run(kind, MyState { children }, my_reconcile);            // workers, fence, writer
