@@ -86,7 +86,7 @@ async fn handed_over(client: &Client, ns: &str, shards: &[u32], from: &str, t0: 
     .await
 }
 
-fn read_actions(dir: &Path) -> Vec<ActionRecord> {
+pub(crate) fn read_actions(dir: &Path) -> Vec<ActionRecord> {
     let mut out: Vec<ActionRecord> = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();

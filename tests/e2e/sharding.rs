@@ -5,7 +5,6 @@
 //! under the shard of its UID, each shard epoch by one replica.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
@@ -82,18 +81,6 @@ async fn settled(api: &Api<Workflow>, shards: u32, n: usize, what: &str, done: i
         (l.len() == n && l.iter().all(|w| label(w) == Some(&home(w, shards).to_string()) && done(w))).then_some(l)
     })
     .await
-}
-
-fn read_actions(dir: &Path) -> Vec<ActionRecord> {
-    let mut out: Vec<ActionRecord> = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "actions") {
-            out.extend(std::fs::read_to_string(&p).unwrap().lines().map(|l| serde_json::from_str::<ActionRecord>(l).unwrap()));
-        }
-    }
-    out.sort_by_key(|r| r.ts_ms);
-    out
 }
 
 /// Every action was taken under the shard of its object's UID (out of `shards`), and every
@@ -200,7 +187,7 @@ async fn edited_and_copied_labels_are_corrected_and_never_obeyed() {
     // Let the 1 s resync reconcile every workflow a few more times before reading the log.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let actions = read_actions(&fleet.dir);
+    let actions = crate::ha::read_actions(&fleet.dir);
     let all_actions: Vec<&ActionRecord> = actions.iter().collect();
     let epochs = check_actions(&all_actions, S);
     let acted: HashSet<&str> = actions.iter().map(|a| a.uid.as_str()).collect();
@@ -295,7 +282,7 @@ async fn a_change_of_shards_relabels_everything() {
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let actions = read_actions(&fleet.dir);
+    let actions = crate::ha::read_actions(&fleet.dir);
     let (old, new): (Vec<&ActionRecord>, Vec<&ActionRecord>) = actions.iter().partition(|a| a.replica.starts_with("old-"));
     let (last_old, first_new) = (old.iter().map(|a| a.ts_ms).max().unwrap(), new.iter().map(|a| a.ts_ms).min().unwrap());
     assert!(last_old <= changed_at + 5000 && last_old < first_new, "the two fleets never acted at once: {last_old} vs {first_new}");
