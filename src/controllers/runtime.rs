@@ -69,10 +69,6 @@ impl Runtime {
         Self { clients, own, settings, recorder, shutdown, tasks: JoinSet::new(), caches: Vec::new() }
     }
 
-    pub fn ownership(&self) -> &Ownership {
-        &self.own
-    }
-
     /// The watch API of kind `K`, in the watched namespace or all of them.
     pub fn api<K>(&self) -> Api<K>
     where

@@ -88,15 +88,6 @@ impl Writer {
         }
     }
 
-    pub fn fence(&self) -> Fence {
-        self.fence
-    }
-
-    /// Does the fence still hold? (For a reconcile deciding whether to go on at all.)
-    pub fn holds(&self) -> bool {
-        self.own.fence_deadline(self.fence).is_some()
-    }
-
     /// Check the fence, record `action`, and run `request` with a deadline at the fence's end.
     pub async fn send<T, F>(&self, action: &str, request: F) -> Result<T, WriteError>
     where
