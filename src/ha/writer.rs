@@ -253,30 +253,27 @@ mod tests {
         Writer::new(own.clone(), fence, client, recorder, &cm)
     }
 
+    /// A request that notes in `flag` that it was started.
+    fn noting(flag: &Arc<AtomicBool>) -> impl std::future::Future<Output = Result<(), kube::Error>> + use<> {
+        let flag = flag.clone();
+        async move {
+            flag.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
     #[tokio::test]
     async fn nothing_is_sent_without_the_fence() {
         let own = ownership(Duration::from_secs(1));
         let fence = Fence { shard: 1, transitions: 3 };
         let w = writer(&own, fence);
         let polled = Arc::new(AtomicBool::new(false));
-        let p = polled.clone();
-        let r = w
-            .send("create x", async move {
-                p.store(true, Ordering::SeqCst);
-                Ok(())
-            })
-            .await;
+        let r = w.send("create x", noting(&polled)).await;
         assert!(matches!(r, Err(WriteError::Fenced)), "{r:?}");
         assert!(!polled.load(Ordering::SeqCst), "the request was never started");
         // Held, but under another epoch: still refused.
         own.hold_for_test(1, 4, std::time::Instant::now());
-        let p = polled.clone();
-        let r = w
-            .send("create x", async move {
-                p.store(true, Ordering::SeqCst);
-                Ok(())
-            })
-            .await;
+        let r = w.send("create x", noting(&polled)).await;
         assert!(matches!(r, Err(WriteError::Fenced)), "{r:?}");
         assert!(!polled.load(Ordering::SeqCst));
     }

@@ -13,14 +13,10 @@ use serde_json::json;
 use shoal::api::workflow::{StepPhase, Workflow, WorkflowPhase};
 
 use crate::common::{self, eventually};
-use crate::workflow::{T, setup, step, step_phase, wait_phase, wf};
+use crate::workflow::{T, setup, step, step_of, step_phase, wait_phase, wf};
 
 fn slow(name: &str, deps: &[&str], delay: &str) -> serde_json::Value {
     json!({"stepName": name, "image": "busybox", "dependsOn": deps, "metadata": {"annotations": {"kwok.shoal.dev/delay": delay}}})
-}
-
-fn step_status(w: &Workflow, s: &str) -> shoal::api::workflow::StepStatus {
-    w.status.as_ref().unwrap().steps.iter().find(|x| x.step_name == s).unwrap().clone()
 }
 
 /// The Jobs whose controller ownerReference is `uid`.
@@ -65,7 +61,7 @@ async fn a_job_belongs_to_one_workflow_uid_and_step() {
     .unwrap();
     let squatter = jobs.create(&PostParams::default(), &squatter).await.unwrap();
     let w = wait_phase(&api, "squat", WorkflowPhase::Failed).await;
-    let b = step_status(&w, "b");
+    let b = step_of(&w, "b");
     assert_eq!(b.phase, StepPhase::Failed);
     let msg = b.message.unwrap_or_default();
     assert!(msg.contains("taken by an object this workflow does not own"), "{msg}");
@@ -86,7 +82,7 @@ async fn a_job_belongs_to_one_workflow_uid_and_step() {
     eventually(T, "the first incarnation gone", || async { api.get_opt("again").await.ok()?.is_none().then_some(()) }).await;
     api.create(&PostParams::default(), &wf("again", json!({"containers": [step("a", &[])]}))).await.unwrap();
     let w = wait_phase(&api, "again", WorkflowPhase::Completed).await;
-    let a = step_status(&w, "a");
+    let a = step_of(&w, "a");
     assert_ne!(a.job_uid.as_deref(), Some(first.as_str()), "the orphaned Job was adopted");
     assert_eq!(jobs_owned_by(&client, &ns, &w.uid().unwrap()).await.len(), 1);
     common::cleanup(&client, &ns).await;
@@ -115,7 +111,7 @@ async fn fail_fast_cancels_running_steps() {
     let bad = json!({"stepName": "bad", "image": "busybox", "metadata": {"labels": {"kwok.shoal.dev/exit-code": "3"}, "annotations": {"kwok.shoal.dev/delay": "1s"}}});
     api.create(&PostParams::default(), &wf("ff", json!({"containers": [bad, slow("long", &[], "300s"), step("after", &["long"])]}))).await.unwrap();
     let w = wait_phase(&api, "ff", WorkflowPhase::Failed).await;
-    let long = step_status(&w, "long");
+    let long = step_of(&w, "long");
     assert_eq!(long.phase, StepPhase::Cancelled, "{long:?}");
     assert!(long.message.unwrap_or_default().contains("cancelled"));
     assert!(long.finished_at.is_some());

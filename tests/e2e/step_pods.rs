@@ -22,33 +22,7 @@ use shoal::api::workflow::{StepPhase, StepStatus, Workflow, WorkflowPhase};
 use shoal::controllers::step_pod::{MAX_DISRUPTIONS, OUTPUT_BUDGET_BYTES};
 
 use crate::common::{self, eventually};
-use crate::operator::Operator;
-
-const T: Duration = Duration::from_secs(90);
-
-fn wf(name: &str, spec: Value) -> Workflow {
-    serde_json::from_value(json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": name}, "spec": spec})).unwrap()
-}
-
-async fn setup(client: &Client, prefix: &str) -> (String, Operator) {
-    let ops = common::namespace(client, &format!("{prefix}-ops")).await;
-    let work = common::namespace(client, prefix).await;
-    let mut op = Operator::new(&ops, &work);
-    op.start("r1");
-    (work, op)
-}
-
-async fn wait_phase(api: &Api<Workflow>, name: &str, phase: WorkflowPhase, timeout: Duration) -> Workflow {
-    eventually(timeout, &format!("{name} {phase:?}"), || async {
-        let w = api.get(name).await.ok()?;
-        (w.status.as_ref()?.workflow_status == Some(phase)).then_some(w)
-    })
-    .await
-}
-
-fn step_of(w: &Workflow, step: &str) -> StepStatus {
-    w.status.as_ref().unwrap().steps.iter().find(|s| s.step_name == step).unwrap().clone()
-}
+use crate::workflow::{T, setup, step_of, wait_phase_within, wf};
 
 /// The step's status once `pred` holds for it.
 async fn wait_step(api: &Api<Workflow>, name: &str, step: &str, what: &str, timeout: Duration, pred: impl Fn(&StepStatus) -> bool) -> StepStatus {
@@ -166,7 +140,7 @@ async fn an_evicted_pod_is_replaced_without_using_a_retry() {
     let second = running_pod(&client, &ns, &jn, &[first.name_any()], T).await;
     assert_ne!(second.name_any(), first.name_any());
 
-    let done = wait_phase(&api, "w", WorkflowPhase::Completed, T).await;
+    let done = wait_phase_within(&api, "w", WorkflowPhase::Completed, T).await;
     let s = step_of(&done, "work");
     assert_eq!(s.phase, StepPhase::Succeeded);
     assert_eq!(s.attempt, 0, "the eviction used no retry");
@@ -208,7 +182,7 @@ async fn a_step_whose_pod_is_disrupted_too_often_fails_saying_so() {
         pods.evict(&p.name_any(), &EvictParams::default()).await.unwrap();
         evicted.push(p.name_any());
     }
-    let failed = wait_phase(&api, "w", WorkflowPhase::Failed, T).await;
+    let failed = wait_phase_within(&api, "w", WorkflowPhase::Failed, T).await;
     let s = step_of(&failed, "work");
     assert_eq!(s.phase, StepPhase::Failed);
     assert_eq!(s.attempt, 0);
@@ -251,7 +225,7 @@ async fn a_pod_lost_with_its_node_is_replaced_without_using_a_retry() {
     cordon(&client, &b, true).await;
     assert_eq!(second.spec.as_ref().unwrap().node_name.as_deref(), Some(b.as_str()));
 
-    let done = wait_phase(&api, "w", WorkflowPhase::Completed, Duration::from_secs(180)).await;
+    let done = wait_phase_within(&api, "w", WorkflowPhase::Completed, Duration::from_secs(180)).await;
     let s = step_of(&done, "work");
     assert_eq!((s.phase, s.attempt), (StepPhase::Succeeded, 0), "the lost pod used no retry");
     assert_eq!(job(&client, &ns, &jn).await.status.unwrap().failed, Some(1), "the Job counted one disrupted pod");
@@ -292,7 +266,7 @@ async fn a_pod_that_cannot_start_is_reported_and_not_timed_out() {
     // Once it can start, its timeout counts from its own start, and it finishes in time.
     cordon(&client, &node, false).await;
     for name in ["short", "unlimited"] {
-        let done = wait_phase(&api, name, WorkflowPhase::Completed, T).await;
+        let done = wait_phase_within(&api, name, WorkflowPhase::Completed, T).await;
         let s = step_of(&done, "work");
         assert_eq!((s.phase, s.attempt, s.message), (StepPhase::Succeeded, 0, None));
     }
@@ -317,7 +291,7 @@ async fn a_pod_running_past_its_timeout_times_out() {
     )
     .await
     .unwrap();
-    let failed = wait_phase(&api, "w", WorkflowPhase::Failed, T).await;
+    let failed = wait_phase_within(&api, "w", WorkflowPhase::Failed, T).await;
     let s = step_of(&failed, "sleepy");
     assert_eq!(s.message.as_deref(), Some("attempt 0 timed out"));
     let jn = s.job_name.unwrap();
@@ -369,7 +343,7 @@ async fn outputs_come_only_from_the_jobs_own_pod() {
         .unwrap();
         Api::<Pod>::namespaced(client.clone(), &ns).create(&PostParams::default(), &impostor).await.unwrap();
     }
-    let done = wait_phase(&api, "w", WorkflowPhase::Completed, T).await;
+    let done = wait_phase_within(&api, "w", WorkflowPhase::Completed, T).await;
     assert_eq!(step_of(&done, "produce").output.as_deref(), Some("real"));
     common::cleanup(&client, &ns).await;
 }
@@ -383,7 +357,7 @@ async fn outputs_beyond_the_workflows_budget_fail_the_step() {
     let n = OUTPUT_BUDGET_BYTES / 4096 + 1;
     let steps: Vec<Value> = (0..n).map(|i| json!({"stepName": format!("s{i}"), "image": "busybox", "metadata": {"annotations": {"kwok.shoal.dev/termination-message": full}}})).collect();
     api.create(&PostParams::default(), &wf("w", json!({"failFast": false, "containers": steps}))).await.unwrap();
-    let failed = wait_phase(&api, "w", WorkflowPhase::Failed, Duration::from_secs(180)).await;
+    let failed = wait_phase_within(&api, "w", WorkflowPhase::Failed, Duration::from_secs(180)).await;
     let st = failed.status.unwrap();
     let bad: Vec<&StepStatus> = st.steps.iter().filter(|s| s.phase == StepPhase::Failed).collect();
     assert_eq!(bad.len(), 1, "exactly one output did not fit");
@@ -407,7 +381,7 @@ async fn a_failed_step_says_why_from_its_pod() {
     )
     .await
     .unwrap();
-    let failed = wait_phase(&api, "w", WorkflowPhase::Failed, T).await;
+    let failed = wait_phase_within(&api, "w", WorkflowPhase::Failed, T).await;
     let s = step_of(&failed, "bad");
     assert_eq!(s.message.as_deref(), Some("attempt 0 failed: container main exited with code 3 (Error): no such table: rows"));
     assert_eq!(s.output, None, "a failed step records no output");

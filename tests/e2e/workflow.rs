@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use shoal::api::workflow::{StepPhase, Workflow, WorkflowPhase};
+use shoal::api::workflow::{StepPhase, StepStatus, Workflow, WorkflowPhase};
 
 use crate::common::{self, eventually};
 use crate::operator::{self, Operator};
@@ -38,15 +38,24 @@ pub(crate) async fn setup(client: &Client, prefix: &str) -> (String, Operator) {
 }
 
 pub(crate) async fn wait_phase(api: &Api<Workflow>, name: &str, phase: WorkflowPhase) -> Workflow {
-    eventually(T, &format!("{name} {phase:?}"), || async {
+    wait_phase_within(api, name, phase, T).await
+}
+
+pub(crate) async fn wait_phase_within(api: &Api<Workflow>, name: &str, phase: WorkflowPhase, timeout: Duration) -> Workflow {
+    eventually(timeout, &format!("{name} {phase:?}"), || async {
         let w = api.get(name).await.ok()?;
         (w.status.as_ref()?.workflow_status == Some(phase)).then_some(w)
     })
     .await
 }
 
+/// The status of step `s` of `w`.
+pub(crate) fn step_of(w: &Workflow, s: &str) -> StepStatus {
+    w.status.as_ref().unwrap().steps.iter().find(|x| x.step_name == s).unwrap().clone()
+}
+
 pub(crate) fn step_phase(w: &Workflow, s: &str) -> StepPhase {
-    w.status.as_ref().unwrap().steps.iter().find(|x| x.step_name == s).unwrap().phase
+    step_of(w, s).phase
 }
 
 fn started(w: &Workflow, s: &str) -> k8s_openapi::jiff::Timestamp {
