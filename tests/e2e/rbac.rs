@@ -49,7 +49,9 @@ impl Drop for ClusterScoped {
 /// The lines of a replica's log where the API server refused it.
 fn refusals(log: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines().filter(|l| l.contains("403") || l.to_lowercase().contains("forbidden")).map(String::from).collect()
+    // A refusal carries reason Forbidden (code 403); matching a bare "403" also matched
+    // log timestamps such as 18:23:38.403218Z.
+    text.lines().filter(|l| l.contains("code: 403") || l.to_lowercase().contains("forbidden")).map(String::from).collect()
 }
 
 /// If the test fails before its own check of the log, say what the API server refused.
