@@ -178,6 +178,13 @@ async fn a_spec_change_under_a_shard_move_leaves_no_old_job() {
     op.extra_args = ["--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s"].map(String::from).to_vec();
     op.start("r1");
     op.start("r2");
+    // A settled ring first: every shard held, by both replicas, so the owner found below is
+    // not in the middle of a rebalance.
+    eventually(T, "r1 and r2 sharing the 32 shards", || async {
+        let h = crate::ha::holders(&client, &ops).await;
+        (h.len() == 32 && ["r1", "r2"].iter().all(|r| h.values().filter(|x| x == r).count() == 16)).then_some(())
+    })
+    .await;
     let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let wide: Vec<_> = (0..6).map(|i| slow(&format!("p{i}"), &[], "300s")).collect();
@@ -190,9 +197,8 @@ async fn a_spec_change_under_a_shard_move_leaves_no_old_job() {
     // The replica that owns it hands its shards over, and the spec changes at once: the next
     // owner meets the change while its Job cache for the shard may still be filling.
     let shard = shoal::core::shard::shard_of(&uid, 32);
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ops);
-    let holder = leases.get(&format!("shoal-shard-{shard}")).await.unwrap().spec.and_then(|s| s.holder_identity).unwrap();
-    let owner = ["r1", "r2"].into_iter().find(|r| holder.starts_with(r)).unwrap();
+    let holder = eventually(T, "the shard's holder", || async { crate::ha::holders(&client, &ops).await.remove(&shard) }).await;
+    let owner = ["r1", "r2"].into_iter().find(|r| holder == *r).unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(op.pid(owner)), nix::sys::signal::Signal::SIGTERM).unwrap();
     api.patch("moving", &PatchParams::default(), &Patch::Merge(json!({"spec": {"containers": [step("x", &[])]}}))).await.unwrap();
     let w = wait_phase(&api, "moving", WorkflowPhase::Completed).await;
