@@ -7,6 +7,7 @@
 pub mod activity;
 pub mod conditions;
 pub mod crds;
+pub mod delivery;
 pub mod nsman;
 pub mod task;
 pub mod workflow;

@@ -52,6 +52,14 @@ impl<S> Context<S> {
         ReadApi::new(self.clients.request.clone(), ns)
     }
 
+    /// Reads of the cluster-scoped kind `K` (a Namespace).
+    pub fn read_cluster<K>(&self) -> ReadApi<K>
+    where
+        K: Resource<Scope = k8s_openapi::ClusterResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        ReadApi::cluster(self.clients.request.clone())
+    }
+
     /// True if `rv` is a version this replica has already replaced with its own write.
     /// Once the cache has a newer copy the entry is dropped, so the map stays small.
     pub fn is_superseded(&self, key: &Key, rv: Option<&str>) -> bool {

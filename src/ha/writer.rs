@@ -93,6 +93,16 @@ impl Writer {
     where
         F: Future<Output = Result<T, kube::Error>>,
     {
+        self.guard(action, request).await?.map_err(WriteError::from)
+    }
+
+    /// The fence check, action log and deadline of [`send`](Self::send), for a side effect
+    /// that is not a Kubernetes request (a webhook call of the effects outbox). The effect's
+    /// own result is returned inside.
+    pub async fn guard<T, F>(&self, action: &str, effect: F) -> Result<T, WriteError>
+    where
+        F: Future<Output = T>,
+    {
         let Some(deadline) = self.own.fence_deadline(self.fence) else {
             self.own.metrics().ownership_denied.inc();
             return Err(WriteError::Fenced);
@@ -108,7 +118,7 @@ impl Writer {
                 tracing::warn!(object = %self.object, action, "request outlived its fence; abandoned");
                 Err(WriteError::Deadline)
             }
-            r = request => r.map_err(WriteError::from),
+            r = effect => Ok(r),
         }
     }
 
@@ -118,6 +128,14 @@ impl Writer {
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
     {
         FencedApi { writer: self, api: Api::namespaced(self.client.clone(), ns) }
+    }
+
+    /// A fenced view of the API of the cluster-scoped kind `K` (a Namespace).
+    pub fn cluster_api<K>(&self) -> FencedApi<'_, K>
+    where
+        K: Resource<Scope = k8s_openapi::ClusterResourceScope, DynamicType = ()>,
+    {
+        FencedApi { writer: self, api: Api::all(self.client.clone()) }
     }
 
     /// Publish an Event about the object, fenced like any other write. A failure to publish
@@ -187,7 +205,21 @@ where
     pub fn new(client: Client, ns: &str) -> Self {
         Self { api: Api::namespaced(client, ns) }
     }
+}
 
+impl<K> ReadApi<K>
+where
+    K: Resource<Scope = k8s_openapi::ClusterResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    pub fn cluster(client: Client) -> Self {
+        Self { api: Api::all(client) }
+    }
+}
+
+impl<K> ReadApi<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
     pub async fn get_opt(&self, name: &str) -> Result<Option<K>, kube::Error> {
         self.api.get_opt(name).await
     }
