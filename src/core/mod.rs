@@ -4,5 +4,6 @@
 pub mod dag;
 pub mod graph;
 pub mod plan;
+pub mod policy;
 pub mod schedule;
 pub mod shard;
