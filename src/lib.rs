@@ -12,3 +12,4 @@ pub mod core;
 pub mod dev;
 pub mod ha;
 pub mod operator;
+pub mod outbox;

@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the operator.
-    Run(shoal::operator::RunConfig),
+    Run(Box<shoal::operator::RunConfig>),
     /// Print every CRD as YAML, or write one file per kind into --dir.
     Crds {
         #[arg(long)]
@@ -59,7 +59,7 @@ async fn main() -> Result<()> {
     let default_filter = if matches!(cli.cmd, Cmd::Dev { .. }) { "warn,kube_client=off" } else { "info" };
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into())).init();
     match cli.cmd {
-        Cmd::Run(cfg) => shoal::operator::run(cfg).await,
+        Cmd::Run(cfg) => shoal::operator::run(*cfg).await,
         Cmd::Crds { dir: None } => {
             print!("{}", shoal::api::crds::all_yaml());
             Ok(())

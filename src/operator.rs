@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::controllers::runtime::{Runtime, Settings, named};
 use crate::controllers::step_job::StepJob;
-use crate::controllers::workflow;
+use crate::controllers::{nsman, workflow};
 use crate::ha::{HaConfig, HaMetrics, Ownership, Synced};
 
 /// Settings of `shoal run`, from flags or environment variables.
@@ -51,6 +51,10 @@ pub struct RunConfig {
     pub resync: Duration,
     #[command(flatten)]
     pub ha: HaConfig,
+    #[command(flatten)]
+    pub nsman: crate::controllers::nsman::NsmanConfig,
+    #[command(flatten)]
+    pub outbox: crate::outbox::OutboxConfig,
 }
 
 impl RunConfig {
@@ -101,6 +105,12 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let jobs = rt.children::<_, StepJob>(&workflows, workflow::owner_key, workflow::job_change_matters);
     rt.label_children::<StepJob>(workflow::WORKFLOW_LABEL);
     rt.run(workflows, workflow::State { jobs, metrics: crate::controllers::Metrics::new(&mut registry), pod_looks: Default::default() }, workflow::reconcile);
+
+    // NamespaceManagers; their webhooks go through the effects outbox.
+    let outbox = Arc::new(crate::outbox::Outbox::new(&cfg.outbox, &mut registry)?);
+    let managers = rt.kind::<crate::api::NamespaceManager>("namespacemanager controller");
+    let nsman_metrics = nsman::NsmanMetrics::new(&mut registry);
+    rt.run(managers, nsman::State::new(cfg.nsman.clone(), &cfg.namespace, outbox, nsman_metrics), nsman::reconcile);
 
     let ready = {
         let own = own.clone();

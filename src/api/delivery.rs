@@ -46,6 +46,8 @@ pub struct Delivery {
     pub id: String,
     /// The URL called (never a secret: credentials in a URL are refused).
     pub target: String,
+    /// The JSON body, as recorded with the intent: identical on every attempt.
+    pub payload: String,
     pub state: DeliveryState,
     /// Attempts made so far.
     #[serde(default)]

@@ -73,11 +73,7 @@ pub fn next_look(policy: &Policy, prev: Option<&PolicyStatus>, ns_created: Times
 
 /// The PODS_SUCCEED policies whose check is due at `now` (the controller lists their pods).
 pub fn due_checks<'a>(policies: &'a [Policy], status: &[PolicyStatus], ns_created: Timestamp, now: Timestamp) -> Vec<&'a Policy> {
-    policies
-        .iter()
-        .filter(|p| p.condition.type_ == PolicyConditionType::PodsSucceed)
-        .filter(|p| next_look(p, previous(status, &p.name), ns_created).is_some_and(|t| t <= now))
-        .collect()
+    policies.iter().filter(|p| p.condition.type_ == PolicyConditionType::PodsSucceed).filter(|p| next_look(p, previous(status, &p.name), ns_created).is_some_and(|t| t <= now)).collect()
 }
 
 /// The outcome of one evaluation.
