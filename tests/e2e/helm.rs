@@ -99,12 +99,13 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     rendered.sort_by_key(by_name);
     assert!(committed == rendered, "the chart's CRDs differ from crds/");
 
-    // Cluster-wide: one ClusterRole for the watched objects and the CRD check; the Leases in
-    // a Role of the release namespace; nothing the code does not call.
+    // Cluster-wide: one ClusterRole for the watched objects, the namespaces and the CRD
+    // check; the Leases in a Role of the release namespace; nothing the code does not call.
     assert_eq!(granting(&docs, "jobs"), vec![("ClusterRole", "shoal")]);
     assert_eq!(granting(&docs, "leases"), vec![("Role", "shoal-leases")]);
     assert_crd_rule(&docs);
-    for absent in ["namespaces", "deployments", "statefulsets", "deployments/scale", "secrets", "configmaps"] {
+    assert_namespace_manager_rules(&docs, "ClusterRole shoal", ("ClusterRole shoal", &[]));
+    for absent in ["deployments/scale", "statefulsets/scale", "namespaces/finalize", "configmaps"] {
         assert!(granting(&docs, absent).is_empty(), "{absent}: granted before any controller uses it");
     }
 
@@ -113,17 +114,18 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     let out = kubectl_apply(&objects, &["--dry-run=server"]);
     assert!(out.contains("deployment.apps/shoal created (server dry run)"), "{out}");
 
-    // watchNamespace: the watched objects' rules in a Role there; the only ClusterRole of
-    // the operator is `get` on the shoal CRDs by name.
+    // watchNamespace: the watched objects' rules in a Role there; the operator's only
+    // ClusterRoles are `get` on the shoal CRDs by name, and `get` and `delete` on that one
+    // namespace.
     let work = common::namespace(&client, "helm-work").await;
     let docs = render("shoal", &ns, &[&format!("watchNamespace={work}"), "rbac.aggregateToDefaultRoles=false"]);
     assert_eq!(granting(&docs, "jobs"), vec![("Role", "shoal")]);
     let role = docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "shoal").unwrap();
     assert_eq!(role["metadata"]["namespace"], work.as_str());
-    let cluster_roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "ClusterRole").collect();
-    assert_eq!(cluster_roles.len(), 1, "{cluster_roles:?}");
-    assert_eq!(cluster_roles[0]["rules"].as_array().unwrap().len(), 1);
+    let cluster_roles: Vec<(&str, usize)> = docs.iter().filter(|d| d["kind"] == "ClusterRole").map(|d| (d["metadata"]["name"].as_str().unwrap(), d["rules"].as_array().unwrap().len())).collect();
+    assert_eq!(cluster_roles, vec![("shoal-crds", 1), ("shoal-namespace", 1)]);
     assert_crd_rule(&docs);
+    assert_namespace_manager_rules(&docs, &format!("Role {work}/shoal"), ("ClusterRole shoal-namespace", &[&work]));
     let objects: Vec<&Value> = docs.iter().filter(|d| d["kind"] != "CustomResourceDefinition").collect();
     kubectl_apply(&objects, &["--dry-run=server"]);
 
@@ -131,6 +133,60 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     assert!(!helm_template("shoal", &ns, &["replicaCount=1"]).contains("kind: PodDisruptionBudget"));
     common::cleanup(&client, &ns).await;
     common::cleanup(&client, &work).await;
+}
+
+/// What the operator's ServiceAccount (`shoal`) is granted on `group`/`resource`: for each
+/// role bound to it whose rules mention it ("ClusterRole NAME" or "Role NAMESPACE/NAME"),
+/// the resourceNames (empty: all) and the verbs, sorted.
+fn operator_grants(docs: &[Value], group: &str, resource: &str) -> Vec<(String, Vec<String>, Vec<String>)> {
+    let strings = |v: &Value| -> Vec<String> { v.as_array().map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect()).unwrap_or_default() };
+    // The roles bound to the ServiceAccount, as (kind, namespace of a Role, name).
+    let bound: BTreeSet<(String, String, String)> = docs
+        .iter()
+        .filter(|d| (d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding") && d["subjects"].as_array().unwrap().iter().any(|s| s["kind"] == "ServiceAccount" && s["name"] == "shoal"))
+        .map(|b| {
+            let kind = b["roleRef"]["kind"].as_str().unwrap().to_string();
+            let ns = if kind == "Role" { b["metadata"]["namespace"].as_str().unwrap().to_string() } else { String::new() };
+            (kind, ns, b["roleRef"]["name"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let mut out: BTreeMap<(String, Vec<String>), BTreeSet<String>> = BTreeMap::new();
+    for d in docs.iter().filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role") {
+        let kind = d["kind"].as_str().unwrap().to_string();
+        let ns = if kind == "Role" { d["metadata"]["namespace"].as_str().unwrap().to_string() } else { String::new() };
+        let name = d["metadata"]["name"].as_str().unwrap().to_string();
+        let role = if kind == "Role" { format!("Role {ns}/{name}") } else { format!("ClusterRole {name}") };
+        if !bound.contains(&(kind, ns, name)) {
+            continue;
+        }
+        for r in d["rules"].as_array().unwrap() {
+            if strings(&r["apiGroups"]).iter().any(|g| g == group) && strings(&r["resources"]).iter().any(|x| x == resource) {
+                let mut names = strings(&r["resourceNames"]);
+                names.sort();
+                out.entry((role.clone(), names)).or_default().extend(strings(&r["verbs"]));
+            }
+        }
+    }
+    out.into_iter().map(|((role, names), verbs)| (role, names, verbs.into_iter().collect())).collect()
+}
+
+/// The NamespaceManager controller's rules, exactly: in `role` for the namespaced
+/// resources; on namespaces in the ClusterRole and with the resourceNames of `namespaces`.
+fn assert_namespace_manager_rules(docs: &[Value], role: &str, namespaces: (&str, &[&str])) {
+    let grant = |role: &str, names: &[&str], verbs: &[&str]| vec![(role.to_string(), names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), verbs.iter().map(|v| v.to_string()).collect::<Vec<_>>())];
+    let want = [
+        ("shoal.dev", "namespacemanagers", grant(role, &[], &["get", "list", "patch", "watch"])),
+        ("shoal.dev", "namespacemanagers/status", grant(role, &[], &["get", "patch"])),
+        ("", "pods", grant(role, &[], &["list"])),
+        ("apps", "deployments", grant(role, &[], &["list", "patch"])),
+        ("apps", "statefulsets", grant(role, &[], &["list", "patch"])),
+        ("", "secrets", grant(role, &[], &["get"])),
+        ("events.k8s.io", "events", grant(role, &[], &["create", "patch"])),
+        ("", "namespaces", grant(namespaces.0, namespaces.1, &["delete", "get"])),
+    ];
+    for (group, resource, want) in want {
+        assert_eq!(operator_grants(docs, group, resource), want, "the operator's grants on {group}/{resource}");
+    }
 }
 
 /// `get` on exactly the CRDs the code checks at start, by name.
