@@ -2,7 +2,8 @@
 //! kubeconfig impersonates the chart's ServiceAccount (and has nothing else) runs workflows
 //! through every write the Workflow controller makes, with no 403 in its log. And it is no
 //! more than that: SubjectAccessReviews show what the ServiceAccount may not do, and what
-//! the aggregated view/edit/admin roles give people.
+//! the aggregated view/edit/admin roles give people. The NamespaceManager controller's rules
+//! are checked with SubjectAccessReviews only: the replica does not run that controller.
 //!
 //! The replica always watches only its test namespace, even for the cluster-wide install: a
 //! replica watching every namespace of the shared test cluster would act on other tests'
@@ -156,6 +157,11 @@ fn other_kinds() -> Vec<DynamicObject> {
             if v["apiVersion"] == "shoal.dev/v1alpha1" {
                 let mut o: DynamicObject = serde_json::from_value(v).unwrap();
                 o.metadata.namespace = None;
+                // The TTL sample deletes its own namespace (here, the test's) after 40 s once
+                // the NamespaceManager controller runs: a dry run only records what it would do.
+                if o.types.as_ref().is_some_and(|t| t.kind == "NamespaceManager") {
+                    o.data["spec"]["dryRun"] = json!(true);
+                }
                 out.push(o);
             }
         }
@@ -188,14 +194,51 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
         expect(&client, &me, verb, group, resource, "default", !watch_namespace).await;
     }
     expect(&client, &me, "get", "apiextensions.k8s.io", "customresourcedefinitions=workflows.shoal.dev", "", true).await;
+    // The NamespaceManager controller's rules (it does not run here: granted, not exercised).
+    let nsman = [
+        ("get", "shoal.dev", "namespacemanagers"),
+        ("patch", "shoal.dev", "namespacemanagers"),
+        ("get", "shoal.dev", "namespacemanagers/status"),
+        ("patch", "shoal.dev", "namespacemanagers/status"),
+        ("list", "apps", "deployments"),
+        ("patch", "apps", "deployments"),
+        ("list", "apps", "statefulsets"),
+        ("patch", "apps", "statefulsets"),
+        ("get", "", "secrets"),
+    ];
+    for (verb, group, resource) in nsman {
+        expect(&client, &me, verb, group, resource, &work, true).await;
+        expect(&client, &me, verb, group, resource, "default", !watch_namespace).await;
+    }
+    // Namespaces are cluster-scoped: with watchNamespace, the watched one only.
+    for verb in ["get", "delete"] {
+        expect(&client, &me, verb, "", &format!("namespaces={work}"), "", true).await;
+        expect(&client, &me, verb, "", &format!("namespaces={ops}"), "", !watch_namespace).await;
+        expect(&client, &me, verb, "", "namespaces", "", !watch_namespace).await;
+    }
     let denied = [
         ("get", "apiextensions.k8s.io", "customresourcedefinitions=widgets.example.com", ""),
         ("list", "apiextensions.k8s.io", "customresourcedefinitions", ""),
         ("create", "", "pods", work.as_str()),
         ("get", "", "pods", work.as_str()),
-        ("delete", "", "namespaces", ""),
+        ("list", "", "namespaces", ""),
+        ("watch", "", "namespaces", ""),
+        ("create", "", "namespaces", ""),
+        ("patch", "", "namespaces", ""),
+        ("update", "", "namespaces/finalize", ""),
+        ("get", "apps", "deployments", work.as_str()),
+        ("update", "apps", "deployments", work.as_str()),
+        ("delete", "apps", "statefulsets", work.as_str()),
         ("patch", "apps", "deployments/scale", work.as_str()),
-        ("get", "", "secrets", work.as_str()),
+        ("update", "apps", "statefulsets/scale", work.as_str()),
+        ("patch", "apps", "replicasets", work.as_str()),
+        ("list", "", "secrets", work.as_str()),
+        ("watch", "", "secrets", work.as_str()),
+        ("create", "", "secrets", work.as_str()),
+        ("get", "", "configmaps", work.as_str()),
+        ("update", "shoal.dev", "namespacemanagers", work.as_str()),
+        ("delete", "shoal.dev", "namespacemanagers", work.as_str()),
+        ("update", "shoal.dev", "namespacemanagers/status", work.as_str()),
         ("create", "shoal.dev", "activityworkers", work.as_str()),
         ("update", "shoal.dev", "workflows", work.as_str()),
         ("patch", "shoal.dev", "activities/status", work.as_str()),

@@ -43,14 +43,49 @@ Grow this list when a controller lands, never ahead of it.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]
-# A finished step's output is its pod's termination message.
+# A finished step's output is its pod's termination message; a NamespaceManager's
+# PODS_SUCCEED condition lists the pods it watches.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
-# Events about workflows and their steps (kube's Recorder: create, then patch a series).
+# Events about workflows and their steps, and about namespace managers (kube's Recorder:
+# create, then patch a series).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# The NamespaceManager controller reads a manager, deactivates it (a patch of
+# spec.deactivated; list, watch and patch are in the first rule) and records its status.
+- apiGroups: ["shoal.dev"]
+  resources: ["namespacemanagers"]
+  verbs: ["get"]
+- apiGroups: ["shoal.dev"]
+  resources: ["namespacemanagers/status"]
+  verbs: ["get", "patch"]
+# SCALE_DOWN lists the workloads and scales each with one patch of spec.replicas and the
+# shoal.dev/original-replicas annotation (not the scale subresource: the count recorded and
+# the scale-down are one write).
+- apiGroups: ["apps"]
+  resources: ["deployments", "statefulsets"]
+  verbs: ["list", "patch"]
+# A WEBHOOK action's signing secret, the one Secret its manager names (no list or watch).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end -}}
+
+{{/*
+Namespaces are cluster-scoped: this rule is for a ClusterRole, and with watchNamespace it
+names that namespace only.
+*/}}
+{{- define "shoal.namespaceRules" -}}
+# The NamespaceManager controller reads the namespace it manages (creation time, the
+# shoal.dev/managed-from opt-in label) and deletes it for a DELETE action.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  {{- with .Values.watchNamespace }}
+  resourceNames: [{{ . | quote }}]
+  {{- end }}
+  verbs: ["get", "delete"]
 {{- end -}}
 
 {{/* `shoal run` checks at start that every shoal CRD is installed (by name). */}}
