@@ -311,11 +311,6 @@ fn namespace_manager_settings_reach_the_deployment() {
     }
 }
 
-/// Variables the chart sets that `shoal run` does not read yet: the NamespaceManager
-/// settings land with its controller. When they do, this test fails until they are taken
-/// out of this list, and from then on it checks their names too.
-const NOT_READ_YET: [&str; 3] = NSMAN_ENV;
-
 /// Every `SHOAL_*` variable the chart can set is one `shoal run` reads (a misspelt name
 /// would be ignored without a word).
 #[test]
@@ -327,13 +322,9 @@ fn every_variable_the_chart_sets_is_a_setting_of_shoal_run() {
     let set = ["watchNamespace=work", "actionLog.enabled=true", "allowCrossNamespace=true", "protectedNamespaces={team-a}", "webhookAllow={hooks.example.com}"];
     let env = deployment_env(&set.iter().flat_map(|s| ["--set", s]).collect::<Vec<_>>());
     for n in env.keys().filter(|n| n.starts_with("SHOAL_")) {
-        if NOT_READ_YET.contains(&n.as_str()) {
-            assert!(!read.contains(n), "shoal run now reads {n}: take it out of NOT_READ_YET in tests/e2e/helm.rs");
-        } else {
-            assert!(read.contains(n), "the chart sets {n}, which shoal run does not read (it reads {read:?})");
-        }
+        assert!(read.contains(n), "the chart sets {n}, which shoal run does not read (it reads {read:?})");
     }
-    for n in NOT_READ_YET {
+    for n in NSMAN_ENV {
         assert!(env.contains_key(n), "{n} not rendered");
     }
 }
