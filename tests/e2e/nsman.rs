@@ -524,3 +524,55 @@ async fn seed_examples_work() {
     }
     common::cleanup(&client, &run).await;
 }
+
+/// Benchmark, not part of `make test` (`--ignored`; run it alone on a fresh control plane):
+/// 10,000 TTL managers on one replica, due over 60 s once all exist. Reports the lateness of
+/// their firings (p50, p99, max) and the replica's peak memory. Dry runs, so each firing is
+/// recorded and reported but nothing is deleted (they share one namespace).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn bench_ten_thousand_ttl_managers_on_one_replica() {
+    use futures::StreamExt;
+    let n: usize = std::env::var("SHOAL_BENCH_MANAGERS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let client = common::client().await;
+    let (work, op) = setup(&client, "nsm-bench", &[]).await;
+    let api: Api<NamespaceManager> = Api::namespaced(client.clone(), &work);
+    let t0 = std::time::Instant::now();
+    // Creating them takes a while on a local control plane; due times start after that.
+    let base = 60 + (n / 100) as i64;
+    let mut pending = futures::stream::iter((0..n).map(|i| {
+        let api = api.clone();
+        async move {
+            let m = manager(&format!("m{i}"), json!({"dryRun": true, "policies": [{"name": "ttl", "condition": ttl(base + (i % 60) as i64), "action": {"type": "DELETE"}}]}));
+            api.create(&PostParams::default(), &m).await.unwrap();
+        }
+    }))
+    .buffer_unordered(32);
+    while pending.next().await.is_some() {}
+    let created_in = t0.elapsed();
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let created = nss.get(&work).await.unwrap().metadata.creation_timestamp.unwrap().0;
+    println!("created {n} managers in {created_in:?}; first due {base} s after the namespace");
+    assert!(created_in.as_secs() < base as u64, "all managers exist before the first is due");
+    let fired = eventually(Duration::from_secs(base as u64 + 600), "every firing", || async {
+        let all = api.list(&ListParams::default()).await.ok()?.items;
+        let fired: Vec<f64> = all
+            .iter()
+            .filter_map(|m| {
+                let at = m.status.as_ref()?.fired_at.as_ref()?.0;
+                let ttl = m.spec.policies[0].condition.params.as_ref()?.ttl_seconds?;
+                Some(at.duration_since(created).as_secs_f64() - ttl as f64)
+            })
+            .collect();
+        (fired.len() == n).then_some(fired)
+    })
+    .await;
+    let mut late = fired;
+    late.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| late[((late.len() - 1) as f64 * p) as usize];
+    let pid = op.pid("r1");
+    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap().lines().find(|l| l.starts_with("VmHWM")).unwrap().to_string();
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap().lines().find(|l| l.starts_with("VmRSS")).unwrap().to_string();
+    println!("{n} TTL managers, one replica: lateness p50 {:.3} s, p99 {:.3} s, max {:.3} s, min {:.3} s; {hwm}; {rss}", q(0.5), q(0.99), q(1.0), q(0.0));
+    common::cleanup(&client, &work).await;
+}
