@@ -123,6 +123,17 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(cfg: &OutboxConfig, registry: &mut Registry) -> anyhow::Result<Self> {
+        Self::build(cfg, registry, None)
+    }
+
+    /// An outbox whose IPv4 connections leave from 127.0.0.1, so the kernel refuses any that
+    /// is not to loopback: the tests cannot reach beyond the machine even if a check breaks.
+    #[cfg(test)]
+    pub(crate) fn loopback_only(cfg: &OutboxConfig, registry: &mut Registry) -> anyhow::Result<Self> {
+        Self::build(cfg, registry, Some(std::net::Ipv4Addr::LOCALHOST.into()))
+    }
+
+    fn build(cfg: &OutboxConfig, registry: &mut Registry, local_address: Option<std::net::IpAddr>) -> anyhow::Result<Self> {
         let egress = Arc::new(Egress::new(&cfg.webhook_allow).map_err(anyhow::Error::msg)?);
         let client = reqwest::Client::builder()
             .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")))
@@ -130,6 +141,7 @@ impl Outbox {
             .no_proxy()
             .dns_resolver(Arc::new(CheckedResolver { egress: egress.clone() }))
             .redirect(egress::policy(egress.clone()))
+            .local_address(local_address)
             .build()?;
         Ok(Self { client, egress, metrics: OutboxMetrics::new(registry) })
     }
