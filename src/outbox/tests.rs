@@ -454,3 +454,53 @@ fn metrics_are_registered_with_every_outcome() {
     assert!(text.contains("# TYPE shoal_webhook_deliveries counter"), "{text}");
     assert!(text.contains("# TYPE shoal_webhook_delivery_duration_seconds histogram"), "{text}");
 }
+
+/// The receiver example of docs/webhooks.md (examples/webhook-receiver.py), run with python3
+/// against this signer: it accepts a signed delivery, applies a repeated id once, and refuses
+/// a wrong signature, a missing one and a stale timestamp.
+#[tokio::test]
+async fn the_python_receiver_example_verifies_our_signatures_and_dedupes() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/webhook-receiver.py");
+    let offline = tokio::process::Command::new("python3").arg(&script).arg("--self-test").output().await.expect("python3 must be installed to check the example");
+    assert!(offline.status.success(), "{}", String::from_utf8_lossy(&offline.stderr));
+
+    let mut child = tokio::process::Command::new("python3")
+        .arg(&script)
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .env("WEBHOOK_SECRET", SECRET)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 must be installed to check the example");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next_line = async || tokio::time::timeout(LONG, lines.next_line()).await.expect("a line from the example in time").unwrap().expect("the example is running");
+    let url = next_line().await.strip_prefix("listening on ").expect("the example's first line").to_string();
+
+    let f = Fixture::held();
+    let recorded = pending(&format!("{url}/hooks"));
+    let mut d = recorded.clone();
+    assert_eq!(f.attempt(&mut d, 3, Timestamp::now()).await.unwrap(), Attempt::Delivered, "{d:?}");
+    assert_eq!(next_line().await, format!("effect {} {{\"event\": \"namespace.expired\", \"namespace\": \"team-a\"}}", d.id));
+    // The same entry once more, as a new owner retries it after a failover.
+    let mut again = recorded.clone();
+    assert_eq!(f.attempt(&mut again, 3, Timestamp::now()).await.unwrap(), Attempt::Delivered);
+    assert_eq!(next_line().await, format!("duplicate {}", d.id));
+
+    let other_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let mut d = pending(&format!("{url}/hooks"));
+    d.id = Outbox::delivery_id(&["forged"]);
+    let r = f.outbox.attempt(&f.writer(FENCE), &mut d, BODY, Some(other_secret), LONG, 3, Timestamp::now()).await.unwrap();
+    assert!(matches!(r, Attempt::Retry(_)) && d.last_status == Some(401), "{d:?}");
+    assert_eq!(next_line().await, format!("rejected {}: no valid v1 signature", d.id));
+    let mut d = pending(&format!("{url}/hooks"));
+    let r = f.outbox.attempt(&f.writer(FENCE), &mut d, BODY, None, LONG, 3, Timestamp::now()).await.unwrap();
+    assert!(matches!(r, Attempt::Retry(_)) && d.last_status == Some(401), "{d:?}");
+    assert!(next_line().await.ends_with("missing webhook-id, webhook-timestamp or webhook-signature"));
+    let mut d = pending(&format!("{url}/hooks"));
+    assert!(matches!(f.attempt(&mut d, 3, secs(-301)).await.unwrap(), Attempt::Retry(_)), "{d:?}");
+    assert!(next_line().await.ends_with("more than 5 minutes away (a replay?)"));
+
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}

@@ -14,6 +14,7 @@ mod helm;
 mod operator;
 mod outage;
 mod rbac;
+mod receiver;
 mod runtime;
 mod sharding;
 mod step_pods;
