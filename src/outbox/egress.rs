@@ -181,9 +181,14 @@ impl Resolve for CheckedResolver {
 struct TooManyRedirects;
 
 /// Follow at most [`MAX_REDIRECTS`] redirects, each to a target [`Egress::check_url`] allows
-/// (a named target is then resolved through [`CheckedResolver`] like any other).
+/// (a named target is then resolved through [`CheckedResolver`] like any other). Only 307 and
+/// 308 are followed: 301, 302 and 303 would turn the POST into a GET without its body, and a
+/// 2xx to that must not count as a delivery.
 pub fn policy(egress: Arc<Egress>) -> reqwest::redirect::Policy {
     reqwest::redirect::Policy::custom(move |attempt| {
+        if !matches!(attempt.status(), reqwest::StatusCode::TEMPORARY_REDIRECT | reqwest::StatusCode::PERMANENT_REDIRECT) {
+            return attempt.stop();
+        }
         // `previous` starts with the original URL, so it holds one more than the redirects so far.
         if attempt.previous().len() > MAX_REDIRECTS {
             return attempt.error(TooManyRedirects);

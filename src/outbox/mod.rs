@@ -219,6 +219,10 @@ impl Outbox {
         Ok(match answer {
             Ok(resp) if resp.status().is_success() => self.finish(d, now, Outcome::Delivered, Some(resp.status()), None),
             Ok(resp) if resp.status() == StatusCode::GONE => self.finish(d, now, Outcome::Gone, Some(resp.status()), Some(GONE_MESSAGE.into())),
+            Ok(resp) if resp.status().is_redirection() => {
+                let why = format!("receiver answered {} (only 307 and 308 redirects are followed: they repeat the POST)", resp.status());
+                self.failure(d, now, Some(resp.status()), why, max_attempts)
+            }
             Ok(resp) => self.failure(d, now, Some(resp.status()), format!("receiver answered {}", resp.status()), max_attempts),
             Err(e) => match find_refused(&e) {
                 Some(r) => self.finish(d, now, Outcome::Refused, None, Some(r.to_string())),

@@ -379,23 +379,35 @@ async fn redirects_are_followed_three_times_and_never_to_a_refused_address() {
     assert!(e.starts_with("refused target 169.254.169.254") && e.contains("link-local"), "{e}");
     assert_eq!((d.attempts, f.count("refused")), (1, 1));
 
-    // Three redirects (to a name, resolved through the checked resolver) are followed ...
+    // Three redirects (307 and 308, one to a name resolved through the checked resolver) are
+    // followed ...
     let port = rx.addr().port();
     rx.redirect_to(&format!("http://localhost:{port}/1"), 1);
     rx.redirect_to(&format!("http://127.0.0.1:{port}/2"), 1);
-    rx.redirect_to("/3", 1);
+    rx.script(crate::dev::receiver::Reply { status: 308, location: Some("/3".into()), ..Default::default() }, 1);
     let mut d = pending(&rx.url("/0"));
     assert_eq!(f.attempt(&mut d, 10, Timestamp::now()).await.unwrap(), Attempt::Delivered);
     let paths: Vec<String> = rx.requests().iter().skip(1).map(|r| r.path.clone()).collect();
     assert_eq!(paths, ["/0", "/1", "/2", "/3"]);
-    assert!(rx.requests().iter().skip(1).all(|r| r.id == d.id && r.signature_ok), "a 307 repeats the signed POST");
+    assert!(rx.requests().iter().skip(1).all(|r| r.id == d.id && r.signature_ok), "307 and 308 repeat the signed POST");
+
+    // 301, 302 and 303 would turn the POST into a bodiless GET: not followed, retried.
+    for status in [301u16, 302, 303] {
+        let before = rx.requests().len();
+        rx.script(crate::dev::receiver::Reply { status, location: Some("/get".into()), ..Default::default() }, 1);
+        let mut d = pending(&rx.url("/moved"));
+        assert!(matches!(f.attempt(&mut d, 10, Timestamp::now()).await.unwrap(), Attempt::Retry(_)), "{status}");
+        assert_eq!(d.last_status, Some(i32::from(status)));
+        assert!(d.last_error.clone().unwrap().contains("only 307 and 308 redirects are followed"), "{d:?}");
+        assert_eq!(rx.requests().len(), before + 1, "{status} was not followed");
+    }
 
     // ... a fourth is not.
     rx.redirect_to("/again", 4);
     let mut d = pending(&rx.url("/loop"));
     assert!(matches!(f.attempt(&mut d, 10, Timestamp::now()).await.unwrap(), Attempt::Retry(_)));
     assert!(d.last_error.clone().unwrap().contains("more than 3 redirects"), "{d:?}");
-    assert_eq!(rx.requests().len(), 5 + 4);
+    assert_eq!(rx.requests().len(), 5 + 3 + 4);
 }
 
 #[tokio::test]
