@@ -516,3 +516,32 @@ async fn the_python_receiver_example_verifies_our_signatures_and_dedupes() {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 }
+
+/// https is checked against the public (Mozilla) roots shoal carries: a receiver with a
+/// self-signed or private-CA certificate is not trusted, and the attempt is retried.
+#[tokio::test]
+async fn https_wants_a_publicly_trusted_certificate() {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        acceptor.accept(tcp).await.map(|_| ())
+    });
+
+    let f = Fixture::held();
+    let mut d = pending(&format!("https://127.0.0.1:{port}/"));
+    let r = f.attempt(&mut d, 3, Timestamp::now()).await.unwrap();
+    assert!(matches!(r, Attempt::Retry(_)), "{r:?}");
+    let e = d.last_error.clone().unwrap();
+    assert!(e.contains("certificate") && e.contains("UnknownIssuer"), "{e}");
+    assert!(server.await.unwrap().is_err(), "the handshake was not completed");
+}
