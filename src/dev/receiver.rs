@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
 /// One request as the receiver saw it.
@@ -22,6 +22,7 @@ pub struct Received {
     pub id: String,
     /// `webhook-timestamp` (0 if missing or not a number).
     pub timestamp: i64,
+    pub method: String,
     pub path: String,
     /// The body as JSON (`Null` if it is not JSON).
     pub body: serde_json::Value,
@@ -139,11 +140,12 @@ impl Drop for Receiver {
     }
 }
 
-async fn receive(State(shared): State<Arc<Shared>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn receive(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let received = Received {
         id: text(standardwebhooks::HEADER_WEBHOOK_ID),
         timestamp: text(standardwebhooks::HEADER_WEBHOOK_TIMESTAMP).parse().unwrap_or(0),
+        method: method.to_string(),
         path: uri.path().to_string(),
         body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         signature_ok: shared.signer.as_ref().is_some_and(|s| s.verify(&body, &headers).is_ok()),

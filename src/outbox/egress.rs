@@ -89,6 +89,7 @@ impl Egress {
             } else {
                 let host = entry.trim_end_matches('.').to_ascii_lowercase();
                 match url::Host::parse(&host) {
+                    _ if host.contains('*') => return Err(format!("--webhook-allow: {entry:?}: wildcards are not supported; list each host name")),
                     Ok(url::Host::Domain(_)) if !host.contains('/') => egress.hosts.push(host),
                     _ => return Err(format!("--webhook-allow: {entry:?} is neither a host name, an IP address nor a CIDR")),
                 }
@@ -312,7 +313,7 @@ mod tests {
 
     #[test]
     fn allow_list_entries_must_parse() {
-        for bad in ["http://x", "a b", "10.0.0.0/33", "host/path"] {
+        for bad in ["http://x", "a b", "10.0.0.0/33", "host/path", "*.example.com"] {
             assert!(Egress::new(&[bad.to_string()]).is_err(), "{bad}");
         }
         assert!(Egress::new(&[" ".into(), "".into()]).unwrap().nets.is_empty(), "blank entries are ignored");

@@ -183,7 +183,7 @@ async fn a_delivery_carries_the_standard_webhooks_headers_and_a_valid_signature(
     assert!(h("webhook-signature").unwrap().starts_with("v1,"));
     assert_eq!(h("content-type").as_deref(), Some("application/json"));
     assert_eq!(h("user-agent"), Some(format!("shoal/{}", env!("CARGO_PKG_VERSION"))));
-    assert_eq!(r.path, "/hooks/ns");
+    assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/hooks/ns"));
     assert_eq!(r.raw.as_ref(), BODY);
 
     assert_eq!(d.state, DeliveryState::Delivered);
@@ -231,9 +231,11 @@ async fn failures_are_retried_with_the_same_id_growing_backoff_and_a_cap() {
     rx.respond_with(500, 2);
     rx.respond_with(503, 10);
     let mut d = pending(&rx.url("/"));
+    let t0 = Timestamp::now();
+    let at = |i: i64| t0.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(i)).unwrap();
     let mut delays = Vec::new();
     for i in 0..2 {
-        let now = secs(i);
+        let now = at(i);
         let Attempt::Retry(delay) = f.attempt(&mut d, 3, now).await.unwrap() else { panic!("attempt {i} must be retried: {d:?}") };
         assert_eq!(d.state, DeliveryState::Pending);
         assert_eq!((d.attempts, d.last_status), (i as i32 + 1, Some(500)));
@@ -246,18 +248,18 @@ async fn failures_are_retried_with_the_same_id_growing_backoff_and_a_cap() {
     assert!(delays[1] >= 2 * MIN_RETRY_DELAY && delays[1] < 4 * MIN_RETRY_DELAY, "{delays:?}");
 
     // The third of three attempts is the last.
-    assert_eq!(f.attempt(&mut d, 3, secs(2)).await.unwrap(), Attempt::Failed);
+    assert_eq!(f.attempt(&mut d, 3, at(2)).await.unwrap(), Attempt::Failed);
     assert_eq!((d.state, d.attempts, d.last_status), (DeliveryState::Failed, 3, Some(503)));
     assert_eq!(d.last_error.as_deref(), Some("receiver answered 503 Service Unavailable; gave up after 3 attempts"));
     assert_eq!((d.next_attempt_at.is_none(), d.finished_at.is_some()), (true, true));
     // And nothing more is sent for it.
-    assert_eq!(f.attempt(&mut d, 3, secs(3)).await.unwrap(), Attempt::Failed);
+    assert_eq!(f.attempt(&mut d, 3, at(3)).await.unwrap(), Attempt::Failed);
 
     let got = rx.requests();
     assert_eq!(got.len(), 3, "three attempts, three requests");
     assert!(got.iter().all(|r| r.id == d.id && r.signature_ok), "the same webhook-id on every retry");
     assert!(got.iter().all(|r| r.headers["idempotency-key"] == d.id.as_str()));
-    assert_eq!(got.iter().map(|r| r.timestamp).collect::<Vec<_>>(), (0..3).map(|i| secs(i).as_second()).collect::<Vec<_>>(), "each attempt has its own timestamp");
+    assert_eq!(got.iter().map(|r| r.timestamp).collect::<Vec<_>>(), (0..3).map(|i| at(i).as_second()).collect::<Vec<_>>(), "each attempt has its own timestamp");
     assert_eq!(rx.distinct_ids(), vec![d.id.clone()]);
     assert_eq!((f.count("retry"), f.count("failed")), (2, 1));
 }
@@ -287,6 +289,13 @@ fn retry_delays_double_from_one_second_to_five_minutes_with_jitter() {
         let samples: Vec<Duration> = (0..50).map(|_| retry_delay(n)).collect();
         assert!(samples.iter().all(|d| *d >= base && *d < 2 * base), "attempt {n}: {samples:?} outside [{base:?}, {:?})", 2 * base);
         assert!(samples.iter().any(|d| *d != samples[0]), "attempt {n}: jitter varies the delay");
+    }
+    // The retry windows docs/webhooks.md quotes: N attempts wait less than `bound` in all.
+    for (attempts, bound) in [(8, 254), (10, 1022), (20, 7022)] {
+        for _ in 0..20 {
+            let waited: Duration = (1..attempts).map(retry_delay).sum();
+            assert!(waited >= Duration::from_secs(bound / 2) && waited < Duration::from_secs(bound), "{attempts} attempts: {waited:?}");
+        }
     }
     assert!(retry_delay(i32::MAX) < 2 * MAX_RETRY_DELAY);
     assert!(retry_delay(0) < 2 * MIN_RETRY_DELAY, "nonsense counts are clamped");
@@ -389,7 +398,7 @@ async fn redirects_are_followed_three_times_and_never_to_a_refused_address() {
     assert_eq!(f.attempt(&mut d, 10, Timestamp::now()).await.unwrap(), Attempt::Delivered);
     let paths: Vec<String> = rx.requests().iter().skip(1).map(|r| r.path.clone()).collect();
     assert_eq!(paths, ["/0", "/1", "/2", "/3"]);
-    assert!(rx.requests().iter().skip(1).all(|r| r.id == d.id && r.signature_ok), "307 and 308 repeat the signed POST");
+    assert!(rx.requests().iter().skip(1).all(|r| r.id == d.id && r.signature_ok && r.method == "POST"), "307 and 308 repeat the signed POST");
 
     // 301, 302 and 303 would turn the POST into a bodiless GET: not followed, retried.
     for status in [301u16, 302, 303] {
@@ -428,9 +437,9 @@ async fn a_lapsed_fence_sends_nothing() {
 
 #[tokio::test]
 async fn a_call_cannot_outlive_the_fence() {
-    let f = Fixture::new(&[], Duration::from_millis(500));
     let rx = Receiver::start(Some(SECRET)).await;
     rx.delay_next(Duration::from_secs(5), 1);
+    let f = Fixture::new(&[], Duration::from_millis(500));
     let mut d = pending(&rx.url("/"));
     let now = Timestamp::now();
     let t0 = std::time::Instant::now();
@@ -454,6 +463,7 @@ async fn an_invalid_secret_fails_without_a_call_and_without_quoting_it() {
     let e = d.last_error.unwrap();
     assert!(e.contains("whsec_") && !e.contains("hunter2"), "{e}");
     assert!(rx.requests().is_empty());
+    assert_eq!((f.count("failed"), f.calls_sent()), (1, 0));
 }
 
 #[test]
@@ -544,4 +554,28 @@ async fn https_wants_a_publicly_trusted_certificate() {
     let e = d.last_error.clone().unwrap();
     assert!(e.contains("certificate") && e.contains("UnknownIssuer"), "{e}");
     assert!(server.await.unwrap().is_err(), "the handshake was not completed");
+}
+
+#[test]
+fn the_python_example_in_the_docs_is_the_example_file() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/webhooks.md")).unwrap();
+    let file = std::fs::read_to_string(root.join("examples/webhook-receiver.py")).unwrap();
+    let start = doc.find("```python\n").expect("a python block in docs/webhooks.md") + "```python\n".len();
+    let len = doc[start..].find("```\n").expect("the end of the python block");
+    assert!(doc[start..start + len] == file, "docs/webhooks.md's example differs from examples/webhook-receiver.py: copy the file into the doc");
+}
+
+#[test]
+fn the_allow_list_flag_takes_comma_separated_entries() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        outbox: OutboxConfig,
+    }
+    let cli = <Cli as clap::Parser>::try_parse_from(["shoal", "--webhook-allow", "hooks.example.com,10.0.0.0/8", "--webhook-allow", "169.254.10.20/32"]).unwrap();
+    assert_eq!(cli.outbox.webhook_allow, ["hooks.example.com", "10.0.0.0/8", "169.254.10.20/32"]);
+    assert!(Egress::new(&cli.outbox.webhook_allow).is_ok());
+    let cli = <Cli as clap::Parser>::try_parse_from(["shoal"]).unwrap();
+    assert!(cli.outbox.webhook_allow.is_empty(), "no allow-list by default");
 }
