@@ -332,6 +332,8 @@ mod tests {
             ("http://user@hooks.example.com/", "credentials"),
             ("http://169.254.169.254/latest/meta-data", "link-local"),
             ("http://2852039166/", "link-local"),
+            ("http://169.254.169.254./", "link-local"),
+            ("http://[::169.254.169.254]/", "link-local"),
             ("http://0xa9.0xfe.0xa9.0xfe/", "link-local"),
             ("http://[::ffff:169.254.169.254]/", "link-local"),
             ("http://[fe80::1]/", "IPv6 link-local"),
