@@ -3,6 +3,7 @@
 //! Layout (see docs/architecture.md):
 //! - [`api`]: the custom resource types and their admission rules;
 //! - [`core`]: pure logic with no kube client (spec checks, DAG planning, schedule math);
+//! - [`outbox`]: the effects outbox (webhook deliveries: ids, signing, retries, egress policy);
 //! - [`operator`]: the `shoal run` process (health, metrics, controllers);
 //! - [`dev`]: the local control plane used by `shoal dev`, the tests and the load tests.
 

@@ -447,11 +447,17 @@ async fn deliver(m: &NamespaceManager, p: Option<&Policy>, a: &ActionStatus, rec
         Some(r) => {
             let manager_ns = m.namespace().unwrap_or_default();
             let value = ctx.read::<Secret>(&manager_ns).get_opt(&r.name).await?.and_then(|s| s.data).and_then(|data| data.get(r.key()).cloned());
-            match value.map(|b| String::from_utf8(b.0)) {
-                Some(Ok(s)) => Some(s.trim().to_string()),
-                _ => {
-                    // The secret's value is never put in a message, only where it should be.
-                    let msg = format!("signing secret {}/{} key {} is missing or not UTF-8; the delivery waits for it", manager_ns, r.name, r.key());
+            let checked = match value.map(|b| String::from_utf8(b.0)) {
+                None => Err("is missing".to_string()),
+                Some(Err(_)) => Err("is not UTF-8".to_string()),
+                // The check's message never quotes the secret.
+                Some(Ok(s)) => Outbox::check_secret(&s).map(|()| s.trim().to_string()).map_err(|e| format!("is not usable: {e}")),
+            };
+            match checked {
+                Ok(s) => Some(s),
+                Err(why) => {
+                    // Fixing the Secret is enough: the delivery waits for it, looked at again every 30 s.
+                    let msg = format!("signing secret {}/{} key {} {why}; the delivery waits for it", manager_ns, r.name, r.key());
                     if conditions::find(&rec.status.conditions, types::READY).is_none_or(|c| c.reason != "SecretNotFound") {
                         rec.event(EventType::Warning, "SecretNotFound", msg.clone());
                     }

@@ -4,8 +4,11 @@
 //! `shoal dev up|down`, the integration tests and the load tests all use this module. It
 //! starts only processes it can stop again: every pid and the binary it ran are recorded in
 //! `DIR/state.json`, and `down` signals exactly those.
+//!
+//! [`receiver`] is the loopback webhook receiver of the outbox tests.
 
 mod certs;
+pub mod receiver;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
