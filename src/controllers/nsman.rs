@@ -62,6 +62,10 @@ pub struct NsmanConfig {
     /// kube-node-lease, default and the operator's own (comma-separated).
     #[arg(long, env = "SHOAL_PROTECTED_NAMESPACES", value_delimiter = ',')]
     pub protected_namespaces: Vec<String>,
+    /// Tests only: abort the process right after a webhook was delivered, before the delivery
+    /// is recorded (the crash window the outbox's same-id retry is for).
+    #[arg(long, env = "SHOAL_TEST_ABORT_AFTER_DELIVERY", default_value_t = false, hide = true)]
+    pub test_abort_after_delivery: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -473,6 +477,10 @@ async fn deliver(m: &NamespaceManager, p: Option<&Policy>, a: &ActionStatus, rec
     let mut entry = d;
     let attempt = ctx.outbox.attempt(w, &mut entry, &body, secret.as_deref(), timeout, max_attempts, now).await;
     rec.status.deliveries[idx] = entry.clone();
+    if ctx.config.test_abort_after_delivery && matches!(attempt, Ok(Attempt::Delivered)) {
+        tracing::error!(delivery = %id, "SHOAL_TEST_ABORT_AFTER_DELIVERY: aborting before the delivery is recorded");
+        std::process::abort();
+    }
     match attempt {
         Ok(Attempt::Delivered) => Ok(Delivered::Done(Ok(format!("webhook delivered ({id}, HTTP {})", entry.last_status.unwrap_or(0))))),
         Ok(Attempt::Failed) => Ok(Delivered::Done(Err(format!("webhook delivery {id} failed after {} attempts: {}", entry.attempts, entry.last_error.unwrap_or_default())))),

@@ -423,7 +423,8 @@ async fn webhooks_exactly_once_at_scale_under_kill_9() {
     let n = 500;
     // Due times spread over 30 s, so firings keep happening while replicas are killed.
     for i in 0..n {
-        let spec = json!({"policies": [{"name": "p", "condition": ttl(10 + (i % 30) as i64), "action": {"type": "WEBHOOK", "params": {"url": rx.url(&format!("/m/{i}")), "secretRef": {"name": "hook"}}}}]});
+        let spec =
+            json!({"policies": [{"name": "p", "condition": ttl(10 + (i % 30) as i64), "action": {"type": "WEBHOOK", "params": {"url": rx.url(&format!("/m/{i}")), "secretRef": {"name": "hook"}}}}]});
         api.create(&PostParams::default(), &manager(&format!("m{i}"), spec)).await.unwrap();
     }
     // Kill one replica every 4 s for 40 s (bounded), restarting it at once.
@@ -575,4 +576,40 @@ async fn bench_ten_thousand_ttl_managers_on_one_replica() {
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap().lines().find(|l| l.starts_with("VmRSS")).unwrap().to_string();
     println!("{n} TTL managers, one replica: lateness p50 {:.3} s, p99 {:.3} s, max {:.3} s, min {:.3} s; {hwm}; {rss}", q(0.5), q(0.99), q(1.0), q(0.0));
     common::cleanup(&client, &work).await;
+}
+
+/// The crash the outbox is for: the owner delivers a webhook and dies before recording it. The
+/// next owner finds the delivery Pending and sends it again under the same id, so a receiver
+/// that dedupes on `webhook-id` sees one effect.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_call_and_record_repeats_the_call_under_the_same_id() {
+    let client = common::client().await;
+    let ops = common::namespace(&client, "nsm-crash-ops").await;
+    let work = common::namespace(&client, "nsm-crash").await;
+    let rx = Receiver::start(None).await;
+    let mut op = Operator::new(&ops, &work);
+    op.extra_args = ["--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s"].map(String::from).to_vec();
+    op.start_with("r1", "r1", &[("SHOAL_TEST_ABORT_AFTER_DELIVERY", "true")]);
+    let api: Api<NamespaceManager> = Api::namespaced(client.clone(), &work);
+    api.create(&PostParams::default(), &manager("crash", json!({"policies": [{"name": "p", "condition": ttl(1), "action": webhook(&rx.url("/crash"))}]}))).await.unwrap();
+    rx.wait_for(1, T).await;
+    let deadline = std::time::Instant::now() + T;
+    while op.replicas.iter_mut().find(|r| r.name == "r1").unwrap().child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "r1 did not abort after delivering");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = api.get("crash").await.unwrap();
+    let a = m.status.unwrap().action.unwrap();
+    assert_eq!(a.state, ActionState::Pending, "the delivery was made but not recorded");
+    op.reap("r1");
+    op.start("r2");
+    let m = wait_action(&api, "crash", ActionState::Succeeded).await;
+    let got = rx.requests();
+    assert_eq!(got.len(), 2, "delivered again by the next owner: {got:?}");
+    assert_eq!(got[0].id, got[1].id, "under the same id");
+    assert_eq!(Some(&got[0].id), a.delivery_id.as_ref());
+    let d = m.status.unwrap().deliveries.last().unwrap().clone();
+    assert_eq!((d.state, d.attempts), (DeliveryState::Delivered, 1), "the unrecorded attempt is not counted: {d:?}");
+    common::cleanup(&client, &work).await;
+    common::cleanup(&client, &ops).await;
 }
