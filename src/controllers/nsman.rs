@@ -247,7 +247,9 @@ async fn reconcile_owned(m: &NamespaceManager, w: &Writer, ctx: &Ctx) -> Result<
     rec.status.policies = eval.policies;
     let Some(i) = eval.fired else {
         rec.state(true, false, false, "Armed", "evaluating policies");
-        let next = eval.next.map(|t| Duration::from_millis(t.duration_since(now).as_millis().clamp(0, u64::MAX as i128) as u64)).map(|d| d.min(ctx.resync)).unwrap_or(ctx.resync);
+        // At the earliest due time (a TTL's, a check's), never later than the resync, and never
+        // sooner than 20 ms (no busy loop, whatever the clock does).
+        let next = eval.next.map(|t| Duration::from_millis(t.duration_since(now).as_millis().clamp(20, u64::MAX as i128) as u64)).map(|d| d.min(ctx.resync)).unwrap_or(ctx.resync);
         return record(m, rec, w, ctx, Action::Requeue(next)).await;
     };
 

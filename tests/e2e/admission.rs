@@ -264,15 +264,28 @@ async fn namespace_manager_rules() {
             &client,
             &ns,
             nsman(
-                "no-selectors",
+                "bad-timeout",
                 json!([
-                    {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "SCALE_DOWN"}},
+                    {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "WEBHOOK", "params": {"url": "http://127.0.0.1:9/h", "timeoutSeconds": 0}}},
                 ]),
             ),
         )
         .await,
-        "a SCALE_DOWN action needs params.selectors",
+        "timeoutSeconds",
     );
+    // SCALE_DOWN without selectors means every Deployment and StatefulSet of the namespace.
+    create(
+        &client,
+        &ns,
+        nsman(
+            "no-selectors",
+            json!([
+                {"name": "p", "condition": {"type": "TTL", "params": {"ttlSeconds": 5}}, "action": {"type": "SCALE_DOWN"}},
+            ]),
+        ),
+    )
+    .await
+    .expect("SCALE_DOWN without selectors accepted");
     create(
         &client,
         &ns,
