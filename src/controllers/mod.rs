@@ -4,6 +4,7 @@
 //! against the shard fence and written to the action log first.
 
 mod context;
+pub mod jobs;
 pub mod nsman;
 pub mod runtime;
 pub mod step_job;

@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use k8s_openapi::api::batch::v1::{Job, JobCondition};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{EnvVar, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PropagationPolicy};
 use kube::runtime::events::EventType;
@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::step_job::StepJob;
 use super::step_pod;
-use super::{Context, Error, Metrics};
+use super::{Context, Error, Metrics, jobs};
 use crate::api::SHARD_LABEL;
 use crate::api::conditions::{self, reasons, types};
 use crate::api::workflow::{StepPhase, Workflow, WorkflowPhase, WorkflowStatus};
@@ -61,69 +61,26 @@ pub struct State {
 
 pub type Ctx = Arc<Context<State>>;
 
-/// The controller ownerReference of an object, if it is a shoal Workflow.
-fn workflow_owner(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&OwnerReference> {
-    meta.owner_references.as_ref()?.iter().find(|o| o.controller == Some(true) && o.kind == "Workflow" && o.api_version == "shoal.dev/v1alpha1")
-}
+/// The kind that owns a step's Job.
+const KIND: &str = "Workflow";
 
 /// The queue key of the workflow that owns a Job (by its controller ownerReference).
 pub fn owner_key(job: &StepJob) -> Option<(String, String)> {
-    Some((job.namespace()?, workflow_owner(&job.metadata)?.name.clone()))
+    jobs::owner_key(job, KIND)
 }
 
-/// Is `job` the workflow `uid`'s own (its controller ownerReference names that UID)?
 fn owned_by(job: &StepJob, uid: &str) -> bool {
-    workflow_owner(&job.metadata).is_some_and(|o| o.uid == uid)
+    jobs::owned_by(job, KIND, uid)
 }
 
 fn foreign(job: &str) -> String {
-    format!("the Job name {job} is taken by an object this workflow does not own; it was not adopted (delete it, or rename the workflow or step)")
+    jobs::foreign(job, "workflow")
 }
 
-/// Only a Job's arrival, its finishing (or failing), a disrupted pod of it being replaced and
-/// its removal matter to its workflow; the Job controller's other status updates do not wake it.
-pub fn job_change_matters(old: Option<&StepJob>, new: &StepJob) -> bool {
-    match old {
-        None => true,
-        Some(old) => job_state(old) != job_state(new) || step_pod::disruptions(old) != step_pod::disruptions(new),
-    }
-}
+pub use jobs::change_matters as job_change_matters;
 
 fn job_state(job: &StepJob) -> plan::JobState {
-    let Some(status) = &job.status else {
-        return plan::JobState::Active;
-    };
-    for c in status.conditions.iter().flatten() {
-        if c.status != "True" {
-            continue;
-        }
-        match c.type_.as_str() {
-            "Complete" => return plan::JobState::Succeeded { output: None },
-            "Failed" => {
-                let (mut reason, mut message) = (c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default());
-                if reason != "DeadlineExceeded" && failed_past_deadline(job, c) {
-                    // The Job controller checks the backoff limit before the deadline, so a
-                    // pod it killed at the deadline can be reported as BackoffLimitExceeded
-                    // when the two race. The step still ran out of time.
-                    reason = "DeadlineExceeded".into();
-                    message = format!("Job was active longer than its deadline ({message})");
-                }
-                return plan::JobState::Failed { reason, message };
-            }
-            _ => {}
-        }
-    }
-    plan::JobState::Active
-}
-
-/// Whether a Job failed at or after its `activeDeadlineSeconds` (counted from its start).
-fn failed_past_deadline(job: &StepJob, failed: &JobCondition) -> bool {
-    let deadline = job.spec.as_ref().and_then(|s| s.active_deadline_seconds);
-    let start = job.status.as_ref().and_then(|s| s.start_time.as_ref());
-    match (deadline, start, failed.last_transition_time.as_ref()) {
-        (Some(d), Some(start), Some(at)) => at.0.as_second() - start.0.as_second() >= d,
-        _ => false,
-    }
+    jobs::state(job)
 }
 
 /// Reconcile one workflow under `fence`.
@@ -253,30 +210,19 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
             .max();
         let jobs_api = &jobs_api;
         pending.push(async move {
-            let created = match jobs_api.create(&job).await {
-                Ok(j) => {
+            let created = match jobs::create(jobs_api, &ctx.read::<StepJob>(ns), &job, KIND, uid).await? {
+                jobs::Created::New(job_uid) => {
                     ctx.metrics.jobs_created.inc();
-                    Ok(j.uid())
+                    Ok(job_uid)
                 }
-                // Ours already (a create repeated after a crash), or a foreign object: only
-                // the controller ownerReference tells.
-                Err(e) if e.code() == Some(409) => {
-                    match ctx.read::<StepJob>(ns).get_opt(&c.job_name).await? {
-                        Some(j) if owned_by(&j, uid) => Ok(j.uid()),
-                        Some(_) => Err(foreign(&c.job_name)),
-                        // Deleted since: try again on the next reconcile.
-                        None => Ok(None),
-                    }
-                }
-                // The API server refuses the Job (say, an invalid env var name): a spec error
-                // that retrying cannot fix. The step fails with the server's message.
-                Err(e) if e.code() == Some(422) => Err(format!("Job rejected by the API server: {}", e.api_message().unwrap_or_default())),
-                Err(e) => return Err(Error::from(e)),
+                jobs::Created::Ours(job_uid) => Ok(job_uid),
+                jobs::Created::Gone => Ok(None),
+                jobs::Created::Foreign(msg) | jobs::Created::Rejected(msg) => Err(msg),
             };
             if let Some(seen) = deps_seen {
                 ctx.metrics.dispatch_latency.observe(seen.elapsed().as_secs_f64());
             }
-            Ok((c.step.clone(), created))
+            Ok::<_, Error>((c.step.clone(), created))
         });
     }
     for r in futures::future::join_all(pending).await {
@@ -402,48 +348,17 @@ fn build_job(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep
     let pod_annotations = step.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
     let owner = wf.controller_owner_ref(&()).ok_or_else(|| Error::Json(serde::de::Error::custom("workflow has no uid")))?;
     let pod = crate::api::workflow::StepPodSettings::merged(wf.spec.step_defaults.as_ref(), &step.pod);
-    let job = json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": c.job_name,
-            "labels": labels,
-            "annotations": {CASCADED_ANNOTATION: cascaded.join(",")},
-            "ownerReferences": [owner],
-        },
-        "spec": {
-            // Disrupted pods are replaced (a bounded number of times); any other pod failure
-            // fails the Job at once, and retries are shoal's (so every attempt is visible).
-            "backoffLimit": step_pod::MAX_DISRUPTIONS,
-            "podFailurePolicy": step_pod::pod_failure_policy(),
-            "template": {
-                "metadata": {"labels": pod_labels, "annotations": pod_annotations},
-                "spec": {
-                    "restartPolicy": "Never",
-                    // The step's timeout counts from its pod's start on a node, not the Job's.
-                    "activeDeadlineSeconds": step_pod::pod_deadline(timeout),
-                    "serviceAccountName": pod.service_account_name,
-                    // No API token in a step's pod unless the workflow asks for one.
-                    "automountServiceAccountToken": pod.automount_service_account_token.unwrap_or(false),
-                    "securityContext": pod.pod_security_context,
-                    "nodeSelector": pod.node_selector,
-                    "tolerations": pod.tolerations,
-                    "imagePullSecrets": pod.image_pull_secrets,
-                    "containers": [{
-                        "name": "main",
-                        "image": step.image,
-                        "command": step.command,
-                        "args": step.args,
-                        "env": env,
-                        "resources": pod.resources,
-                        "securityContext": pod.security_context,
-                        "terminationMessagePolicy": "FallbackToLogsOnError",
-                    }],
-                },
-            },
-        },
-    });
-    Ok(serde_json::from_value(job)?)
+    let shape = jobs::Shape {
+        name: &c.job_name,
+        labels,
+        annotations: BTreeMap::from([(CASCADED_ANNOTATION.to_string(), cascaded.join(","))]),
+        owner,
+        pod_labels,
+        pod_annotations,
+        pod: &pod,
+        timeout_seconds: timeout,
+    };
+    jobs::build(shape, jobs::Container { image: &step.image, command: step.command.as_deref(), args: step.args.as_deref(), env: &env, image_pull_policy: None })
 }
 
 async fn cascade_labels(wf: &Workflow, jobs: &[Arc<StepJob>], api: &FencedApi<'_, Job>) -> Result<(), Error> {
@@ -473,37 +388,4 @@ async fn cascade_labels(wf: &Workflow, jobs: &[Arc<StepJob>], api: &FencedApi<'_
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn failed_job(deadline: Option<i64>, start: &str, failed_at: &str, reason: &str) -> StepJob {
-        serde_json::from_value(json!({
-            "metadata": {"name": "j"},
-            "spec": {"activeDeadlineSeconds": deadline, "template": {}},
-            "status": {"startTime": start, "conditions": [
-                {"type": "FailureTarget", "status": "True", "reason": reason, "lastTransitionTime": failed_at},
-                {"type": "Failed", "status": "True", "reason": reason, "message": "Job has reached the specified backoff limit", "lastTransitionTime": failed_at},
-            ]},
-        }))
-        .unwrap()
-    }
-
-    fn reason(j: &StepJob) -> String {
-        match job_state(j) {
-            plan::JobState::Failed { reason, .. } => reason,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_failure_at_the_deadline_is_a_timeout_whatever_the_job_controller_says() {
-        assert_eq!(reason(&failed_job(Some(2), "2026-01-01T00:00:00Z", "2026-01-01T00:00:03Z", "BackoffLimitExceeded")), "DeadlineExceeded");
-        assert_eq!(reason(&failed_job(Some(2), "2026-01-01T00:00:00Z", "2026-01-01T00:00:01Z", "BackoffLimitExceeded")), "BackoffLimitExceeded");
-        assert_eq!(reason(&failed_job(None, "2026-01-01T00:00:00Z", "2026-01-01T00:09:00Z", "BackoffLimitExceeded")), "BackoffLimitExceeded");
-        assert_eq!(reason(&failed_job(Some(2), "2026-01-01T00:00:00Z", "2026-01-01T00:00:02Z", "DeadlineExceeded")), "DeadlineExceeded");
-    }
 }
