@@ -102,7 +102,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
 
     // Workflows, with their Jobs (a Job wakes the workflow that owns it).
     let workflows = rt.kind::<crate::api::Workflow>("workflow controller");
-    let jobs = rt.children::<_, StepJob>(&workflows, workflow::owner_key, workflow::job_change_matters);
+    let jobs = rt.children::<_, StepJob>(&workflows, workflow::WORKFLOW_UID_LABEL, workflow::owner_key, workflow::job_change_matters);
     rt.label_children::<StepJob>(workflow::WORKFLOW_LABEL);
     rt.run(workflows, workflow::State { jobs, metrics: crate::controllers::Metrics::new(&mut registry), pod_looks: Default::default() }, workflow::reconcile);
 

@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! let kind = rt.kind::<MyKind>("mykind");                       // sharded cache + queue
-//! let children = rt.children::<MyKind, Job>(&kind, "job", owner_key, changed); // wakes owners
+//! let children = rt.children::<MyKind, Job>(&kind, "my.label/owner-uid", owner_key, changed); // wakes owners
 //! rt.run(kind, MyState { children }, my_reconcile);            // workers, fence, writer
 //! ```
 //!
@@ -109,15 +109,23 @@ impl Runtime {
         Kind { name, informer, queue }
     }
 
-    /// A cache of `C`, children of `kind` (sharded by their controller owner's UID), whose
-    /// events wake `map(child)` in the kind's queue when `relevant(cached, new)` says so.
-    pub fn children<K, C>(&mut self, kind: &Kind<K>, map: impl Fn(&C) -> Option<Key> + Send + Sync + 'static, relevant: impl Fn(Option<&C>, &C) -> bool + Send + Sync + 'static) -> Arc<Informer<C>>
+    /// A cache of `C`, children of `kind` (sharded by their controller owner's UID, and
+    /// matching the label `selector`, so that kinds owning objects of one type each watch only
+    /// their own), whose events wake `map(child)` in the kind's queue when
+    /// `relevant(cached, new)` says so.
+    pub fn children<K, C>(
+        &mut self,
+        kind: &Kind<K>,
+        selector: &str,
+        map: impl Fn(&C) -> Option<Key> + Send + Sync + 'static,
+        relevant: impl Fn(Option<&C>, &C) -> bool + Send + Sync + 'static,
+    ) -> Arc<Informer<C>>
     where
         K: Resource,
         C: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
         C::DynamicType: Default,
     {
-        let informer = Informer::new_mapped(self.api::<C>(), self.own.clone(), kind.queue.clone(), map, relevant);
+        let informer = Informer::new_mapped(self.api::<C>(), self.own.clone(), kind.queue.clone(), map, relevant, Some(selector));
         self.caches.push(informer.clone());
         self.spawn("child informer", informer.clone().run(self.shutdown.clone()));
         informer

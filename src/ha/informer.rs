@@ -249,6 +249,9 @@ pub struct Informer<K: Resource> {
     /// What the objects' shard is computed from: their own UID (`new`) or their controller
     /// owner's (`new_mapped`, children).
     sharding: Sharding,
+    /// A label selector every watched object must also match (a kind's own children, when
+    /// several kinds own objects of one type).
+    selector: Option<String>,
 }
 
 impl<K> Informer<K>
@@ -259,7 +262,7 @@ where
     /// An informer of objects sharded by their own UID, each waking itself in the queue. An
     /// object whose label is not the shard of its UID is relabelled, never cached.
     pub fn new(api: Api<K>, own: Ownership, queue: Queue) -> Arc<Self> {
-        Self::build(api, own, queue, |o| Some(key_of(o)), |_, _| true, Sharding::OwnUid)
+        Self::build(api, own, queue, |o| Some(key_of(o)), |_, _| true, Sharding::OwnUid, None)
     }
 
     /// An informer of children, whose events wake `map(object)` in the queue (their
@@ -272,8 +275,9 @@ where
         queue: Queue,
         map: impl Fn(&K) -> Option<Key> + Send + Sync + 'static,
         relevant: impl Fn(Option<&K>, &K) -> bool + Send + Sync + 'static,
+        selector: Option<&str>,
     ) -> Arc<Self> {
-        Self::build(api, own, queue, map, relevant, Sharding::ControllerUid)
+        Self::build(api, own, queue, map, relevant, Sharding::ControllerUid, selector.map(String::from))
     }
 
     fn build(
@@ -283,6 +287,7 @@ where
         map: impl Fn(&K) -> Option<Key> + Send + Sync + 'static,
         relevant: impl Fn(Option<&K>, &K) -> bool + Send + Sync + 'static,
         sharding: Sharding,
+        selector: Option<String>,
     ) -> Arc<Self> {
         let kind = K::kind(&K::DynamicType::default()).to_string();
         Arc::new(Self {
@@ -297,6 +302,7 @@ where
             queue,
             own,
             sharding,
+            selector,
         })
     }
 
@@ -410,7 +416,11 @@ where
     }
 
     async fn watch_shard(self: Arc<Self>, shard: u32) {
-        let cfg = watcher::Config::default().labels(&format!("{SHARD_LABEL}={shard}"));
+        let selector = match &self.selector {
+            Some(extra) => format!("{SHARD_LABEL}={shard},{extra}"),
+            None => format!("{SHARD_LABEL}={shard}"),
+        };
+        let cfg = watcher::Config::default().labels(&selector);
         self.follow(shard, with_backoff(watcher(self.api.clone(), cfg), &API_BACK)).await
     }
 
@@ -893,7 +903,7 @@ mod tests {
         let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
         let owner = |o: &ConfigMap| o.metadata.owner_references.as_ref()?.first().map(|r| ("ns".to_string(), r.name.clone()));
         let relevant = |old: Option<&ConfigMap>, new: &ConfigMap| old.is_none_or(|old| old.data != new.data);
-        Informer::new_mapped(Api::<ConfigMap>::namespaced(client, "ns"), ownership(1, Duration::from_secs(1), Duration::from_millis(100)), queue.clone(), owner, relevant)
+        Informer::new_mapped(Api::<ConfigMap>::namespaced(client, "ns"), ownership(1, Duration::from_secs(1), Duration::from_millis(100)), queue.clone(), owner, relevant, None)
     }
 
     /// A relist of `objects`, as the watcher delivers it.
