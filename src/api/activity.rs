@@ -24,9 +24,8 @@ pub const ACTIVITY_LABEL: &str = "shoal.dev/activity";
     status = "ActivityStatus",
     shortname = "act",
     category = "shoal",
-    printcolumn = r#"{"name":"Activity","type":"string","jsonPath":".spec.name"}"#,
-    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Workers","type":"string","jsonPath":".status.workersSummary"}"#,
+    printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"Workers","type":"string","jsonPath":".status.workersSummary","description":"completed/total"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -47,6 +46,27 @@ pub struct ActivitySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub workers: Option<i32>,
+    /// Seconds a worker's container may run once started (default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub timeout_seconds: Option<i64>,
+    /// Pod settings of the workers' pods (service account, resources, security context,
+    /// node selector, tolerations, image pull secrets), as a Workflow step's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<crate::api::workflow::StepPodSettings>,
+}
+
+/// Where an Activity stands.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ActivityState {
+    /// Initialization: its workers are being created.
+    Initializing,
+    /// Workers exist and not all have finished.
+    Running,
+    /// Every worker completed.
+    Completed,
+    /// A worker failed.
+    Failed,
 }
 
 /// State of one worker as the Activity sees it.
@@ -61,6 +81,10 @@ pub struct WorkerStatusEntry {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ActivityStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<ActivityState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// State of each worker.
@@ -114,14 +138,22 @@ pub struct ActivityJob {
     status = "ActivityWorkerStatus",
     shortname = "aw",
     category = "shoal",
+    printcolumn = r#"{"name":"Activity","type":"string","jsonPath":".metadata.labels.shoal\\.dev/activity"}"#,
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
-    printcolumn = r#"{"name":"Job","type":"string","jsonPath":".spec.job.name"}"#,
+    printcolumn = r#"{"name":"Job","type":"string","jsonPath":".status.jobName"}"#,
     printcolumn = r#"{"name":"Image","type":"string","jsonPath":".spec.job.image","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ActivityWorkerSpec {
     pub job: ActivityJob,
+    /// Seconds the container may run once started (default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub timeout_seconds: Option<i64>,
+    /// Pod settings of the job's pod, as a Workflow step's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<crate::api::workflow::StepPodSettings>,
 }
 
 /// Worker lifecycle, as in seed 000.
@@ -143,6 +175,15 @@ pub struct ActivityWorkerStatus {
     /// Name of the Job that runs this worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,
+    /// UID of that Job, once created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -12,7 +12,7 @@ pub mod nsman;
 pub mod task;
 pub mod workflow;
 
-pub use activity::{Activity, ActivityJob, ActivitySpec, ActivityStatus, ActivityWorker, ActivityWorkerSpec, ActivityWorkerStatus, WorkerState};
+pub use activity::{Activity, ActivityJob, ActivitySpec, ActivityState, ActivityStatus, ActivityWorker, ActivityWorkerSpec, ActivityWorkerStatus, WorkerState};
 pub use nsman::{NamespaceManager, NamespaceManagerSpec, NamespaceManagerStatus};
 pub use task::{Ignitor, IgnitorSpec, IgnitorStatus, Task, TaskSpec, TaskStatus};
 pub use workflow::{Workflow, WorkflowSpec, WorkflowStatus, WorkflowStep};

@@ -1,6 +1,7 @@
 //! The pure core: plain functions over plain data, with no kube client. Everything here is
 //! tested exhaustively with unit and property tests.
 
+pub mod activity;
 pub mod dag;
 pub mod graph;
 pub mod plan;
