@@ -328,14 +328,18 @@ impl Ownership {
         obj.meta().labels.as_ref()?.get(SHARD_LABEL)?.parse().ok()
     }
 
-    /// The shard an object belongs in, from its UID (what the leader labels it with).
+    /// The shard an object belongs in, from its UID (what the leader labels it with); for a
+    /// member of a family (see [`family_root`]), from its root's UID.
     pub fn shard_for<K: Resource>(&self, obj: &K) -> Option<u32> {
-        obj.meta().uid.as_deref().map(|u| crate::core::shard::shard_of(u, self.inner.cfg.shards))
+        family_root(obj.meta()).or(obj.meta().uid.as_deref()).map(|u| crate::core::shard::shard_of(u, self.inner.cfg.shards))
     }
 
     /// The shard a child belongs in: the shard of its controller owner's UID (the label its
-    /// owner gave it at creation).
+    /// owner gave it at creation); for a member of a family, its root's.
     pub fn shard_for_child<K: Resource>(&self, obj: &K) -> Option<u32> {
+        if let Some(root) = family_root(obj.meta()) {
+            return Some(crate::core::shard::shard_of(root, self.inner.cfg.shards));
+        }
         let owner = obj.meta().owner_references.as_ref()?.iter().find(|r| r.controller == Some(true))?;
         Some(crate::core::shard::shard_of(&owner.uid, self.inner.cfg.shards))
     }
@@ -479,6 +483,19 @@ fn instance_id() -> String {
     format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
 }
 
+/// Kinds whose objects head a family: objects that reference one (an Activity's workers,
+/// and its workers' Jobs, which reference the Activity besides their controller) sit in its
+/// shard, so one replica sees and acts on the whole family. A worker is at the same time a
+/// kind reconciled on its own and a child of its Activity; without this the two would ask
+/// for different shard labels.
+pub const FAMILY_ROOTS: [&str; 1] = ["Activity"];
+
+/// The UID of the family root an object references (an ownerReference to a shoal object of
+/// a [`FAMILY_ROOTS`] kind), if any.
+pub fn family_root(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&str> {
+    meta.owner_references.as_ref()?.iter().find(|r| r.api_version.starts_with("shoal.dev/") && FAMILY_ROOTS.contains(&r.kind.as_str())).map(|r| r.uid.as_str())
+}
+
 /// What an object's shard is computed from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sharding {
@@ -590,6 +607,38 @@ mod tests {
         assert_eq!(own.home_shard(&job, Sharding::OwnUid), own.shard_for(&job));
         job.metadata.owner_references = Some(vec![reference(owner, None)]);
         assert_eq!(own.home_shard(&job, Sharding::ControllerUid), None, "no controller, no shard: left alone");
+    }
+
+    #[test]
+    fn an_activity_s_workers_and_their_jobs_sit_in_the_activity_s_shard() {
+        let own = Ownership::new(HaConfig { shards: 32, ..HaConfig::default() }, "me".into(), "ns".into(), HaMetrics::new(&mut Registry::default()), None);
+        let reference = |kind: &str, uid: &str, controller: bool| k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "shoal.dev/v1alpha1".into(),
+            kind: kind.into(),
+            name: "x".into(),
+            uid: uid.into(),
+            controller: Some(controller),
+            ..Default::default()
+        };
+        let (activity, worker) = ("aaaaaaaa-0000-4000-8000-000000000001", "bbbbbbbb-0000-4000-8000-000000000002");
+        let home = crate::core::shard::shard_of(activity, 32);
+        let mut w = object(worker, None);
+        w.metadata.owner_references = Some(vec![reference("Activity", activity, true)]);
+        assert_eq!(own.home_shard(&w, Sharding::OwnUid), Some(home), "a worker as a kind of its own");
+        assert_eq!(own.home_shard(&w, Sharding::ControllerUid), Some(home), "a worker as the Activity's child");
+        let mut job = object("cccccccc-0000-4000-8000-000000000003", None);
+        job.metadata.owner_references = Some(vec![reference("ActivityWorker", worker, true), reference("Activity", activity, false)]);
+        assert_eq!(own.home_shard(&job, Sharding::ControllerUid), Some(home), "the worker's Job");
+        // A worker made by hand (no Activity) is its own root, and its Job follows it.
+        let lone = object(worker, None);
+        assert_eq!(own.home_shard(&lone, Sharding::OwnUid), Some(crate::core::shard::shard_of(worker, 32)));
+        job.metadata.owner_references = Some(vec![reference("ActivityWorker", worker, true)]);
+        assert_eq!(own.home_shard(&job, Sharding::ControllerUid), Some(crate::core::shard::shard_of(worker, 32)));
+        // A reference to an Activity of another API group is not one.
+        let mut foreign = reference("Activity", activity, true);
+        foreign.api_version = "example.com/v1".into();
+        w.metadata.owner_references = Some(vec![foreign]);
+        assert_eq!(own.home_shard(&w, Sharding::OwnUid), Some(crate::core::shard::shard_of(worker, 32)));
     }
 
     #[test]
