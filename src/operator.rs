@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::controllers::runtime::{Runtime, Settings, named};
 use crate::controllers::step_job::StepJob;
-use crate::controllers::{nsman, workflow};
+use crate::controllers::{activity, activity_worker, nsman, workflow};
 use crate::ha::{HaConfig, HaMetrics, Ownership, Synced};
 
 /// Settings of `shoal run`, from flags or environment variables.
@@ -105,6 +105,16 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let jobs = rt.children::<_, StepJob>(&workflows, workflow::WORKFLOW_UID_LABEL, workflow::owner_key, workflow::job_change_matters);
     rt.label_children::<StepJob>(workflow::WORKFLOW_LABEL);
     rt.run(workflows, workflow::State { jobs, metrics: crate::controllers::Metrics::new(&mut registry), pod_looks: Default::default() }, workflow::reconcile);
+
+    // Activities, with their workers (a worker's state change wakes its Activity); workers,
+    // with their Jobs. An Activity, its workers and their Jobs share the Activity's shard.
+    let activities = rt.kind::<crate::api::Activity>("activity controller");
+    let workers_of = rt.children::<_, crate::api::ActivityWorker>(&activities, activity::ACTIVITY_UID_LABEL, activity::owner_key, activity::worker_change_matters);
+    rt.run(activities, activity::State { workers: workers_of }, activity::reconcile);
+    let workers = rt.kind::<crate::api::ActivityWorker>("activityworker controller");
+    let worker_jobs = rt.children::<_, StepJob>(&workers, activity_worker::WORKER_UID_LABEL, activity_worker::owner_key, crate::controllers::jobs::change_matters);
+    rt.label_children::<StepJob>(activity_worker::WORKER_LABEL);
+    rt.run(workers, activity_worker::State { jobs: worker_jobs }, activity_worker::reconcile);
 
     // NamespaceManagers; their webhooks go through the effects outbox.
     let outbox = Arc::new(crate::outbox::Outbox::new(&cfg.outbox, &mut registry)?);

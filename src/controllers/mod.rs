@@ -3,6 +3,8 @@
 //! the result in status with a resourceVersion precondition. Every side effect is checked
 //! against the shard fence and written to the action log first.
 
+pub mod activity;
+pub mod activity_worker;
 mod context;
 pub mod jobs;
 pub mod nsman;

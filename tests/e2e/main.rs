@@ -2,6 +2,7 @@
 //! kube-controller-manager, kube-scheduler, kwok). One cluster is shared by every test; each
 //! test works in a namespace of its own.
 
+mod activity;
 mod admission;
 mod cluster;
 mod common;
