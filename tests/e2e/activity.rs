@@ -220,3 +220,40 @@ async fn three_hundred_activities_three_replicas_with_a_kill() {
     common::cleanup(&client, &ns).await;
     common::cleanup(&client, &ops).await;
 }
+
+/// A worker or a Job found under the name shoal would give it, but not owned (as controller)
+/// by the Activity or the worker's UID, is never adopted: the owner fails and says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn squatters_are_never_adopted() {
+    let client = common::client().await;
+    let ops = common::namespace(&client, "act-squat-ops").await;
+    let ns = common::namespace(&client, "act-squat").await;
+    // No operator yet: the squatters go in first.
+    let api: Api<Activity> = Api::namespaced(client.clone(), &ns);
+    let a = api.create(&PostParams::default(), &activity("squatted", json!({"name": "x", "workers": 2}))).await.unwrap();
+    let taken = shoal::core::activity::worker_name("squatted", &a.uid().unwrap(), 1);
+    let workers: Api<ActivityWorker> = Api::namespaced(client.clone(), &ns);
+    let squatter: ActivityWorker = serde_json::from_value(json!({"metadata": {"name": taken}, "spec": {"job": {"name": "j", "image": "busybox"}}})).unwrap();
+    workers.create(&PostParams::default(), &squatter).await.unwrap();
+    // A hand-made worker whose Job name is taken by a Job it does not own.
+    let lone = workers.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "lone"}, "spec": {"job": {"name": "j", "image": "busybox"}}})).unwrap()).await.unwrap();
+    let job_name = shoal::core::activity::job_name("lone", &lone.uid().unwrap(), 0);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let job: Job = serde_json::from_value(json!({"metadata": {"name": job_name}, "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}})).unwrap();
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    let mut op = Operator::new(&ops, &ns);
+    op.start("r1");
+    let a = wait_state(&api, "squatted", ActivityState::Failed).await;
+    let msg = a.status.unwrap().message.unwrap();
+    assert!(msg.contains(&taken) && msg.contains("not adopted"), "{msg}");
+    let lone = eventually(T, "the lone worker failed", || async {
+        let w = workers.get("lone").await.ok()?;
+        (w.status.as_ref()?.state == Some(WorkerState::Failed)).then_some(w)
+    })
+    .await;
+    let msg = lone.status.unwrap().message.unwrap();
+    assert!(msg.contains(&job_name) && msg.contains("not adopted"), "{msg}");
+    assert!(jobs.get(&job_name).await.unwrap().owner_references().is_empty(), "the squatter Job was left as it was");
+    common::cleanup(&client, &ns).await;
+    common::cleanup(&client, &ops).await;
+}
