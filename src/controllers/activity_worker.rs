@@ -181,8 +181,7 @@ fn build(w: &ActivityWorker, uid: &str, job_name: &str, ctx: &Ctx) -> Result<Job
         labels.insert(ACTIVITY_LABEL.to_string(), a.clone());
         pod_labels.insert(ACTIVITY_LABEL.to_string(), a.clone());
     }
-    let mut owner = w.controller_owner_ref(&()).ok_or_else(|| Error::Json(serde::de::Error::custom("worker has no uid")))?;
-    owner.block_owner_deletion = Some(true);
+    let owner = w.controller_owner_ref(&()).ok_or_else(|| Error::Json(serde::de::Error::custom("worker has no uid")))?;
     let mut job = jobs::build(
         jobs::Shape {
             name: job_name,
