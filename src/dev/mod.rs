@@ -32,6 +32,9 @@ pub const K8S_VERSION: &str = "v1.35.4";
 pub const NODE_LABEL: (&str, &str) = ("type", "kwok");
 /// Label that makes a kwok pod fail with the given exit code.
 pub const EXIT_CODE_LABEL: &str = "kwok.shoal.dev/exit-code";
+/// Env variable that makes a kwok pod fail (exit code 1) when its value equals the pod's
+/// `ACTIVITY_WORKER_INDEX`: "fail worker N of an Activity".
+pub const FAIL_WORKER_ENV: &str = "KWOK_FAIL_WORKER";
 /// Annotation with a Go duration ("2s") after which a kwok pod finishes.
 pub const DELAY_ANNOTATION: &str = "kwok.shoal.dev/delay";
 /// Annotation whose value becomes a finished kwok pod's termination message.

@@ -88,6 +88,42 @@ async fn labelled_pod_fails_with_its_exit_code_and_message() {
     common::cleanup(&client, &ns).await;
 }
 
+/// An Activity's e2e test makes one worker of several fail: every worker's pod carries
+/// `KWOK_FAIL_WORKER=N`, and only the one whose `ACTIVITY_WORKER_INDEX` is N fails (exit code 1).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pod_of_the_worker_named_by_kwok_fail_worker_fails() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "failworker").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let worker = |index: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("worker-{index}"), "annotations": {"kwok.shoal.dev/delay": "100ms"}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox", "env": [
+                {"name": shoal::dev::FAIL_WORKER_ENV, "value": "1"},
+                {"name": shoal::core::activity::WORKER_INDEX_ENV, "value": index},
+            ]}]}
+        }))
+        .unwrap()
+    };
+    for index in ["0", "1"] {
+        pods.create(&PostParams::default(), &worker(index)).await.unwrap();
+    }
+    let finished = |name: &'static str| {
+        let pods = pods.clone();
+        async move {
+            eventually(T, &format!("{name} finished"), || async {
+                let st = pods.get(name).await.ok()?.status?;
+                let phase = st.phase.filter(|p| p == "Succeeded" || p == "Failed")?;
+                Some((phase, st.container_statuses?.into_iter().next()?.state?.terminated?.exit_code))
+            })
+            .await
+        }
+    };
+    assert_eq!(finished("worker-1").await, ("Failed".to_string(), 1), "the worker named by KWOK_FAIL_WORKER fails");
+    assert_eq!(finished("worker-0").await, ("Succeeded".to_string(), 0), "the other worker succeeds");
+    common::cleanup(&client, &ns).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_a_namespace_really_removes_it() {
     let client = common::client().await;

@@ -105,6 +105,7 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     assert_eq!(granting(&docs, "leases"), vec![("Role", "shoal-leases")]);
     assert_crd_rule(&docs);
     assert_namespace_manager_rules(&docs, "ClusterRole shoal", ("ClusterRole shoal", &[]));
+    assert_activity_rules(&docs, "ClusterRole shoal");
     for absent in ["deployments/scale", "statefulsets/scale", "namespaces/finalize", "configmaps"] {
         assert!(granting(&docs, absent).is_empty(), "{absent}: granted before any controller uses it");
     }
@@ -126,6 +127,7 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     assert_eq!(cluster_roles, vec![("shoal-crds", 1), ("shoal-namespace", 1)]);
     assert_crd_rule(&docs);
     assert_namespace_manager_rules(&docs, &format!("Role {work}/shoal"), ("ClusterRole shoal-namespace", &[&work]));
+    assert_activity_rules(&docs, &format!("Role {work}/shoal"));
     let objects: Vec<&Value> = docs.iter().filter(|d| d["kind"] != "CustomResourceDefinition").collect();
     kubectl_apply(&objects, &["--dry-run=server"]);
 
@@ -186,6 +188,27 @@ fn assert_namespace_manager_rules(docs: &[Value], role: &str, namespaces: (&str,
     ];
     for (group, resource, want) in want {
         assert_eq!(operator_grants(docs, group, resource), want, "the operator's grants on {group}/{resource}");
+    }
+}
+
+/// The Activity and ActivityWorker controllers' rules, exactly, in `role`: their objects read
+/// (and, from the shared rule, listed, watched and shard-labelled), workers created (never
+/// deleted: the garbage collector removes them with their Activity), status read and
+/// patched, and the workers' Jobs (the rule the Workflow controller's steps use).
+fn assert_activity_rules(docs: &[Value], role: &str) {
+    let grant = |verbs: &[&str]| vec![(role.to_string(), Vec::<String>::new(), verbs.iter().map(|v| v.to_string()).collect::<Vec<_>>())];
+    let want = [
+        ("shoal.dev", "activities", grant(&["get", "list", "patch", "watch"])),
+        ("shoal.dev", "activityworkers", grant(&["create", "get", "list", "patch", "watch"])),
+        ("shoal.dev", "activities/status", grant(&["get", "patch"])),
+        ("shoal.dev", "activityworkers/status", grant(&["get", "patch"])),
+        ("batch", "jobs", grant(&["create", "delete", "deletecollection", "get", "list", "patch", "watch"])),
+    ];
+    for (group, resource, want) in want {
+        assert_eq!(operator_grants(docs, group, resource), want, "the operator's grants on {group}/{resource}");
+    }
+    for absent in ["activities/finalizers", "activityworkers/finalizers"] {
+        assert!(operator_grants(docs, "shoal.dev", absent).is_empty(), "{absent}: granted, but no ownerReference needs it");
     }
 }
 

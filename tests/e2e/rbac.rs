@@ -3,7 +3,8 @@
 //! through every write the Workflow controller makes, with no 403 in its log. And it is no
 //! more than that: SubjectAccessReviews show what the ServiceAccount may not do, and what
 //! the aggregated view/edit/admin roles give people. The NamespaceManager controller's rules
-//! are checked with SubjectAccessReviews only: the replica does not run that controller.
+//! are checked with SubjectAccessReviews only: the replica does not run that controller. The
+//! Activity and ActivityWorker controllers' rules are checked with SubjectAccessReviews too.
 //!
 //! The replica always watches only its test namespace, even for the cluster-wide install: a
 //! replica watching every namespace of the shared test cluster would act on other tests'
@@ -210,6 +211,22 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
         expect(&client, &me, verb, group, resource, &work, true).await;
         expect(&client, &me, verb, group, resource, "default", !watch_namespace).await;
     }
+    // The Activity and ActivityWorker controllers' rules: read their objects, create workers,
+    // record status. (The replica below also gets the Activity and ActivityWorker samples, so
+    // these are exercised wherever those controllers run.)
+    let activity = [
+        ("get", "shoal.dev", "activities"),
+        ("get", "shoal.dev", "activityworkers"),
+        ("create", "shoal.dev", "activityworkers"),
+        ("get", "shoal.dev", "activities/status"),
+        ("patch", "shoal.dev", "activities/status"),
+        ("get", "shoal.dev", "activityworkers/status"),
+        ("patch", "shoal.dev", "activityworkers/status"),
+    ];
+    for (verb, group, resource) in activity {
+        expect(&client, &me, verb, group, resource, &work, true).await;
+        expect(&client, &me, verb, group, resource, "default", !watch_namespace).await;
+    }
     // Namespaces are cluster-scoped: with watchNamespace, the watched one only.
     for verb in ["get", "delete"] {
         expect(&client, &me, verb, "", &format!("namespaces={work}"), "", true).await;
@@ -239,9 +256,13 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
         ("update", "shoal.dev", "namespacemanagers", work.as_str()),
         ("delete", "shoal.dev", "namespacemanagers", work.as_str()),
         ("update", "shoal.dev", "namespacemanagers/status", work.as_str()),
-        ("create", "shoal.dev", "activityworkers", work.as_str()),
+        ("create", "shoal.dev", "activities", work.as_str()),
+        ("delete", "shoal.dev", "activityworkers", work.as_str()),
+        ("update", "shoal.dev", "activityworkers", work.as_str()),
+        ("update", "shoal.dev", "activities/status", work.as_str()),
+        ("update", "shoal.dev", "activities/finalizers", work.as_str()),
         ("update", "shoal.dev", "workflows", work.as_str()),
-        ("patch", "shoal.dev", "activities/status", work.as_str()),
+        ("patch", "shoal.dev", "tasks/status", work.as_str()),
         ("update", "shoal.dev", "workflows/finalizers", work.as_str()),
         ("patch", "coordination.k8s.io", "leases", ops.as_str()),
         ("list", "coordination.k8s.io", "leases", work.as_str()),

@@ -37,9 +37,22 @@ Grow this list when a controller lands, never ahead of it.
 - apiGroups: ["shoal.dev"]
   resources: ["workflows/status"]
   verbs: ["patch"]
-# Steps run as Jobs: watched per shard, read when not cached, created, labels cascaded and
-# shard labels fixed (patch), cancelled steps' Jobs deleted, an old spec's Jobs deleted
-# server-side by label (deletecollection).
+# The Activity controller creates an Activity's workers (a worker is deleted with its
+# Activity by the garbage collector, so there is no delete); the Activity and ActivityWorker
+# controllers read their objects and record their status (merge patch with a
+# resourceVersion precondition). list, watch and patch are in the first rule.
+- apiGroups: ["shoal.dev"]
+  resources: ["activities", "activityworkers"]
+  verbs: ["get"]
+- apiGroups: ["shoal.dev"]
+  resources: ["activityworkers"]
+  verbs: ["create"]
+- apiGroups: ["shoal.dev"]
+  resources: ["activities/status", "activityworkers/status"]
+  verbs: ["get", "patch"]
+# Steps and ActivityWorkers run as Jobs: watched per shard, read when not cached, created,
+# labels cascaded and shard labels fixed (patch), cancelled steps' Jobs deleted, an old
+# spec's Jobs deleted server-side by label (deletecollection).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]
