@@ -36,7 +36,7 @@ pub struct ActivitySpec {
     /// Input parameters, passed to every worker's job as environment variables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("maxProperties" = 64))]
-    #[schemars(inner(length(max = 4096)))]
+    #[schemars(extend("additionalProperties" = {"type": "string", "maxLength": 4096}))]
     pub inputs: Option<BTreeMap<String, String>>,
     /// Template of the job each worker runs. Seed 000's default (bash:5.0 printing
     /// `done!`) is used when absent.

@@ -92,7 +92,7 @@ pub struct ConditionParams {
     /// PODS_SUCCEED: labels of the pods to watch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("maxProperties" = 32))]
-    #[schemars(inner(length(max = 63)))]
+    #[schemars(extend("additionalProperties" = {"type": "string", "maxLength": 63}))]
     pub pod_labels: Option<BTreeMap<String, String>>,
     /// PODS_SUCCEED: seconds after the managed namespace's creation before the first check
     /// (default 0).
@@ -175,7 +175,7 @@ pub struct WorkloadSelector {
     pub kind: WorkloadKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("maxProperties" = 32))]
-    #[schemars(inner(length(max = 63)))]
+    #[schemars(extend("additionalProperties" = {"type": "string", "maxLength": 63}))]
     pub labels: Option<BTreeMap<String, String>>,
 }
 

@@ -202,11 +202,11 @@ impl StepPodSettings {
 pub struct StepMetadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("maxProperties" = 32))]
-    #[schemars(inner(length(max = 63)))]
+    #[schemars(extend("additionalProperties" = {"type": "string", "maxLength": 63}))]
     pub labels: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("maxProperties" = 32))]
-    #[schemars(inner(length(max = 4096)))]
+    #[schemars(extend("additionalProperties" = {"type": "string", "maxLength": 4096}))]
     pub annotations: Option<std::collections::BTreeMap<String, String>>,
 }
 

@@ -239,7 +239,8 @@ async fn squatters_are_never_adopted() {
     let lone = workers.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "lone"}, "spec": {"job": {"name": "j", "image": "busybox"}}})).unwrap()).await.unwrap();
     let job_name = shoal::core::activity::job_name("lone", &lone.uid().unwrap(), 0);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-    let job: Job = serde_json::from_value(json!({"metadata": {"name": job_name}, "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}})).unwrap();
+    let job: Job =
+        serde_json::from_value(json!({"metadata": {"name": job_name}, "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}})).unwrap();
     jobs.create(&PostParams::default(), &job).await.unwrap();
     let mut op = Operator::new(&ops, &ns);
     op.start("r1");

@@ -392,3 +392,19 @@ async fn activity_task_and_ignitor_rules() {
     .expect("shape-valid cron passes admission");
     common::cleanup(&client, &ns).await;
 }
+
+/// Map values are bounded too (schemars' `inner` does not reach a map's values, so these
+/// bounds are written into `additionalProperties`).
+#[tokio::test(flavor = "multi_thread")]
+async fn map_values_are_bounded() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "adm-maps").await;
+    let long = "x".repeat(4097);
+    rejected(create(&client, &ns, json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "Activity", "metadata": {"name": "a"}, "spec": {"name": "a", "inputs": {"k": long}}})).await, "Too long");
+    let label = "x".repeat(64);
+    rejected(create(&client, &ns, nsman("n", json!([{"name": "p", "condition": {"type": "PODS_SUCCEED", "params": {"podLabels": {"a": label}}}, "action": {"type": "DELETE"}}]))).await, "Too long");
+    create(&client, &ns, json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "Activity", "metadata": {"name": "ok"}, "spec": {"name": "a", "inputs": {"k": "x".repeat(4096)}}}))
+        .await
+        .expect("4096 characters accepted");
+    common::cleanup(&client, &ns).await;
+}
