@@ -134,6 +134,8 @@ struct Record {
     events: Vec<(EventType, &'static str, String)>,
     /// The manager's generation, for the conditions' observedGeneration.
     generation: i64,
+    /// The action this record finishes, counted once the record is written.
+    finished: Option<ActionLabels>,
     now: Timestamp,
 }
 
@@ -175,7 +177,7 @@ async fn reconcile_owned(m: &NamespaceManager, w: &Writer, ctx: &Ctx) -> Result<
     let deactivated = m.spec.deactivated == Some(true);
     let now = Timestamp::now();
     let status = m.status.clone().unwrap_or_default();
-    let mut rec = Record { status: status.clone(), events: vec![], generation, now };
+    let mut rec = Record { status: status.clone(), events: vec![], generation, finished: None, now };
 
     // An action that was recorded is carried through, whatever changed since: it may already
     // have had its effect, so it is never dropped or decided again.
@@ -311,7 +313,7 @@ async fn reconcile_owned(m: &NamespaceManager, w: &Writer, ctx: &Ctx) -> Result<
         let msg = action.message.clone().unwrap_or_default();
         rec.state(true, false, false, "DryRun", &msg);
         rec.event(EventType::Normal, "DryRun", msg);
-        ctx.metrics.actions.get_or_create(&ActionLabels { action: verb(p.action.type_).into(), outcome: "dry_run".into() }).inc();
+        rec.finished = Some(ActionLabels { action: verb(p.action.type_).into(), outcome: "dry_run".into() });
         rec.status.action = Some(action);
         return record(m, rec, w, ctx, Action::AwaitChange).await;
     }
@@ -319,7 +321,7 @@ async fn reconcile_owned(m: &NamespaceManager, w: &Writer, ctx: &Ctx) -> Result<
         let msg = action.message.clone().unwrap_or_default();
         rec.state(false, false, true, "WebhookRefused", &msg);
         rec.event(EventType::Warning, "WebhookRefused", msg);
-        ctx.metrics.actions.get_or_create(&ActionLabels { action: verb(p.action.type_).into(), outcome: "failed".into() }).inc();
+        rec.finished = Some(ActionLabels { action: verb(p.action.type_).into(), outcome: "failed".into() });
         rec.status.action = Some(action);
         return record(m, rec, w, ctx, Action::AwaitChange).await;
     }
@@ -401,14 +403,14 @@ async fn carry_out(m: &NamespaceManager, mut a: ActionStatus, mut rec: Record, w
             a.message = Some(msg.clone());
             rec.state(false, false, false, "ActionSucceeded", &format!("{msg}; deactivated"));
             rec.event(EventType::Normal, "ActionSucceeded", format!("policy {}: {msg}; the manager is deactivated", a.policy));
-            ctx.metrics.actions.get_or_create(&label("succeeded")).inc();
+            rec.finished = Some(label("succeeded"));
         }
         Err(msg) => {
             a.state = ActionState::Failed;
             a.message = Some(msg.clone());
             rec.state(false, false, true, "ActionFailed", &msg);
             rec.event(EventType::Warning, "ActionFailed", format!("policy {}: {msg}", a.policy));
-            ctx.metrics.actions.get_or_create(&label("failed")).inc();
+            rec.finished = Some(label("failed"));
         }
     }
     rec.status.action = Some(a);
@@ -586,6 +588,9 @@ async fn record(m: &NamespaceManager, rec: Record, w: &Writer, ctx: &Ctx, next: 
     }
     match write(m, &rec.status, w, ctx).await? {
         Some(_) => {
+            if let Some(l) = &rec.finished {
+                ctx.metrics.actions.get_or_create(l).inc();
+            }
             publish(w, rec.events).await;
             Ok(next)
         }

@@ -374,7 +374,7 @@ async fn refusals_are_conditions_and_events() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dry_run_does_nothing_and_says_what_it_would_do() {
     let client = common::client().await;
-    let (work, _op) = setup(&client, "nsm-dry", &[]).await;
+    let (work, op) = setup(&client, "nsm-dry", &[]).await;
     let rx = Receiver::start(None).await;
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &work);
     deps.create(&PostParams::default(), &deployment("web", json!({}), 2)).await.unwrap();
@@ -395,10 +395,16 @@ async fn dry_run_does_nothing_and_says_what_it_would_do() {
     assert_eq!(replicas_and_annotation(&client, &work, "Deployment", "web").await, (2, None), "scaled nothing");
     assert!(Api::<Namespace>::all(client.clone()).get_opt(&work).await.unwrap().is_some(), "deleted nothing");
     assert!(rx.requests().is_empty(), "called nothing");
+    // Each finished action is counted once, when it is recorded.
+    for action in ["DELETE", "SCALE_DOWN", "WEBHOOK"] {
+        assert_eq!(op.metric_sum(&format!("shoal_namespacemanager_actions_total{{action=\"{action}\",outcome=\"dry_run\"}}")).await, 1.0, "{action}");
+    }
     // Turning the dry run off arms it for real.
     api.patch("hook", &PatchParams::default(), &Patch::Merge(json!({"spec": {"dryRun": false}}))).await.unwrap();
     wait_action(&api, "hook", ActionState::Succeeded).await;
     assert_eq!(rx.requests().len(), 1);
+    assert_eq!(op.metric_sum("shoal_namespacemanager_actions_total{action=\"WEBHOOK\",outcome=\"succeeded\"}").await, 1.0);
+    assert_eq!(op.metric_sum("shoal_webhook_deliveries_total{outcome=\"delivered\"}").await, 1.0);
     common::cleanup(&client, &work).await;
 }
 
