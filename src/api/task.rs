@@ -56,6 +56,26 @@ pub struct TaskSpec {
     pub failure_actions: Option<Vec<String>>,
     /// The pod to run.
     pub template: PodTemplateSpec,
+    /// How many finished successful runs are kept (their Jobs and their entries in the run
+    /// history); older ones are deleted. Default 3, as a CronJob's
+    /// `successfulJobsHistoryLimit`. The limits are on the Task, not on the Ignitor: runs
+    /// belong to the Task (one Ignitor can start many Tasks, and a Task also runs on another
+    /// Task's success or failure), and the Task's status holds the run history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub successful_runs_history_limit: Option<i32>,
+    /// How many finished failed runs are kept. Default 1, as a CronJob's
+    /// `failedJobsHistoryLimit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub failed_runs_history_limit: Option<i32>,
+}
+
+impl TaskSpec {
+    /// Default of `successfulRunsHistoryLimit`.
+    pub const DEFAULT_SUCCESSFUL_RUNS_HISTORY_LIMIT: i32 = 3;
+    /// Default of `failedRunsHistoryLimit`.
+    pub const DEFAULT_FAILED_RUNS_HISTORY_LIMIT: i32 = 1;
 }
 
 /// Where a task is in its life.
@@ -122,6 +142,59 @@ pub struct IgnitorSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub data: Option<String>,
+    /// IANA time zone in which a cron expression is evaluated, such as `Europe/Berlin`.
+    /// Default `UTC`. Admission checks only the shape; an unknown zone is reported as the
+    /// condition `Ready=False, reason InvalidSchedule`. It has no effect on `NOW` or on an RFC
+    /// 3339 time (which carries its own offset). On a daylight-saving change a wall-clock time
+    /// that does not exist (02:30 on the spring-forward day in `Europe/Berlin`) does not fire,
+    /// and one that happens twice (02:30 on the fall-back day) fires once, at its first
+    /// occurrence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$')",
+        "message": "timeZone must be an IANA time zone name such as Europe/Berlin or UTC"
+    }]))]
+    pub time_zone: Option<String>,
+    /// What a firing does when runs started by an earlier firing of this Ignitor are still
+    /// running, as a CronJob's `concurrencyPolicy`: `Allow` (default) starts the run anyway,
+    /// `Forbid` skips this firing (recorded as missed, not retried), `Replace` stops the
+    /// running ones and then starts the new run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_policy: Option<ConcurrencyPolicy>,
+    /// A scheduled time that is more than this many seconds old when it could be fired is
+    /// not fired; it is recorded as missed. Unset means no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 31_536_000))]
+    pub starting_deadline_seconds: Option<i64>,
+    /// While true, nothing fires. When it turns false again, the times that passed meanwhile
+    /// are treated like times missed during downtime (`maxCatchUp`, `startingDeadlineSeconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+    /// How many scheduled times are fired at once after the controller was down (or the
+    /// Ignitor suspended): the latest `maxCatchUp` times still within
+    /// `startingDeadlineSeconds`; the older ones are recorded as missed. Default 1 (only the
+    /// latest). 0 is not allowed (it would never fire).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_catch_up: Option<u32>,
+}
+
+impl IgnitorSpec {
+    /// Default of `maxCatchUp`.
+    pub const DEFAULT_MAX_CATCH_UP: u32 = 1;
+}
+
+/// `spec.concurrencyPolicy` of an Ignitor.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ConcurrencyPolicy {
+    /// Start the run even if earlier runs are still running.
+    #[default]
+    Allow,
+    /// Skip the firing while earlier runs are still running.
+    Forbid,
+    /// Stop the running ones, then start the new run.
+    Replace,
 }
 
 /// Observed state of an Ignitor.
