@@ -459,6 +459,21 @@ mod tests {
     }
 
     #[test]
+    fn rare_and_impossible_dates() {
+        let leap = parse("0 0 29 2 *").unwrap();
+        let after = ts("2026-03-01T00:00:00Z");
+        let t0 = std::time::Instant::now();
+        assert_eq!(leap.next_after_in(berlin(), after), Some(ts("2028-02-28T23:00:00Z")));
+        let d = due(&leap, Tz::UTC, None, ts("2023-01-01T00:00:00Z"), ts("2026-03-01T00:00:00Z"), None, 1);
+        assert_eq!(d.fire, ts_all(&["2024-02-29T00:00:00Z"]));
+        assert_eq!(d.next, Some(ts("2028-02-29T00:00:00Z")));
+        let never = parse("0 0 30 2 *").unwrap();
+        assert_eq!(never.next_after_in(berlin(), after), None);
+        assert_eq!(due(&never, berlin(), None, ts("2023-01-01T00:00:00Z"), after, None, 1), Due::default());
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "{:?}", t0.elapsed());
+    }
+
+    #[test]
     fn a_last_time_ahead_of_now_is_never_repeated() {
         // Another replica's clock ran ahead and recorded 10:00:30: nothing is due before it,
         // and the next time is after it.
