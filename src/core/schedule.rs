@@ -23,7 +23,7 @@ use croner::parser::{CronParser, Seconds};
 use k8s_openapi::jiff::Timestamp;
 use thiserror::Error;
 
-use crate::api::task::ConcurrencyPolicy;
+use crate::api::task::{ConcurrencyPolicy, IgnitorSpec};
 
 /// A parsed `spec.scheduled`.
 #[derive(Debug, Clone)]
@@ -247,6 +247,41 @@ pub fn due(schedule: &Schedule, tz: Tz, last_scheduled: Option<Timestamp>, creat
     out
 }
 
+/// An Ignitor's schedule settings, read from its spec with the defaults applied.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub schedule: Schedule,
+    pub time_zone: Tz,
+    pub starting_deadline: Option<Duration>,
+    pub max_catch_up: u32,
+    pub concurrency_policy: ConcurrencyPolicy,
+    pub suspend: bool,
+}
+
+impl Settings {
+    /// The settings of `spec`, or why `scheduled` or `timeZone` cannot be used.
+    pub fn from_spec(spec: &IgnitorSpec) -> Result<Self, ScheduleError> {
+        Ok(Settings {
+            schedule: parse(&spec.scheduled)?,
+            time_zone: parse_time_zone(spec.time_zone.as_deref())?,
+            starting_deadline: spec.starting_deadline_seconds.map(|s| Duration::from_secs(s.max(0) as u64)),
+            max_catch_up: spec.max_catch_up.unwrap_or(IgnitorSpec::DEFAULT_MAX_CATCH_UP),
+            concurrency_policy: spec.concurrency_policy.unwrap_or_default(),
+            suspend: spec.suspend.unwrap_or(false),
+        })
+    }
+
+    /// `due` with these settings. While suspended nothing is due and there is no next time;
+    /// the times that pass meanwhile are due once the Ignitor is resumed, under the catch-up
+    /// bound and the starting deadline.
+    pub fn due(&self, last_scheduled: Option<Timestamp>, created: Timestamp, now: Timestamp) -> Due {
+        if self.suspend {
+            return Due::default();
+        }
+        due(&self.schedule, self.time_zone, last_scheduled, created, now, self.starting_deadline, self.max_catch_up)
+    }
+}
+
 /// What a firing does about the runs of earlier firings that are still running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -456,6 +491,39 @@ mod tests {
         assert_eq!(d, Due { fire: ts_all(&["2026-01-01T10:00:10Z"]), next: Some(ts("2026-01-01T10:00:20Z")), ..Due::default() });
         let d = due(&s, Tz::UTC, Some(ts("2026-01-01T10:00:10Z")), created, ts("2026-01-01T10:00:19Z"), None, 1);
         assert_eq!(d, Due { next: Some(ts("2026-01-01T10:00:20Z")), ..Due::default() });
+    }
+
+    fn spec(scheduled: &str) -> IgnitorSpec {
+        serde_json::from_value(serde_json::json!({ "scheduled": scheduled })).unwrap()
+    }
+
+    #[test]
+    fn settings_from_a_spec() {
+        let s = Settings::from_spec(&spec("0 * * * *")).unwrap();
+        assert_eq!((s.time_zone, s.starting_deadline, s.max_catch_up, s.concurrency_policy, s.suspend), (Tz::UTC, None, 1, ConcurrencyPolicy::Allow, false));
+        let mut full = spec("30 2 * * *");
+        full.time_zone = Some("Europe/Berlin".into());
+        full.starting_deadline_seconds = Some(120);
+        full.max_catch_up = Some(4);
+        full.concurrency_policy = Some(ConcurrencyPolicy::Forbid);
+        let s = Settings::from_spec(&full).unwrap();
+        assert_eq!((s.time_zone, s.starting_deadline, s.max_catch_up, s.concurrency_policy), (berlin(), Some(Duration::from_secs(120)), 4, ConcurrencyPolicy::Forbid));
+        full.time_zone = Some("Europe/Berlln".into());
+        assert_eq!(Settings::from_spec(&full).unwrap_err(), ScheduleError::UnknownTimeZone("Europe/Berlln".into()));
+        assert!(matches!(Settings::from_spec(&spec("every day")), Err(ScheduleError::Invalid { .. })));
+    }
+
+    #[test]
+    fn suspended_nothing_is_due_and_on_resume_the_latest_fires() {
+        let mut sp = spec("0 * * * *");
+        sp.suspend = Some(true);
+        let created = ts("2026-01-01T00:30:00Z");
+        let now = ts("2026-01-01T05:10:00Z");
+        assert_eq!(Settings::from_spec(&sp).unwrap().due(None, created, now), Due::default());
+        sp.suspend = Some(false);
+        let d = Settings::from_spec(&sp).unwrap().due(None, created, now);
+        assert_eq!(d.fire, ts_all(&["2026-01-01T05:00:00Z"]));
+        assert_eq!(d.missed.len(), 4);
     }
 
     #[test]
