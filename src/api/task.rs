@@ -185,7 +185,10 @@ impl IgnitorSpec {
     pub const DEFAULT_MAX_CATCH_UP: u32 = 1;
 }
 
-/// `spec.concurrencyPolicy` of an Ignitor.
+/// What a firing does when runs started by an earlier firing of the Ignitor are still
+/// running, as a CronJob's `concurrencyPolicy`: `Allow` (default) starts the run anyway,
+/// `Forbid` skips this firing (recorded as missed, not retried), `Replace` stops the running
+/// ones and then starts the new run.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum ConcurrencyPolicy {
     /// Start the run even if earlier runs are still running.
