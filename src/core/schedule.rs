@@ -387,6 +387,19 @@ mod tests {
         assert!(e.to_string().contains("Mars/Olympus"), "{e}");
     }
 
+    /// Every zone chrono-tz knows has the shape that admission allows for `timeZone`
+    /// (`^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$`, at most 64 characters), so admission
+    /// never refuses a zone the core would accept.
+    #[test]
+    fn every_known_zone_passes_the_admission_shape() {
+        let part = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_+-".contains(&b));
+        for tz in chrono_tz::TZ_VARIANTS {
+            let name = tz.name();
+            assert!(name.len() <= 64 && name.as_bytes()[0].is_ascii_alphabetic() && name.split('/').all(part), "{name}");
+            assert_eq!(parse_time_zone(Some(name)), Ok(tz));
+        }
+    }
+
     #[test]
     fn cron_in_a_zone() {
         let s = parse("0 9 * * *").unwrap();
