@@ -408,3 +408,25 @@ async fn map_values_are_bounded() {
         .expect("4096 characters accepted");
     common::cleanup(&client, &ns).await;
 }
+
+/// The CronJob-like Ignitor settings are bounded at admission.
+#[tokio::test(flavor = "multi_thread")]
+async fn ignitor_schedule_settings() {
+    let client = common::client().await;
+    let ns = common::namespace(&client, "adm-ign").await;
+    let ign = |name: &str, extra: Value| {
+        let mut spec = json!({"scheduled": "*/5 * * * *"});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "Ignitor", "metadata": {"name": name}, "spec": spec})
+    };
+    rejected(create(&client, &ns, ign("tz", json!({"timeZone": "Europe/Berlin; rm"}))).await, "timeZone must be an IANA time zone name");
+    rejected(create(&client, &ns, ign("catch", json!({"maxCatchUp": 0}))).await, "maxCatchUp");
+    rejected(create(&client, &ns, ign("policy", json!({"concurrencyPolicy": "Sometimes"}))).await, "Unsupported value: \"Sometimes\"");
+    rejected(create(&client, &ns, ign("deadline", json!({"startingDeadlineSeconds": -1}))).await, "startingDeadlineSeconds");
+    create(&client, &ns, ign("ok", json!({"timeZone": "America/Argentina/Buenos_Aires", "concurrencyPolicy": "Forbid", "maxCatchUp": 5, "startingDeadlineSeconds": 60, "suspend": true})))
+        .await
+        .expect("valid settings accepted");
+    common::cleanup(&client, &ns).await;
+}
