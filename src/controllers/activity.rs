@@ -10,7 +10,6 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::EnvVar;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::Patch;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -51,19 +50,14 @@ fn owned_by(w: &ActivityWorker, uid: &str) -> bool {
 
 /// Reconcile one Activity under `fence`.
 pub async fn reconcile(a: Arc<Activity>, fence: Fence, ctx: Ctx) -> Result<Action, Error> {
-    if !ctx.own.record(fence, a.as_ref(), "reconcile") {
+    let Some(w) = ctx.begin(fence, a.as_ref()) else {
         return Ok(Action::AwaitChange);
-    }
-    let key = (a.namespace().unwrap_or_default(), a.name_any());
-    if ctx.is_superseded(&key, a.metadata.resource_version.as_deref()) {
-        return Ok(Action::AwaitChange);
-    }
+    };
     let status = a.status.clone().unwrap_or_default();
     if matches!(status.state, Some(ActivityState::Completed) | Some(ActivityState::Failed)) {
         return Ok(Action::AwaitChange);
     }
     let Some(uid) = a.uid() else { return Ok(Action::AwaitChange) };
-    let w = ctx.writer(fence, a.as_ref());
     match reconcile_owned(&a, &uid, status, &w, &ctx).await {
         Err(Error::Write(WriteError::Fenced)) => Ok(Action::AwaitChange),
         r => r,
@@ -190,17 +184,15 @@ async fn write(a: &Activity, new: &ActivityStatus, w: &Writer, ctx: &Ctx, events
     if a.status.as_ref() == Some(new) {
         return Ok(next);
     }
-    let ns = a.namespace().unwrap_or_default();
-    let patch = json!({"metadata": {"resourceVersion": a.resource_version()}, "status": new});
-    match w.api::<Activity>(&ns).patch_status(&a.name_any(), &Patch::Merge(&patch)).await {
-        Ok(_) => {
-            ctx.mark_superseded((ns, a.name_any()), a.metadata.resource_version.clone());
+    match ctx.patch_status(w, a, new).await {
+        Ok(Some(_)) => {
             for (t, reason, note) in events {
                 w.event(t, reason, note, None).await;
             }
             Ok(next)
         }
-        Err(e) if e.code() == Some(409) || e.code() == Some(404) => Ok(Action::AwaitChange),
+        Ok(None) => Ok(Action::AwaitChange),
+        Err(e) if e.code() == Some(404) => Ok(Action::AwaitChange),
         Err(e) => Err(e.into()),
     }
 }

@@ -12,10 +12,8 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::Patch;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use super::step_job::StepJob;
 use super::{Context, Error, jobs};
@@ -49,19 +47,14 @@ fn terminal(s: Option<WorkerState>) -> bool {
 
 /// Reconcile one worker under `fence`.
 pub async fn reconcile(w: Arc<ActivityWorker>, fence: Fence, ctx: Ctx) -> Result<Action, Error> {
-    if !ctx.own.record(fence, w.as_ref(), "reconcile") {
+    let Some(writer) = ctx.begin(fence, w.as_ref()) else {
         return Ok(Action::AwaitChange);
-    }
-    let key = (w.namespace().unwrap_or_default(), w.name_any());
-    if ctx.is_superseded(&key, w.metadata.resource_version.as_deref()) {
-        return Ok(Action::AwaitChange);
-    }
+    };
     let status = w.status.clone().unwrap_or_default();
     if terminal(status.state) {
         return Ok(Action::AwaitChange);
     }
     let Some(uid) = w.uid() else { return Ok(Action::AwaitChange) };
-    let writer = ctx.writer(fence, w.as_ref());
     match reconcile_owned(&w, &uid, status, &writer, &ctx).await {
         Err(Error::Write(WriteError::Fenced)) => Ok(Action::AwaitChange),
         r => r,
@@ -222,17 +215,15 @@ async fn write(w: &ActivityWorker, new: &ActivityWorkerStatus, writer: &Writer, 
     if w.status.as_ref() == Some(new) {
         return Ok(next);
     }
-    let ns = w.namespace().unwrap_or_default();
-    let patch = json!({"metadata": {"resourceVersion": w.resource_version()}, "status": new});
-    match writer.api::<ActivityWorker>(&ns).patch_status(&w.name_any(), &Patch::Merge(&patch)).await {
-        Ok(_) => {
-            ctx.mark_superseded((ns, w.name_any()), w.metadata.resource_version.clone());
+    match ctx.patch_status(writer, w, new).await {
+        Ok(Some(_)) => {
             if let Some((t, reason, note, related)) = event {
                 writer.event(t, reason, note, Some(related)).await;
             }
             Ok(if terminal(new.state) { Action::AwaitChange } else { next })
         }
-        Err(e) if e.code() == Some(409) || e.code() == Some(404) => Ok(Action::AwaitChange),
+        Ok(None) => Ok(Action::AwaitChange),
+        Err(e) if e.code() == Some(404) => Ok(Action::AwaitChange),
         Err(e) => Err(e.into()),
     }
 }

@@ -8,10 +8,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use kube::Resource;
+use kube::api::Patch;
 use kube::runtime::events::Recorder;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use crate::ha::{Clients, Fence, Key, Ownership, ReadApi, Writer};
+use crate::ha::{Clients, Fence, Key, Ownership, ReadApi, WriteError, Writer};
 
 pub struct Context<S> {
     clients: Clients,
@@ -39,6 +42,40 @@ impl<S> Context<S> {
         Self { clients, recorder, own, resync, state, superseded: Mutex::default() }
     }
 
+    /// The start of every reconcile of `obj` under `fence`: the fence still holds (the
+    /// reconcile is recorded in the action log) and the cached copy is not older than this
+    /// replica's own last status write (planning from it could repeat work; the watch brings
+    /// the newer one). The writer for `obj`, or `None`: nothing to do now.
+    pub fn begin<K: Resource<DynamicType = ()>>(&self, fence: Fence, obj: &K) -> Option<Writer> {
+        if !self.own.record(fence, obj, "reconcile") {
+            return None;
+        }
+        let key = (obj.meta().namespace.clone().unwrap_or_default(), obj.name_any());
+        if self.is_superseded(&key, obj.meta().resource_version.as_deref()) {
+            return None;
+        }
+        Some(self.writer(fence, obj))
+    }
+
+    /// Patch `obj`'s status to `status` through `w`, with a resourceVersion precondition (the
+    /// version `obj` was read at), and remember that version as superseded. `None` when the
+    /// object changed since it was read (409).
+    pub async fn patch_status<K>(&self, w: &Writer, obj: &K, status: &impl Serialize) -> Result<Option<K>, WriteError>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    {
+        let ns = obj.meta().namespace.clone().unwrap_or_default();
+        let patch = serde_json::json!({"metadata": {"resourceVersion": obj.resource_version()}, "status": status});
+        match w.api::<K>(&ns).patch_status(&obj.name_any(), &Patch::Merge(&patch)).await {
+            Ok(updated) => {
+                self.mark_superseded((ns, obj.name_any()), obj.meta().resource_version.clone());
+                Ok(Some(updated))
+            }
+            Err(e) if e.code() == Some(409) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The fenced writer for `obj` under `fence`.
     pub fn writer<K: Resource<DynamicType = ()>>(&self, fence: Fence, obj: &K) -> Writer {
         Writer::new(self.own.clone(), fence, self.clients.request.clone(), self.recorder.clone(), obj)
@@ -62,7 +99,7 @@ impl<S> Context<S> {
 
     /// True if `rv` is a version this replica has already replaced with its own write.
     /// Once the cache has a newer copy the entry is dropped, so the map stays small.
-    pub fn is_superseded(&self, key: &Key, rv: Option<&str>) -> bool {
+    fn is_superseded(&self, key: &Key, rv: Option<&str>) -> bool {
         let Ok(mut m) = self.superseded.lock() else {
             return false;
         };
@@ -73,7 +110,7 @@ impl<S> Context<S> {
         stale
     }
 
-    pub fn mark_superseded(&self, key: Key, rv: Option<String>) {
+    fn mark_superseded(&self, key: Key, rv: Option<String>) {
         if let (Ok(mut m), Some(rv)) = (self.superseded.lock(), rv) {
             m.insert(key, rv);
         }

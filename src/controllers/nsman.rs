@@ -158,14 +158,9 @@ impl Record {
 
 /// Reconcile one manager under `fence`.
 pub async fn reconcile(m: Arc<NamespaceManager>, fence: Fence, ctx: Ctx) -> Result<Action, Error> {
-    if !ctx.own.record(fence, m.as_ref(), "reconcile") {
+    let Some(w) = ctx.begin(fence, m.as_ref()) else {
         return Ok(Action::AwaitChange);
-    }
-    let key = (m.namespace().unwrap_or_default(), m.name_any());
-    if ctx.is_superseded(&key, m.metadata.resource_version.as_deref()) {
-        return Ok(Action::AwaitChange);
-    }
-    let w = ctx.writer(fence, m.as_ref());
+    };
     match reconcile_owned(&m, &w, &ctx).await {
         Err(Error::Write(WriteError::Fenced)) => Ok(Action::AwaitChange),
         r => r,
@@ -564,13 +559,9 @@ async fn write(m: &NamespaceManager, status: &NamespaceManagerStatus, w: &Writer
     let ns = m.namespace().unwrap_or_default();
     let mut base = std::borrow::Cow::Borrowed(m);
     for _ in 0..2 {
-        let patch = json!({"metadata": {"resourceVersion": base.resource_version()}, "status": status});
-        match w.api::<NamespaceManager>(&ns).patch_status(&m.name_any(), &Patch::Merge(&patch)).await {
-            Ok(updated) => {
-                ctx.mark_superseded((ns, m.name_any()), base.metadata.resource_version.clone());
-                return Ok(Some(updated));
-            }
-            Err(e) if e.code() == Some(409) => match ctx.read::<NamespaceManager>(&ns).get_opt(&m.name_any()).await? {
+        match ctx.patch_status(w, base.as_ref(), status).await {
+            Ok(Some(updated)) => return Ok(Some(updated)),
+            Ok(None) => match ctx.read::<NamespaceManager>(&ns).get_opt(&m.name_any()).await? {
                 Some(fresh) if fresh.status == m.status && fresh.metadata.uid == m.metadata.uid => base = std::borrow::Cow::Owned(fresh),
                 _ => return Ok(None),
             },

@@ -85,19 +85,14 @@ fn job_state(job: &StepJob) -> plan::JobState {
 
 /// Reconcile one workflow under `fence`.
 pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Action, Error> {
-    if !ctx.own.record(fence, wf.as_ref(), "reconcile") {
+    let Some(w) = ctx.begin(fence, wf.as_ref()) else {
         return Ok(Action::AwaitChange);
-    }
+    };
     let ns = wf.namespace().unwrap_or_default();
-    let name = wf.name_any();
-    if ctx.is_superseded(&(ns.clone(), name.clone()), wf.metadata.resource_version.as_deref()) {
-        // Our own status write is newer than this cached copy; its watch event brings it.
-        return Ok(Action::AwaitChange);
-    }
     let Some(uid) = wf.uid() else {
         return Ok(Action::AwaitChange);
     };
-    match reconcile_owned(&wf, &uid, &ns, &ctx.writer(fence, wf.as_ref()), &ctx).await {
+    match reconcile_owned(&wf, &uid, &ns, &w, &ctx).await {
         // The shard moved on; its next owner takes over from what is recorded.
         Err(Error::Write(WriteError::Fenced)) => Ok(Action::AwaitChange),
         r => r,
@@ -300,18 +295,12 @@ async fn write_status(wf: &Workflow, new: &WorkflowStatus, w: &Writer, ctx: &Ctx
     if wf.status.as_ref() == Some(new) {
         return Ok((false, Action::Requeue(ctx.resync)));
     }
-    let ns = wf.namespace().unwrap_or_default();
-    let patch = json!({"metadata": {"resourceVersion": wf.resource_version()}, "status": new});
     ctx.metrics.status_writes.inc();
-    match w.api::<Workflow>(&ns).patch_status(&wf.name_any(), &Patch::Merge(&patch)).await {
-        Ok(_) => {
-            ctx.mark_superseded((ns, wf.name_any()), wf.metadata.resource_version.clone());
-            Ok((true, Action::Requeue(ctx.resync)))
-        }
+    Ok(match ctx.patch_status(w, wf, new).await? {
+        Some(_) => (true, Action::Requeue(ctx.resync)),
         // Changed since we read it; the watch brings the new version and we plan again.
-        Err(e) if e.code() == Some(409) => Ok((false, Action::AwaitChange)),
-        Err(e) => Err(e.into()),
-    }
+        None => (false, Action::AwaitChange),
+    })
 }
 
 fn build_job(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>, shard: Option<u32>) -> Result<Job, Error> {
