@@ -40,6 +40,15 @@ pub fn condition(type_: &str, status: bool, reason: &str, message: impl Into<Str
     }
 }
 
+/// Ready / Progressing / Failed, the three conditions every kind keeps, set together from
+/// `(ready, progressing, failed)`: each with `reason` and `message` (Failed's message only
+/// when it is true).
+pub fn set_state(conditions: &mut Vec<Condition>, (ready, progressing, failed): (bool, bool, bool), reason: &str, message: &str, generation: Option<i64>, now: Time) {
+    set_condition(conditions, condition(types::READY, ready, reason, message, generation, now.clone()));
+    set_condition(conditions, condition(types::PROGRESSING, progressing, reason, message, generation, now.clone()));
+    set_condition(conditions, condition(types::FAILED, failed, reason, if failed { message } else { "" }, generation, now));
+}
+
 /// Find a condition by type.
 pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
@@ -67,5 +76,19 @@ mod tests {
         set_condition(&mut cs, condition("Failed", false, "Ok", "", Some(2), t(40)));
         assert_eq!(cs.len(), 2);
         assert_eq!(find(&cs, "Failed").unwrap().reason, "Ok");
+    }
+
+    #[test]
+    fn set_state_sets_the_three_and_fails_with_a_message_only_when_failed() {
+        let mut cs = vec![];
+        set_state(&mut cs, (false, true, false), "Running", "working", Some(1), t(10));
+        assert_eq!(
+            cs.iter().map(|c| (c.type_.as_str(), c.status.as_str(), c.message.as_str())).collect::<Vec<_>>(),
+            [("Ready", "False", "working"), ("Progressing", "True", "working"), ("Failed", "False", "")]
+        );
+        set_state(&mut cs, (false, false, true), "StepFailed", "boom", Some(1), t(20));
+        assert_eq!(find(&cs, "Failed").unwrap().message, "boom");
+        assert_eq!(find(&cs, "Failed").unwrap().last_transition_time, t(20));
+        assert_eq!(find(&cs, "Ready").unwrap().last_transition_time, t(10), "unchanged status keeps its time");
     }
 }

@@ -153,9 +153,7 @@ async fn reconcile_owned(a: &Activity, uid: &str, status: ActivityStatus, w: &Wr
         }
     }
     new.state = Some(state);
-    conditions::set_condition(&mut new.conditions, conditions::condition(types::READY, ready, reason, &s.message, generation, t.clone()));
-    conditions::set_condition(&mut new.conditions, conditions::condition(types::PROGRESSING, progressing, reason, &s.message, generation, t.clone()));
-    conditions::set_condition(&mut new.conditions, conditions::condition(types::FAILED, failed, reason, if failed { s.message.as_str() } else { "" }, generation, t));
+    conditions::set_state(&mut new.conditions, (ready, progressing, failed), reason, &s.message, generation, t);
     write(a, &new, w, ctx, events, Action::Requeue(ctx.resync)).await
 }
 

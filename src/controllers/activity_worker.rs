@@ -19,7 +19,7 @@ use super::step_job::StepJob;
 use super::{Context, Error, jobs};
 use crate::api::SHARD_LABEL;
 use crate::api::activity::{ACTIVITY_LABEL, ActivityWorker, ActivityWorkerStatus, ImagePullPolicy, WorkerState};
-use crate::api::conditions::{self, types};
+use crate::api::conditions;
 use crate::core::{activity, plan};
 use crate::ha::{Action, Fence, WriteError, Writer};
 
@@ -145,10 +145,7 @@ fn reason_or(reason: &str) -> String {
 
 #[allow(clippy::too_many_arguments)]
 fn set(s: &mut ActivityWorkerStatus, ready: bool, progressing: bool, failed: bool, reason: &str, message: &str, generation: Option<i64>, now: Timestamp) {
-    let t = Time(now);
-    conditions::set_condition(&mut s.conditions, conditions::condition(types::READY, ready, reason, message, generation, t.clone()));
-    conditions::set_condition(&mut s.conditions, conditions::condition(types::PROGRESSING, progressing, reason, message, generation, t.clone()));
-    conditions::set_condition(&mut s.conditions, conditions::condition(types::FAILED, failed, reason, if failed { message } else { "" }, generation, t));
+    conditions::set_state(&mut s.conditions, (ready, progressing, failed), reason, message, generation, Time(now));
 }
 
 fn finish(s: &mut ActivityWorkerStatus, state: WorkerState, reason: &str, message: String, generation: Option<i64>, now: Timestamp) {

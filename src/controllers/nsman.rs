@@ -140,15 +140,9 @@ struct Record {
 }
 
 impl Record {
-    fn set(&mut self, type_: &str, on: bool, reason: &str, message: impl Into<String>) {
-        conditions::set_condition(&mut self.status.conditions, conditions::condition(type_, on, reason, message, Some(self.generation), Time(self.now)));
-    }
-
     /// Ready / Progressing / Failed in one go.
     fn state(&mut self, ready: bool, progressing: bool, failed: bool, reason: &str, message: &str) {
-        self.set(types::READY, ready, reason, message);
-        self.set(types::PROGRESSING, progressing, reason, message);
-        self.set(types::FAILED, failed, reason, if failed { message } else { "" });
+        conditions::set_state(&mut self.status.conditions, (ready, progressing, failed), reason, message, Some(self.generation), Time(self.now));
     }
 
     fn event(&mut self, type_: EventType, reason: &'static str, note: String) {

@@ -247,10 +247,7 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         WorkflowPhase::Failed => (false, false, true, "StepFailed"),
         _ => (false, true, false, "Running"),
     };
-    let g = Some(generation);
-    conditions::set_condition(&mut conds, conditions::condition(types::READY, ready, reason, &p.message, g, t.clone()));
-    conditions::set_condition(&mut conds, conditions::condition(types::PROGRESSING, progressing, reason, &p.message, g, t.clone()));
-    conditions::set_condition(&mut conds, conditions::condition(types::FAILED, failed, reason, if failed { p.message.as_str() } else { "" }, g, t.clone()));
+    conditions::set_state(&mut conds, (ready, progressing, failed), reason, &p.message, Some(generation), t.clone());
     let phase_changed = status.workflow_status != Some(p.phase);
     let new = WorkflowStatus {
         workflow_status: Some(p.phase),
