@@ -4,7 +4,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use super::{Activity, ActivityWorker, Ignitor, NamespaceManager, Task, Workflow};
+use super::{ActionPlugin, Activity, ActivityWorker, Ignitor, NamespaceManager, Task, Workflow};
 
 /// Every shoal CRD, in a fixed order.
 pub fn all() -> Vec<CustomResourceDefinition> {
@@ -15,6 +15,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         without_template_descriptions(Task::crd()),
         Ignitor::crd(),
         NamespaceManager::crd(),
+        ActionPlugin::crd(),
     ]
 }
 

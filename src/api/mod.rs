@@ -14,7 +14,7 @@ pub mod workflow;
 
 pub use activity::{Activity, ActivityJob, ActivitySpec, ActivityState, ActivityStatus, ActivityWorker, ActivityWorkerSpec, ActivityWorkerStatus, WorkerState};
 pub use nsman::{NamespaceManager, NamespaceManagerSpec, NamespaceManagerStatus};
-pub use task::{Ignitor, IgnitorSpec, IgnitorStatus, Task, TaskSpec, TaskStatus};
+pub use task::{ActionPlugin, ActionPluginSpec, Ignitor, IgnitorSpec, IgnitorStatus, Task, TaskSpec, TaskStatus};
 pub use workflow::{Workflow, WorkflowSpec, WorkflowStatus, WorkflowStep};
 
 /// API group of every shoal kind.

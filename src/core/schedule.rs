@@ -59,6 +59,9 @@ pub fn parse(value: &str) -> Result<Schedule, ScheduleError> {
         return Ok(Schedule::Now);
     }
     if let Ok(t) = Timestamp::from_str(v) {
+        // Status records times with microsecond precision (MicroTime); a finer time would
+        // never equal its recorded copy and could be taken for a time not yet fired.
+        let t = Timestamp::new(t.as_second(), t.subsec_nanosecond() / 1000 * 1000).unwrap_or(t);
         return Ok(Schedule::At(t));
     }
     let parser = CronParser::builder().seconds(Seconds::Optional).build();
@@ -334,6 +337,12 @@ mod tests {
         assert!(matches!(parse("2020-02-03T19:34:05Z"), Ok(Schedule::At(_))));
         assert!(matches!(parse("5 * * * *"), Ok(Schedule::Cron(_))));
         assert!(matches!(parse("0 5 * * * *"), Ok(Schedule::Cron(_))));
+    }
+
+    #[test]
+    fn an_rfc3339_time_is_kept_to_the_microsecond_status_records() {
+        let Ok(Schedule::At(t)) = parse("2020-02-03T19:34:05.123456789Z") else { panic!() };
+        assert_eq!(t.subsec_nanosecond(), 123_456_000);
     }
 
     #[test]
