@@ -8,3 +8,4 @@ pub mod plan;
 pub mod policy;
 pub mod schedule;
 pub mod shard;
+pub mod trigger;
