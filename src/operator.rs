@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::controllers::runtime::{Runtime, Settings, named};
 use crate::controllers::step_job::StepJob;
-use crate::controllers::{activity, activity_worker, nsman, workflow};
+use crate::controllers::{activity, activity_worker, nsman, task, workflow};
 use crate::ha::{HaConfig, HaMetrics, Ownership, Synced};
 
 /// Settings of `shoal run`, from flags or environment variables.
@@ -120,7 +120,19 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let outbox = Arc::new(crate::outbox::Outbox::new(&cfg.outbox, &mut registry)?);
     let managers = rt.kind::<crate::api::NamespaceManager>("namespacemanager controller");
     let nsman_metrics = nsman::NsmanMetrics::new(&mut registry);
-    rt.run(managers, nsman::State::new(cfg.nsman.clone(), &cfg.namespace, outbox, nsman_metrics), nsman::reconcile);
+    rt.run(managers, nsman::State::new(cfg.nsman.clone(), &cfg.namespace, outbox.clone(), nsman_metrics), nsman::reconcile);
+
+    // Tasks, with their Jobs; every replica also follows every Task and Ignitor (unsharded),
+    // because a Task's triggers usually live in shards another replica owns.
+    let tasks_kind = rt.kind::<crate::api::Task>("task controller");
+    let task_jobs = rt.children::<_, StepJob>(&tasks_kind, task::TASK_UID_LABEL, task::owner_key, crate::controllers::jobs::change_matters);
+    rt.label_children::<StepJob>(task::TASK_LABEL);
+    let (peers, watch_tasks, watch_ignitors) = task::Peers::start(rt.api(), rt.api(), tasks_kind.queue.clone(), shutdown.clone());
+    rt.spawn("task peers", watch_tasks);
+    rt.spawn("ignitor peers", watch_ignitors);
+    rt.cache(peers.clone());
+    let task_state = task::State { jobs: task_jobs, peers, outbox, operator_namespace: cfg.namespace.clone(), metrics: task::TaskMetrics::new(&mut registry) };
+    rt.run(tasks_kind, task_state, task::reconcile);
 
     let ready = {
         let own = own.clone();

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition};
-use k8s_openapi::api::core::v1::EnvVar;
+use k8s_openapi::api::core::v1::{EnvVar, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::ResourceExt;
 use serde_json::json;
@@ -150,6 +150,44 @@ pub fn build(shape: Shape<'_>, c: Container<'_>) -> Result<Job, Error> {
                     }],
                 },
             },
+        },
+    });
+    Ok(serde_json::from_value(job)?)
+}
+
+/// A Job wrapping a user's whole pod template (a Task's run): the template as written, with
+/// `restartPolicy: Never` (the run is one attempt; disrupted pods are replaced, any other
+/// failure fails the Job at once, as for every Job shoal runs), `env` set on every container
+/// (replacing variables of the same names), and the Job's labels also on the pod.
+pub fn build_from_template(
+    name: &str,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    owner: OwnerReference,
+    template: &PodTemplateSpec,
+    env: &[EnvVar],
+) -> Result<Job, Error> {
+    let mut template = template.clone();
+    let meta = template.metadata.get_or_insert_with(Default::default);
+    let pod_labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    for (k, v) in &labels {
+        pod_labels.insert(k.clone(), v.clone());
+    }
+    let spec = template.spec.get_or_insert_with(Default::default);
+    spec.restart_policy = Some("Never".into());
+    for c in spec.containers.iter_mut() {
+        let vars = c.env.get_or_insert_with(Vec::new);
+        vars.retain(|v| !env.iter().any(|e| e.name == v.name));
+        vars.extend(env.iter().cloned());
+    }
+    let job = json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": labels, "annotations": annotations, "ownerReferences": [owner]},
+        "spec": {
+            "backoffLimit": step_pod::MAX_DISRUPTIONS,
+            "podFailurePolicy": step_pod::pod_failure_policy(),
+            "template": template,
         },
     });
     Ok(serde_json::from_value(job)?)

@@ -11,6 +11,7 @@ pub mod nsman;
 pub mod runtime;
 pub mod step_job;
 pub mod step_pod;
+pub mod task;
 pub mod workflow;
 
 use prometheus_client::metrics::counter::Counter;

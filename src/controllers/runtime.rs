@@ -159,6 +159,11 @@ impl Runtime {
         self.spawn(kind.name, task);
     }
 
+    /// A cache opened outside the runtime that readiness also waits for.
+    pub fn cache(&mut self, cache: Arc<dyn Synced>) {
+        self.caches.push(cache);
+    }
+
     /// Every cache this runtime opened, for readiness.
     pub fn caches(&self) -> Vec<Arc<dyn Synced>> {
         self.caches.clone()

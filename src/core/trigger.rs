@@ -72,22 +72,8 @@ impl Guard {
 /// What a Task sees of one of its triggers.
 #[derive(Debug, Clone)]
 pub enum Source {
-    Ignitor {
-        name: String,
-        uid: String,
-        created: Timestamp,
-        data: Option<String>,
-        policy: ConcurrencyPolicy,
-        ignitions: Vec<Ignition>,
-    },
-    Task {
-        name: String,
-        uid: String,
-        created: Timestamp,
-        runs: Vec<TaskRun>,
-        on_success: bool,
-        on_failure: bool,
-    },
+    Ignitor { name: String, uid: String, created: Timestamp, data: Option<String>, policy: ConcurrencyPolicy, ignitions: Vec<Ignition> },
+    Task { name: String, uid: String, created: Timestamp, runs: Vec<TaskRun>, on_success: bool, on_failure: bool },
 }
 
 impl Source {
@@ -218,7 +204,9 @@ pub fn record_triggers(status: &mut TaskStatus, task: &Subject<'_>, sources: &[S
                     let running: Vec<String> = status.runs.iter().filter(|r| active(r) && r.initiator.kind == IGNITOR && &r.initiator.name == name).map(|r| r.name.clone()).collect();
                     match schedule::concurrency(*policy, &running) {
                         Decision::Start => add(status, run, now, &mut out),
-                        Decision::Skip => skip(status, run, "ConcurrencyForbid", format!("runs started by Ignitor {name} are still running ({}); concurrencyPolicy is Forbid", running.join(", ")), now, &mut out),
+                        Decision::Skip => {
+                            skip(status, run, "ConcurrencyForbid", format!("runs started by Ignitor {name} are still running ({}); concurrencyPolicy is Forbid", running.join(", ")), now, &mut out)
+                        }
                         Decision::ReplaceThenStart(names) => {
                             for r in status.runs.iter_mut().filter(|r| names.contains(&r.name)) {
                                 r.phase = RunPhase::Stopped;
@@ -248,7 +236,8 @@ pub fn record_triggers(status: &mut TaskStatus, task: &Subject<'_>, sources: &[S
                     }
                     let failures_in_a_row = if failed { r.failures_in_a_row.saturating_add(1) } else { 0 };
                     let chain = r.chain.max(1).saturating_add(1);
-                    let start_after = r.finished_at.as_ref().map(|f| f.0).unwrap_or(now).checked_add(SignedDuration::try_from(task.guard.delay(failures_in_a_row)).unwrap_or(SignedDuration::ZERO)).ok();
+                    let start_after =
+                        r.finished_at.as_ref().map(|f| f.0).unwrap_or(now).checked_add(SignedDuration::try_from(task.guard.delay(failures_in_a_row)).unwrap_or(SignedDuration::ZERO)).ok();
                     let run = TaskRun {
                         name: chained_run_name(task.name, task.uid, uid, &r.name),
                         phase: RunPhase::Pending,
@@ -318,10 +307,19 @@ fn skip(status: &mut TaskStatus, mut run: TaskRun, reason: &str, message: String
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
-    Succeeded { output: Option<String> },
-    Failed { reason: String, message: String, output: Option<String> },
+    Succeeded {
+        output: Option<String>,
+    },
+    Failed {
+        reason: String,
+        message: String,
+        output: Option<String>,
+    },
     /// Stopped from outside (its Job deleted by someone): dependents are not started.
-    Stopped { reason: String, message: String },
+    Stopped {
+        reason: String,
+        message: String,
+    },
 }
 
 /// Cut `s` to at most `max` bytes, on a character boundary.
