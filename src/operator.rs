@@ -116,6 +116,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     rt.label_children::<StepJob>(activity_worker::WORKER_LABEL);
     rt.run(workers, activity_worker::State { jobs: worker_jobs }, activity_worker::reconcile);
 
+    // Ignitors: each records its own firings; the Tasks that name it act on them.
+    let ignitors = rt.kind::<crate::api::Ignitor>("ignitor controller");
+    rt.run(ignitors, crate::controllers::ignitor::State { metrics: crate::controllers::ignitor::IgnitorMetrics::new(&mut registry) }, crate::controllers::ignitor::reconcile);
+
     // NamespaceManagers; their webhooks go through the effects outbox.
     let outbox = Arc::new(crate::outbox::Outbox::new(&cfg.outbox, &mut registry)?);
     let managers = rt.kind::<crate::api::NamespaceManager>("namespacemanager controller");

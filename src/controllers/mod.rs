@@ -6,6 +6,7 @@
 pub mod activity;
 pub mod activity_worker;
 mod context;
+pub mod ignitor;
 pub mod jobs;
 pub mod nsman;
 pub mod runtime;
