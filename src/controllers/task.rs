@@ -578,12 +578,13 @@ async fn deliver(t: &Task, st: &mut TaskStatus, recorded: &TaskStatus, w: &Write
                 match value.map(|b| String::from_utf8(b.0)) {
                     Some(Ok(s)) if Outbox::check_secret(&s).is_ok() => Some(s.trim().to_string()),
                     _ => {
-                        // Fixing the Secret is enough: the delivery waits for it.
-                        events.push((
-                            EventType::Warning,
-                            "SecretNotFound",
-                            format!("ActionPlugin {action}: signing secret {}/{} key {} is missing or unusable; the delivery waits for it", ctx.operator_namespace, r.name, r.key()),
-                        ));
+                        // Fixing the Secret is enough: the delivery waits for it, looked at
+                        // again every RECHECK; said once (in lastError and one Event).
+                        let msg = format!("ActionPlugin {action}: signing secret {}/{} key {} is missing or unusable; the delivery waits for it", ctx.operator_namespace, r.name, r.key());
+                        if st.deliveries[idx].last_error.as_deref() != Some(msg.as_str()) {
+                            events.push((EventType::Warning, "SecretNotFound", msg.clone()));
+                            st.deliveries[idx].last_error = Some(msg);
+                        }
                         later(RECHECK);
                         continue;
                     }
