@@ -79,7 +79,7 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     let ns = common::namespace(&client, "helm").await;
     let docs = render("shoal", &ns, &["replicaCount=3", "shards=64"]);
     let kinds = kinds(&docs);
-    assert_eq!(kinds.iter().filter(|k| **k == "CustomResourceDefinition").count(), 6, "the chart carries every CRD: {kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "CustomResourceDefinition").count(), shoal::api::crds::all().len(), "the chart carries every CRD: {kinds:?}");
     for k in ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment", "Service", "PodDisruptionBudget"] {
         assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
     }
@@ -106,6 +106,14 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     assert_crd_rule(&docs);
     assert_namespace_manager_rules(&docs, "ClusterRole shoal", ("ClusterRole shoal", &[]));
     assert_activity_rules(&docs, "ClusterRole shoal");
+    assert_task_rules(&docs, "ClusterRole shoal", "ClusterRole shoal");
+    assert_secrets(&docs, &["ClusterRole shoal"]);
+    // People: ActionPlugins are read through view only (only cluster admins write them).
+    assert_eq!(granting(&docs, "actionplugins"), vec![("ClusterRole", "shoal-view"), ("ClusterRole", "shoal")]);
+    let view = docs.iter().find(|d| d["metadata"]["name"] == "shoal-view").unwrap();
+    let plugin_rules: Vec<&Value> = view["rules"].as_array().unwrap().iter().filter(|r| r["resources"] == json!(["actionplugins"])).collect();
+    assert_eq!(plugin_rules.len(), 1);
+    assert_eq!(plugin_rules[0]["verbs"], json!(["get", "list", "watch"]));
     for absent in ["deployments/scale", "statefulsets/scale", "namespaces/finalize", "configmaps"] {
         assert!(granting(&docs, absent).is_empty(), "{absent}: granted before any controller uses it");
     }
@@ -116,20 +124,27 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     assert!(out.contains("deployment.apps/shoal created (server dry run)"), "{out}");
 
     // watchNamespace: the watched objects' rules in a Role there; the operator's only
-    // ClusterRoles are `get` on the shoal CRDs by name, and `get` and `delete` on that one
-    // namespace.
+    // ClusterRoles are `get` on the shoal CRDs by name, `get` and `delete` on that one
+    // namespace, and reading ActionPlugins (cluster-scoped); an ActionPlugin's Secret in the
+    // release namespace needs a Role of its own there.
     let work = common::namespace(&client, "helm-work").await;
     let docs = render("shoal", &ns, &[&format!("watchNamespace={work}"), "rbac.aggregateToDefaultRoles=false"]);
     assert_eq!(granting(&docs, "jobs"), vec![("Role", "shoal")]);
     let role = docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "shoal").unwrap();
     assert_eq!(role["metadata"]["namespace"], work.as_str());
     let cluster_roles: Vec<(&str, usize)> = docs.iter().filter(|d| d["kind"] == "ClusterRole").map(|d| (d["metadata"]["name"].as_str().unwrap(), d["rules"].as_array().unwrap().len())).collect();
-    assert_eq!(cluster_roles, vec![("shoal-crds", 1), ("shoal-namespace", 1)]);
+    assert_eq!(cluster_roles, vec![("shoal-crds", 1), ("shoal-namespace", 1), ("shoal-actionplugins", 1)]);
     assert_crd_rule(&docs);
     assert_namespace_manager_rules(&docs, &format!("Role {work}/shoal"), ("ClusterRole shoal-namespace", &[&work]));
     assert_activity_rules(&docs, &format!("Role {work}/shoal"));
+    assert_task_rules(&docs, &format!("Role {work}/shoal"), "ClusterRole shoal-actionplugins");
+    assert_secrets(&docs, &[&format!("Role {ns}/shoal-secrets"), &format!("Role {work}/shoal")]);
     let objects: Vec<&Value> = docs.iter().filter(|d| d["kind"] != "CustomResourceDefinition").collect();
     kubectl_apply(&objects, &["--dry-run=server"]);
+    // Watching the release namespace itself: its Role already grants the Secrets there.
+    let docs = render("shoal", &ns, &[&format!("watchNamespace={ns}")]);
+    assert!(!docs.iter().any(|d| d["metadata"]["name"] == "shoal-secrets"), "a second Role for the Secrets of the watched namespace");
+    assert_secrets(&docs, &[&format!("Role {ns}/shoal")]);
 
     // One replica: no PodDisruptionBudget (it would block every eviction).
     assert!(!helm_template("shoal", &ns, &["replicaCount=1"]).contains("kind: PodDisruptionBudget"));
@@ -174,6 +189,7 @@ fn operator_grants(docs: &[Value], group: &str, resource: &str) -> Vec<(String, 
 
 /// The NamespaceManager controller's rules, exactly: in `role` for the namespaced
 /// resources; on namespaces in the ClusterRole and with the resourceNames of `namespaces`.
+/// (Its Secrets rule is shared with ActionPlugins: `assert_secrets`.)
 fn assert_namespace_manager_rules(docs: &[Value], role: &str, namespaces: (&str, &[&str])) {
     let grant = |role: &str, names: &[&str], verbs: &[&str]| vec![(role.to_string(), names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), verbs.iter().map(|v| v.to_string()).collect::<Vec<_>>())];
     let want = [
@@ -182,7 +198,6 @@ fn assert_namespace_manager_rules(docs: &[Value], role: &str, namespaces: (&str,
         ("", "pods", grant(role, &[], &["list"])),
         ("apps", "deployments", grant(role, &[], &["list", "patch"])),
         ("apps", "statefulsets", grant(role, &[], &["list", "patch"])),
-        ("", "secrets", grant(role, &[], &["get"])),
         ("events.k8s.io", "events", grant(role, &[], &["create", "patch"])),
         ("", "namespaces", grant(namespaces.0, namespaces.1, &["delete", "get"])),
     ];
@@ -210,6 +225,35 @@ fn assert_activity_rules(docs: &[Value], role: &str) {
     for absent in ["activities/finalizers", "activityworkers/finalizers"] {
         assert!(operator_grants(docs, "shoal.dev", absent).is_empty(), "{absent}: granted, but no ownerReference needs it");
     }
+}
+
+/// The Task and Ignitor controllers' rules, exactly: their objects read (and, from the shared
+/// rule, listed, watched and shard-labelled) and their status patched, in `role`;
+/// ActionPlugins (cluster-scoped) read in the ClusterRole `plugins`. Their runs' Jobs, pods
+/// and Events use the rules checked above.
+fn assert_task_rules(docs: &[Value], role: &str, plugins: &str) {
+    let grant = |role: &str, verbs: &[&str]| vec![(role.to_string(), Vec::<String>::new(), verbs.iter().map(|v| v.to_string()).collect::<Vec<_>>())];
+    let want = [
+        ("tasks", grant(role, &["get", "list", "patch", "watch"])),
+        ("ignitors", grant(role, &["get", "list", "patch", "watch"])),
+        ("tasks/status", grant(role, &["patch"])),
+        ("ignitors/status", grant(role, &["patch"])),
+        ("actionplugins", grant(plugins, &["get", "list", "watch"])),
+    ];
+    for (resource, want) in want {
+        assert_eq!(operator_grants(docs, "shoal.dev", resource), want, "the operator's grants on shoal.dev/{resource}");
+    }
+    for absent in ["tasks/finalizers", "ignitors/finalizers", "actionplugins/status"] {
+        assert!(operator_grants(docs, "shoal.dev", absent).is_empty(), "{absent}: granted, but nothing calls it");
+    }
+}
+
+/// `get` on Secrets, and nothing else on them, in exactly `roles`: a NamespaceManager's
+/// webhook secret in the watched namespaces, an ActionPlugin's in the release namespace.
+fn assert_secrets(docs: &[Value], roles: &[&str]) {
+    let mut want: Vec<(String, Vec<String>, Vec<String>)> = roles.iter().map(|r| (r.to_string(), vec![], vec!["get".to_string()])).collect();
+    want.sort();
+    assert_eq!(operator_grants(docs, "", "secrets"), want, "the operator's grants on secrets");
 }
 
 /// `get` on exactly the CRDs the code checks at start, by name.

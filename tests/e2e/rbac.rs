@@ -4,7 +4,8 @@
 //! more than that: SubjectAccessReviews show what the ServiceAccount may not do, and what
 //! the aggregated view/edit/admin roles give people. The NamespaceManager controller's rules
 //! are checked with SubjectAccessReviews only: the replica does not run that controller. The
-//! Activity and ActivityWorker controllers' rules are checked with SubjectAccessReviews too.
+//! Activity and ActivityWorker controllers' rules, and the Task and Ignitor controllers'
+//! (ActionPlugins and their Secrets included), are checked with SubjectAccessReviews too.
 //!
 //! The replica always watches only its test namespace, even for the cluster-wide install: a
 //! replica watching every namespace of the shared test cluster would act on other tests'
@@ -227,6 +228,18 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
         expect(&client, &me, verb, group, resource, &work, true).await;
         expect(&client, &me, verb, group, resource, "default", !watch_namespace).await;
     }
+    // The Task and Ignitor controllers' rules: read their objects, record status; read the
+    // ActionPlugins (cluster-scoped, in either mode) and an ActionPlugin's signing Secret in
+    // the release namespace (in either mode).
+    let task = [("get", "shoal.dev", "tasks"), ("get", "shoal.dev", "ignitors"), ("patch", "shoal.dev", "tasks/status"), ("patch", "shoal.dev", "ignitors/status")];
+    for (verb, group, resource) in task {
+        expect(&client, &me, verb, group, resource, &work, true).await;
+        expect(&client, &me, verb, group, resource, "default", !watch_namespace).await;
+    }
+    for verb in ["get", "list", "watch"] {
+        expect(&client, &me, verb, "shoal.dev", "actionplugins", "", true).await;
+    }
+    expect(&client, &me, "get", "", "secrets", &ops, true).await;
     // Namespaces are cluster-scoped: with watchNamespace, the watched one only.
     for verb in ["get", "delete"] {
         expect(&client, &me, verb, "", &format!("namespaces={work}"), "", true).await;
@@ -262,7 +275,17 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
         ("update", "shoal.dev", "activities/status", work.as_str()),
         ("update", "shoal.dev", "activities/finalizers", work.as_str()),
         ("update", "shoal.dev", "workflows", work.as_str()),
-        ("patch", "shoal.dev", "tasks/status", work.as_str()),
+        ("update", "shoal.dev", "tasks/status", work.as_str()),
+        ("get", "shoal.dev", "tasks/status", work.as_str()),
+        ("create", "shoal.dev", "tasks", work.as_str()),
+        ("delete", "shoal.dev", "ignitors", work.as_str()),
+        ("update", "shoal.dev", "ignitors", work.as_str()),
+        ("update", "shoal.dev", "tasks/finalizers", work.as_str()),
+        ("create", "shoal.dev", "actionplugins", ""),
+        ("patch", "shoal.dev", "actionplugins", ""),
+        ("delete", "shoal.dev", "actionplugins", ""),
+        ("list", "", "secrets", ops.as_str()),
+        ("watch", "", "secrets", ops.as_str()),
         ("update", "shoal.dev", "workflows/finalizers", work.as_str()),
         ("patch", "coordination.k8s.io", "leases", ops.as_str()),
         ("list", "coordination.k8s.io", "leases", work.as_str()),
@@ -377,6 +400,24 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
             expect(&client, &admin, "delete", "shoal.dev", kind, &work, true).await;
             for u in [&viewer, &editor, &admin] {
                 expect(&client, u, "patch", "shoal.dev", &format!("{kind}/status"), &work, false).await;
+            }
+        }
+        // ActionPlugins are cluster-scoped: reached through a ClusterRoleBinding, read through
+        // view, written by no aggregated role (only cluster admins make them).
+        let crb = |user: &str, role: &str| {
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": format!("{user}-{role}"), "labels": {"app.kubernetes.io/instance": release}},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}, "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}]})
+        };
+        let (viewer, editor, admin) = (format!("{release}-cluster-viewer"), format!("{release}-cluster-editor"), format!("{release}-cluster-admin"));
+        kubectl_apply(&[&crb(&viewer, "view"), &crb(&editor, "edit"), &crb(&admin, "admin")], &[]);
+        let [viewer, editor, admin] = [viewer, editor, admin].map(|u| Who::new(&u, &["system:authenticated"]));
+        for verb in ["get", "list", "watch"] {
+            expect(&client, &viewer, verb, "shoal.dev", "actionplugins", "", true).await;
+        }
+        for u in [&viewer, &editor, &admin] {
+            for verb in ["create", "update", "patch", "delete"] {
+                expect(&client, u, verb, "shoal.dev", "actionplugins", "", false).await;
             }
         }
     }

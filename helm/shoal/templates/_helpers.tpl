@@ -81,9 +81,32 @@ Grow this list when a controller lands, never ahead of it.
   resources: ["deployments", "statefulsets"]
   verbs: ["list", "patch"]
 # A WEBHOOK action's signing secret, the one Secret its manager names (no list or watch).
+# Cluster-wide, this also covers an ActionPlugin's signing secret in the release namespace.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+# The Task and Ignitor controllers read one object by name and record its status (merge
+# patch with a resourceVersion precondition): an Ignitor's firings, a Task's runs, trigger
+# cursors and deliveries. list, watch and patch are in the first rule. A Task's runs use the
+# Job, pod and Event rules above.
+- apiGroups: ["shoal.dev"]
+  resources: ["tasks", "ignitors"]
+  verbs: ["get"]
+- apiGroups: ["shoal.dev"]
+  resources: ["tasks/status", "ignitors/status"]
+  verbs: ["patch"]
+{{- end -}}
+
+{{/*
+ActionPlugins are cluster-scoped: this rule is for a ClusterRole, whatever watchNamespace
+says.
+*/}}
+{{- define "shoal.actionPluginRules" -}}
+# The Task controller reads the ActionPlugins that successActions and failureActions name
+# (url, secretRef, timeout, attempts). It never writes them: only cluster admins do.
+- apiGroups: ["shoal.dev"]
+  resources: ["actionplugins"]
+  verbs: ["get", "list", "watch"]
 {{- end -}}
 
 {{/*
@@ -105,7 +128,7 @@ names that namespace only.
 {{- define "shoal.crdRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  resourceNames: ["activities.shoal.dev", "activityworkers.shoal.dev", "ignitors.shoal.dev", "namespacemanagers.shoal.dev", "tasks.shoal.dev", "workflows.shoal.dev"]
+  resourceNames: ["actionplugins.shoal.dev", "activities.shoal.dev", "activityworkers.shoal.dev", "ignitors.shoal.dev", "namespacemanagers.shoal.dev", "tasks.shoal.dev", "workflows.shoal.dev"]
   verbs: ["get"]
 {{- end -}}
 
