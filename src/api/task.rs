@@ -308,7 +308,7 @@ pub struct IgnitorSpec {
     pub time_zone: Option<String>,
     /// What a firing does when runs started by an earlier firing of this Ignitor are still
     /// running, as a CronJob's `concurrencyPolicy`: `Allow` (default) starts the run anyway,
-    /// `Forbid` skips this firing (recorded as missed, not retried), `Replace` stops the
+    /// `Forbid` skips this firing (each Task records a `Skipped` run, reason `ConcurrencyForbid`; it is not retried), `Replace` stops the
     /// running ones and then starts the new run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency_policy: Option<ConcurrencyPolicy>,
@@ -336,8 +336,8 @@ impl IgnitorSpec {
 }
 
 /// What a firing does when runs started by an earlier firing of the Ignitor are still
-/// running, as a CronJob's `concurrencyPolicy`: `Allow` (default) starts the run anyway,
-/// `Forbid` skips this firing (recorded as missed, not retried), `Replace` stops the running
+/// running, as a CronJob's `concurrencyPolicy`, applied per Task: `Allow` (default) starts the run anyway,
+/// `Forbid` skips this firing (each Task records a `Skipped` run, reason `ConcurrencyForbid`; it is not retried), `Replace` stops the running
 /// ones and then starts the new run.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum ConcurrencyPolicy {

@@ -64,6 +64,8 @@ pub fn parse(value: &str) -> Result<Schedule, ScheduleError> {
         let t = Timestamp::new(t.as_second(), t.subsec_nanosecond() / 1000 * 1000).unwrap_or(t);
         return Ok(Schedule::At(t));
     }
+    // `@midnight` is the usual synonym of `@daily` (cron(8), CronJob); the parser lacks it.
+    let v = if v == "@midnight" { "@daily" } else { v };
     let parser = CronParser::builder().seconds(Seconds::Optional).build();
     parser.parse(v).map(|c| Schedule::Cron(Box::new(c))).map_err(|e| ScheduleError::Invalid { value: value.to_string(), detail: e.to_string() })
 }
@@ -337,6 +339,16 @@ mod tests {
         assert!(matches!(parse("2020-02-03T19:34:05Z"), Ok(Schedule::At(_))));
         assert!(matches!(parse("5 * * * *"), Ok(Schedule::Cron(_))));
         assert!(matches!(parse("0 5 * * * *"), Ok(Schedule::Cron(_))));
+    }
+
+    #[test]
+    fn every_macro_admission_accepts_parses() {
+        for m in ["@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"] {
+            assert!(matches!(parse(m), Ok(Schedule::Cron(_))), "{m}");
+        }
+        let (Ok(a), Ok(b)) = (parse("@midnight"), parse("@daily")) else { panic!() };
+        let t = Timestamp::from_second(1_800_000_000).unwrap();
+        assert_eq!(a.next_after(t), b.next_after(t));
     }
 
     #[test]
