@@ -112,7 +112,7 @@ async fn reconcile_owned(ign: &Ignitor, writer: &Writer, ctx: &Ctx) -> Result<Ac
     if ign.status.as_ref() == Some(&plan.status) {
         return Ok(next);
     }
-    match ctx.patch_status(writer, ign, &plan.status).await {
+    match ctx.patch_status(writer, ign, &patch_body(&old, &plan.status)?).await {
         Ok(Some(_)) => {}
         // Changed since it was read: nothing was recorded; the watch brings the new copy.
         Ok(None) => return Ok(Action::AwaitChange),
@@ -192,6 +192,18 @@ pub fn record(status: &mut IgnitorStatus, due: &Due, now: Timestamp) {
         status.last_scheduled_time = Some(MicroTime(micros(last)));
     }
     status.next_ignition = due.next.map(|t| Time(seconds(t)));
+}
+
+/// The merge patch that turns `old` into `new`: `new`, with an explicit null for each field
+/// `new` no longer has (a merge patch leaves an absent field as it was).
+pub fn patch_body(old: &IgnitorStatus, new: &IgnitorStatus) -> Result<serde_json::Value, serde_json::Error> {
+    let mut body = serde_json::to_value(new)?;
+    if let (serde_json::Value::Object(was), Some(now)) = (serde_json::to_value(old)?, body.as_object_mut()) {
+        for k in was.keys() {
+            now.entry(k.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    Ok(body)
 }
 
 /// The Events of a recorded `due`: `Fired` listing the fired times, `MissedSchedule` the
@@ -380,6 +392,29 @@ mod tests {
         assert_eq!((failed.status.as_str(), failed.message.as_str()), ("True", "timeZone \"Mars/Olympus\" is not a known IANA time zone"));
         let p = plan(&spec("61 * * * *"), &IgnitorStatus::default(), created, Some(1), created);
         assert_eq!(ready(&p.status), ("False".into(), "InvalidSchedule".into()));
+    }
+
+    #[test]
+    fn a_field_that_goes_is_nulled_in_the_patch() {
+        let created = ts("2026-01-01T10:00:00Z");
+        let at = spec("2026-01-01T10:00:04Z");
+        let before = round_trip(&plan(&at, &IgnitorStatus::default(), created, Some(1), ts("2026-01-01T10:00:01Z")).status);
+        assert!(before.next_ignition.is_some());
+        let after = plan(&at, &before, created, Some(1), ts("2026-01-01T10:00:05Z")).status;
+        let body = patch_body(&before, &after).unwrap();
+        assert_eq!(body["nextIgnition"], serde_json::Value::Null);
+        assert!(body.as_object().unwrap().contains_key("nextIgnition"));
+        assert_eq!(body["ignitionsCount"], 1);
+        // Applied as a merge patch, it gives `after`.
+        let mut merged = serde_json::to_value(&before).unwrap();
+        for (k, v) in body.as_object().unwrap() {
+            if v.is_null() {
+                merged.as_object_mut().unwrap().remove(k);
+            } else {
+                merged[k] = v.clone();
+            }
+        }
+        assert_eq!(serde_json::from_value::<IgnitorStatus>(merged).unwrap(), round_trip(&after));
     }
 
     #[test]
