@@ -222,6 +222,8 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
         ("patch", "shoal.dev", "activities/status"),
         ("get", "shoal.dev", "activityworkers/status"),
         ("patch", "shoal.dev", "activityworkers/status"),
+        // The Ignitor controller records firings (the sample ignitor1 fires once below).
+        ("patch", "shoal.dev", "ignitors/status"),
     ];
     for (verb, group, resource) in activity {
         expect(&client, &me, verb, group, resource, &work, true).await;

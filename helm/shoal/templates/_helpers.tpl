@@ -37,6 +37,11 @@ Grow this list when a controller lands, never ahead of it.
 - apiGroups: ["shoal.dev"]
   resources: ["workflows/status"]
   verbs: ["patch"]
+# The Ignitor controller records firings in status (merge patch with a resourceVersion
+# precondition); it reads Ignitors from its watch only.
+- apiGroups: ["shoal.dev"]
+  resources: ["ignitors/status"]
+  verbs: ["patch"]
 # The Activity controller creates an Activity's workers (a worker is deleted with its
 # Activity by the garbage collector, so there is no delete); the Activity and ActivityWorker
 # controllers read their objects and record their status (merge patch with a
