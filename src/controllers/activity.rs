@@ -182,7 +182,7 @@ async fn write(a: &Activity, new: &ActivityStatus, w: &Writer, ctx: &Ctx, events
     if a.status.as_ref() == Some(new) {
         return Ok(next);
     }
-    match ctx.patch_status(w, a, new).await {
+    match ctx.patch_status(w, a, a.status.as_ref(), new).await {
         Ok(Some(_)) => {
             for (t, reason, note) in events {
                 w.event(t, reason, note, None).await;

@@ -212,7 +212,7 @@ async fn write(w: &ActivityWorker, new: &ActivityWorkerStatus, writer: &Writer, 
     if w.status.as_ref() == Some(new) {
         return Ok(next);
     }
-    match ctx.patch_status(writer, w, new).await {
+    match ctx.patch_status(writer, w, w.status.as_ref(), new).await {
         Ok(Some(_)) => {
             if let Some((t, reason, note, related)) = event {
                 writer.event(t, reason, note, Some(related)).await;

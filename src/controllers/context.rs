@@ -59,13 +59,19 @@ impl<S> Context<S> {
 
     /// Patch `obj`'s status to `status` through `w`, with a resourceVersion precondition (the
     /// version `obj` was read at), and remember that version as superseded. `None` when the
-    /// object changed since it was read (409).
-    pub async fn patch_status<K>(&self, w: &Writer, obj: &K, status: &impl Serialize) -> Result<Option<K>, WriteError>
+    /// object changed since it was read (409). A field of `old` (`obj`'s status as read) that `status` no
+    /// longer has (an `Option` now `None`, skipped when serialised) is sent as null, so the
+    /// merge patch removes it instead of leaving it as it was.
+    pub async fn patch_status<K, T: Serialize>(&self, w: &Writer, obj: &K, old: Option<&T>, status: &T) -> Result<Option<K>, WriteError>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
     {
         let ns = obj.meta().namespace.clone().unwrap_or_default();
-        let patch = serde_json::json!({"metadata": {"resourceVersion": obj.resource_version()}, "status": status});
+        let mut body = serde_json::to_value(status).unwrap_or(serde_json::Value::Null);
+        if let Some(Ok(was)) = old.map(serde_json::to_value) {
+            null_removed(&was, &mut body);
+        }
+        let patch = serde_json::json!({"metadata": {"resourceVersion": obj.resource_version()}, "status": body});
         match w.api::<K>(&ns).patch_status(&obj.name_any(), &Patch::Merge(&patch)).await {
             Ok(updated) => {
                 self.mark_superseded((ns, obj.name_any()), obj.meta().resource_version.clone());
@@ -114,5 +120,63 @@ impl<S> Context<S> {
         if let (Ok(mut m), Some(rv)) = (self.superseded.lock(), rv) {
             m.insert(key, rv);
         }
+    }
+}
+
+/// Add to the merge patch `new` an explicit null for every field of `old` it no longer has,
+/// in nested objects too (arrays are replaced whole by a merge patch, so they need nothing).
+fn null_removed(old: &serde_json::Value, new: &mut serde_json::Value) {
+    let (serde_json::Value::Object(was), serde_json::Value::Object(now)) = (old, new) else {
+        return;
+    };
+    for (k, v) in was {
+        match now.get_mut(k) {
+            None => {
+                now.insert(k.clone(), serde_json::Value::Null);
+            }
+            Some(n) => null_removed(v, n),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::null_removed;
+    use serde_json::json;
+
+    /// RFC 7386: apply `patch` to `target`.
+    fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        let serde_json::Value::Object(p) = patch else {
+            *target = patch.clone();
+            return;
+        };
+        if !target.is_object() {
+            *target = json!({});
+        }
+        let t = target.as_object_mut().unwrap();
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+    }
+
+    #[test]
+    fn a_field_that_goes_is_nulled_so_the_merge_patch_gives_the_new_status() {
+        let old = json!({"next": "t1", "count": 1, "action": {"state": "Pending", "deliveryId": "d"}, "runs": [{"a": 1, "data": "x"}]});
+        let new = json!({"count": 2, "action": {"state": "Done"}, "runs": [{"a": 1}]});
+        let mut body = new.clone();
+        null_removed(&old, &mut body);
+        assert_eq!(body["next"], serde_json::Value::Null);
+        assert_eq!(body["action"]["deliveryId"], serde_json::Value::Null);
+        let mut applied = old.clone();
+        merge(&mut applied, &body);
+        assert_eq!(applied, new);
+        // Without the nulls, the removed fields would stay.
+        let mut plain = old.clone();
+        merge(&mut plain, &new);
+        assert_ne!(plain, new);
     }
 }

@@ -112,7 +112,7 @@ async fn reconcile_owned(ign: &Ignitor, writer: &Writer, ctx: &Ctx) -> Result<Ac
     if ign.status.as_ref() == Some(&plan.status) {
         return Ok(next);
     }
-    match ctx.patch_status(writer, ign, &plan.status).await {
+    match ctx.patch_status(writer, ign, ign.status.as_ref(), &plan.status).await {
         Ok(Some(_)) => {}
         // Changed since it was read: nothing was recorded; the watch brings the new copy.
         Ok(None) => return Ok(Action::AwaitChange),

@@ -553,7 +553,7 @@ async fn write(m: &NamespaceManager, status: &NamespaceManagerStatus, w: &Writer
     let ns = m.namespace().unwrap_or_default();
     let mut base = std::borrow::Cow::Borrowed(m);
     for _ in 0..2 {
-        match ctx.patch_status(w, base.as_ref(), status).await {
+        match ctx.patch_status(w, base.as_ref(), base.status.as_ref(), status).await {
             Ok(Some(updated)) => return Ok(Some(updated)),
             Ok(None) => match ctx.read::<NamespaceManager>(&ns).get_opt(&m.name_any()).await? {
                 Some(fresh) if fresh.status == m.status && fresh.metadata.uid == m.metadata.uid => base = std::borrow::Cow::Owned(fresh),

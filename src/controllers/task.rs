@@ -305,7 +305,7 @@ async fn reconcile_owned(t: &Task, uid: &str, w: &Writer, ctx: &Ctx) -> Result<A
     summarize(t, &mut st, now);
     let mut current = None;
     if st != old {
-        match ctx.patch_status(w, t, &st).await {
+        match ctx.patch_status(w, t, t.status.as_ref(), &st).await {
             Ok(Some(updated)) => current = Some(updated),
             Ok(None) => return Ok(Action::AwaitChange),
             Err(e) if e.code() == Some(404) => return Ok(Action::AwaitChange),
@@ -327,7 +327,7 @@ async fn reconcile_owned(t: &Task, uid: &str, w: &Writer, ctx: &Ctx) -> Result<A
     summarize(t, &mut st, now);
     if st != recorded_status {
         let base = current.as_ref().unwrap_or(t);
-        match ctx.patch_status(w, base, &st).await {
+        match ctx.patch_status(w, base, base.status.as_ref(), &st).await {
             Ok(Some(_)) => publish(w, events).await,
             Ok(None) => return Ok(Action::AwaitChange),
             Err(e) if e.code() == Some(404) => return Ok(Action::AwaitChange),

@@ -293,7 +293,7 @@ async fn write_status(wf: &Workflow, new: &WorkflowStatus, w: &Writer, ctx: &Ctx
         return Ok((false, Action::Requeue(ctx.resync)));
     }
     ctx.metrics.status_writes.inc();
-    Ok(match ctx.patch_status(w, wf, new).await? {
+    Ok(match ctx.patch_status(w, wf, wf.status.as_ref(), new).await? {
         Some(_) => (true, Action::Requeue(ctx.resync)),
         // Changed since we read it; the watch brings the new version and we plan again.
         None => (false, Action::AwaitChange),

@@ -12,6 +12,7 @@ mod examples;
 mod ha;
 mod health;
 mod helm;
+mod ignitor;
 mod nsman;
 mod operator;
 mod outage;
