@@ -92,7 +92,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let leases = tokio::spawn(crate::ha::run_leases(clients.request.clone(), own.clone(), shutdown.clone()));
     let settings = Settings { watch_namespace: cfg.watch_namespace.clone(), workers: cfg.workers, resync: cfg.resync };
     let mut rt = Runtime::new(clients, own.clone(), settings, shutdown.clone());
-    // The leader labels every shoal kind, including those whose controllers are not built yet.
+    // The leader labels every shoal kind (ActionPlugins are cluster-scoped and not sharded:
+    // only read, never acted on).
     rt.label::<crate::api::Workflow>();
     rt.label::<crate::api::Activity>();
     rt.label::<crate::api::ActivityWorker>();
