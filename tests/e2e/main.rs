@@ -20,4 +20,5 @@ mod receiver;
 mod runtime;
 mod sharding;
 mod step_pods;
+mod tasks;
 mod workflow;
