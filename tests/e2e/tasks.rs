@@ -407,7 +407,7 @@ async fn concurrency_policy_forbid_and_replace() {
     assert!(runs_in(&st, RunPhase::Pending).len() + runs_in(&st, RunPhase::Running).len() <= 1, "at most one active run: {:?}", st.runs);
     let uid = t.uid().unwrap();
     let job_api: Api<Job> = Api::namespaced(client.clone(), &ns);
-    eventually(T, "the replaced runs' Jobs deleted", || async {
+    eventually(Duration::from_secs(20), "the replaced runs' Jobs deleted", || async {
         for name in &stopped {
             if job_api.get_opt(name).await.ok()?.is_some_and(|j| j.metadata.deletion_timestamp.is_none()) {
                 return None;
