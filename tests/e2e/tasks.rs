@@ -69,7 +69,9 @@ async fn task_jobs(client: &Client, ns: &str, uid: &str) -> Vec<Job> {
 /// The environment of the first container of Job `job`'s pod.
 async fn pod_env(client: &Client, ns: &str, job: &str) -> HashMap<String, String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pod = eventually(T, &format!("the pod of Job {job}"), || async { pods.list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"))).await.ok()?.items.into_iter().next() }).await;
+    let pod =
+        eventually(T, &format!("the pod of Job {job}"), || async { pods.list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"))).await.ok()?.items.into_iter().next() })
+            .await;
     pod.spec.unwrap().containers[0].env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect()
 }
 
@@ -492,8 +494,7 @@ async fn failover_fires_every_scheduled_time_exactly_once() {
         if igns.len() != n || tsks.len() != n {
             return None;
         }
-        let last: HashMap<String, Timestamp> =
-            igns.iter().filter_map(|i| Some((i.name_any().replacen('i', "t", 1), i.status.as_ref()?.ignitions.iter().map(|x| x.scheduled_time.0).max()?))).collect();
+        let last: HashMap<String, Timestamp> = igns.iter().filter_map(|i| Some((i.name_any().replacen('i', "t", 1), i.status.as_ref()?.ignitions.iter().map(|x| x.scheduled_time.0).max()?))).collect();
         let settled = tsks.iter().all(|t| {
             let Some(st) = t.status.as_ref() else { return false };
             let cursor = st.triggers.iter().find(|c| c.kind == "Ignitor").and_then(|c| c.scheduled_time.as_ref()).map(|c| c.0);
@@ -532,10 +533,7 @@ async fn failover_fires_every_scheduled_time_exactly_once() {
         assert_eq!(first.as_second() % period, 0, "{name}: {first} is a cron time");
         assert!(first > created && first.duration_since(created) <= SignedDuration::from_secs(period), "{name}: the first firing ({first}) is the first cron time after its creation ({created})");
         let last = *times.last().unwrap();
-        assert!(
-            suspended_at.duration_since(last) <= SignedDuration::from_secs(period + 15),
-            "{name}: fired until the suspension (last {last}, suspended at {suspended_at})"
-        );
+        assert!(suspended_at.duration_since(last) <= SignedDuration::from_secs(period + 15), "{name}: fired until the suspension (last {last}, suspended at {suspended_at})");
         for x in &st.ignitions {
             let late = x.fired_at.0.duration_since(x.scheduled_time.0);
             max_late = max_late.max(late);
