@@ -24,10 +24,10 @@ pub struct Context<S> {
     pub resync: Duration,
     /// The kind's own state: its child caches and metrics.
     state: S,
-    /// For each object whose status this replica patched: the resourceVersion the patch
-    /// replaced. A cached copy still at that version predates our own write (the watch has
+    /// For each object whose status this replica patched: the resourceVersions its patches
+    /// replaced. A cached copy still at one of them predates our own write (the watch has
     /// not caught up); planning from it could repeat work, so it is skipped.
-    superseded: Mutex<HashMap<Key, String>>,
+    superseded: Superseded,
 }
 
 impl<S> std::ops::Deref for Context<S> {
@@ -39,7 +39,7 @@ impl<S> std::ops::Deref for Context<S> {
 
 impl<S> Context<S> {
     pub fn new(clients: Clients, recorder: Recorder, own: Ownership, resync: Duration, state: S) -> Self {
-        Self { clients, recorder, own, resync, state, superseded: Mutex::default() }
+        Self { clients, recorder, own, resync, state, superseded: Superseded::default() }
     }
 
     /// The start of every reconcile of `obj` under `fence`: the fence still holds (the
@@ -51,7 +51,7 @@ impl<S> Context<S> {
             return None;
         }
         let key = (obj.meta().namespace.clone().unwrap_or_default(), obj.name_any());
-        if self.is_superseded(&key, obj.meta().resource_version.as_deref()) {
+        if self.superseded.check(&key, obj.meta().resource_version.as_deref()) {
             return None;
         }
         Some(self.writer(fence, obj))
@@ -74,7 +74,7 @@ impl<S> Context<S> {
         let patch = serde_json::json!({"metadata": {"resourceVersion": obj.resource_version()}, "status": body});
         match w.api::<K>(&ns).patch_status(&obj.name_any(), &Patch::Merge(&patch)).await {
             Ok(updated) => {
-                self.mark_superseded((ns, obj.name_any()), obj.meta().resource_version.clone());
+                self.superseded.mark((ns, obj.name_any()), obj.meta().resource_version.clone());
                 Ok(Some(updated))
             }
             Err(e) if e.code() == Some(409) => Ok(None),
@@ -102,23 +102,45 @@ impl<S> Context<S> {
     {
         ReadApi::cluster(self.clients.request.clone())
     }
+}
+
+/// The versions of each object that this replica's own status writes replaced, kept until
+/// the cache shows a copy at none of them (a newer one: a reconcile writes from the cached
+/// copy, so every later version is past the ones it replaced).
+///
+/// Every replaced version, not only the last: a reconcile may write twice (the Task
+/// controller records its triggers, creates Jobs, then records them Running), and a cached
+/// copy at the first write's result is as stale as one at the version it replaced. With
+/// only the last remembered, a copy at the first version (not the last one) cleared the
+/// memory, and the next copy, at the first write's result, was planned from: its Pending
+/// runs had their Jobs created a second time.
+#[derive(Default)]
+struct Superseded(Mutex<HashMap<Key, Vec<String>>>);
+
+impl Superseded {
+    /// Versions kept per object, at most (a reconcile writes once or twice).
+    const KEPT: usize = 8;
 
     /// True if `rv` is a version this replica has already replaced with its own write.
     /// Once the cache has a newer copy the entry is dropped, so the map stays small.
-    fn is_superseded(&self, key: &Key, rv: Option<&str>) -> bool {
-        let Ok(mut m) = self.superseded.lock() else {
+    fn check(&self, key: &Key, rv: Option<&str>) -> bool {
+        let Ok(mut m) = self.0.lock() else {
             return false;
         };
-        let stale = matches!((m.get(key), rv), (Some(old), Some(rv)) if old == rv);
+        let stale = matches!((m.get(key), rv), (Some(old), Some(rv)) if old.iter().any(|o| o == rv));
         if !stale {
             m.remove(key);
         }
         stale
     }
 
-    fn mark_superseded(&self, key: Key, rv: Option<String>) {
-        if let (Ok(mut m), Some(rv)) = (self.superseded.lock(), rv) {
-            m.insert(key, rv);
+    /// Remember that a write replaced version `rv` of `key`.
+    fn mark(&self, key: Key, rv: Option<String>) {
+        if let (Ok(mut m), Some(rv)) = (self.0.lock(), rv) {
+            let v = m.entry(key).or_default();
+            v.push(rv);
+            let extra = v.len().saturating_sub(Self::KEPT);
+            v.drain(..extra);
         }
     }
 }
@@ -141,7 +163,7 @@ fn null_removed(old: &serde_json::Value, new: &mut serde_json::Value) {
 
 #[cfg(test)]
 mod tests {
-    use super::null_removed;
+    use super::*;
     use serde_json::json;
 
     /// RFC 7386: apply `patch` to `target`.
@@ -178,5 +200,39 @@ mod tests {
         let mut plain = old.clone();
         merge(&mut plain, &new);
         assert_ne!(plain, new);
+    }
+
+    fn key() -> Key {
+        ("ns".to_string(), "t".to_string())
+    }
+
+    #[test]
+    fn every_version_replaced_in_a_row_is_stale_until_a_newer_copy_shows() {
+        let s = Superseded::default();
+        assert!(!s.check(&key(), Some("10")), "nothing written yet");
+        // One reconcile from copy 10 writes twice: 10 -> 11, then 11 -> 12.
+        s.mark(key(), Some("10".into()));
+        s.mark(key(), Some("11".into()));
+        // The watch lags: copies 10 and 11 arrive (in any order, any number of times).
+        assert!(s.check(&key(), Some("10")));
+        assert!(s.check(&key(), Some("11")), "the first write's result is stale too");
+        assert!(s.check(&key(), Some("10")));
+        // Copy 12 is ours and current: planned from, and the memory is dropped.
+        assert!(!s.check(&key(), Some("12")));
+        assert!(!s.check(&key(), Some("11")), "forgotten once a newer copy was seen");
+        assert!(!s.check(&("ns".to_string(), "other".to_string()), Some("10")), "per object");
+    }
+
+    #[test]
+    fn the_versions_kept_are_bounded() {
+        let s = Superseded::default();
+        for v in 0..20 {
+            s.mark(key(), Some(v.to_string()));
+        }
+        assert!(!s.check(&key(), Some("0")), "the oldest are dropped");
+        for v in 0..20 {
+            s.mark(key(), Some(v.to_string()));
+        }
+        assert!(s.check(&key(), Some("19")) && s.check(&key(), Some("12")));
     }
 }

@@ -153,6 +153,12 @@ fn active(r: &TaskRun) -> bool {
     matches!(r.phase, RunPhase::Pending | RunPhase::Running)
 }
 
+/// `t` rounded up to a whole second. `startAfter` is a `Time`, stored with seconds only: cut
+/// down, it would let a run start up to a second before its backoff had passed.
+fn ceil_second(t: Timestamp) -> Timestamp {
+    if t.subsec_nanosecond() > 0 { Timestamp::from_second(t.as_second().saturating_add(1)).unwrap_or(t) } else { t }
+}
+
 fn micro(t: Timestamp) -> MicroTime {
     MicroTime(t)
 }
@@ -245,7 +251,7 @@ pub fn record_triggers(status: &mut TaskStatus, task: &Subject<'_>, sources: &[S
                         data: r.output.clone(),
                         chain,
                         failures_in_a_row,
-                        start_after: start_after.filter(|t| *t > now).map(Time),
+                        start_after: start_after.filter(|t| *t > now).map(|t| Time(ceil_second(t))),
                         created_at: Some(micro(now)),
                         started_at: None,
                         finished_at: None,

@@ -169,6 +169,25 @@ fn the_seeds_self_retry_loop_stops_at_the_limit_with_backoff() {
 }
 
 #[test]
+fn a_backoff_is_not_cut_short_by_the_seconds_of_start_after() {
+    // `startAfter` goes through the API server as a Time, with seconds only.
+    let task = subject(false);
+    let mut st = TaskStatus::default();
+    record_triggers(&mut st, &task, &[ignitor("i1", 1, ConcurrencyPolicy::Allow, &[(5, 5)])], ts(6));
+    let finished = ts(10).checked_add(SignedDuration::from_millis(400)).unwrap();
+    finish_all(&mut st, End::Failed { reason: "Error".into(), message: "exit 1".into(), output: None }, finished);
+    let me = Source::Task { name: "task1".into(), uid: "task-uid".into(), created: ts(0), runs: st.runs.clone(), on_success: false, on_failure: true };
+    record_triggers(&mut st, &task, &[ignitor("i1", 1, ConcurrencyPolicy::Allow, &[(5, 5)]), me], finished);
+    let read_back: TaskStatus = serde_json::from_value(serde_json::to_value(&st).unwrap()).unwrap();
+    let waiting = read_back.runs.iter().find(|r| r.phase == RunPhase::Pending).unwrap();
+    let after = waiting.start_after.as_ref().unwrap().0;
+    // 10.4 s + 10 s of backoff: not startable before 20.4 s, so recorded as 21 s.
+    assert_eq!(after, ts(21));
+    assert!(startable(&read_back, ts(20).checked_add(SignedDuration::from_millis(500)).unwrap()).is_empty(), "not before the backoff has passed");
+    assert_eq!(startable(&read_back, ts(21)).len(), 1);
+}
+
+#[test]
 fn a_success_resets_the_failure_count_of_the_chain() {
     let guard = Guard::from_spec(Some(&LoopGuard { max_consecutive_failures: Some(2), ..Default::default() }));
     let task = Subject { guard, ..subject(false) };
