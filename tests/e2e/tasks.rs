@@ -110,12 +110,6 @@ async fn seed_chain_passes_data() {
     let message = "task1 output: 42";
     seed.get_mut("task1").unwrap()["spec"]["template"]["metadata"] = json!({"annotations": {"kwok.shoal.dev/termination-message": message}});
     seed.get_mut("ignitor1").unwrap()["spec"]["data"] = json!(data);
-    // The seed's container names (`continerName1`) are not DNS labels: the API server
-    // rejects the Job (the run fails with reason JobRejected). Lowercased here.
-    for t in ["task1", "task2"] {
-        let c = &mut seed.get_mut(t).unwrap()["spec"]["template"]["spec"]["containers"][0]["name"];
-        *c = json!(c.as_str().unwrap().to_lowercase());
-    }
     let tasks: Api<Task> = Api::namespaced(client.clone(), &ns);
     let ignitors: Api<Ignitor> = Api::namespaced(client.clone(), &ns);
     // In the file's order: task1, task2, ignitor1.
