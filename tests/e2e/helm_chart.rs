@@ -482,6 +482,11 @@ fn alert_rules_pass_promtool_and_fire_when_they_should() {
     std::fs::write(&test_file, serde_yaml_ng::to_string(&json!({"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests})).unwrap()).unwrap();
     let out = promtool(&["test", "rules", test_file.to_str().unwrap()]).unwrap_or_else(|e| panic!("promtool test rules:\n{e}"));
     assert!(out.contains("SUCCESS"), "{out}");
+
+    // Stopped on purpose (replicaCount 0): no shard has an owner, and that is no alert.
+    let docs = parse_yaml(&try_helm_template("shoal", "shoal-system", &["--set", "metrics.prometheusRule.enabled=true", "--set", "replicaCount=0"]).unwrap());
+    let alerts: Vec<&str> = find(&docs, "PrometheusRule").unwrap()["spec"]["groups"][0]["rules"].as_array().unwrap().iter().map(|r| r["alert"].as_str().unwrap()).collect();
+    assert!(!alerts.contains(&"ShoalShardWithoutOwner") && alerts.len() == 4, "{alerts:?}");
 }
 
 /// The metric names a PromQL expression uses.
