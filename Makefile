@@ -8,7 +8,11 @@ DEMO_CLUSTER ?= $(CURDIR)/.shoal-dev
 KUBECTL := $(HOME)/.cache/shoal/k8s-v1.35.4/bin/kubectl
 TEST_THREADS ?= 8
 
-.PHONY: cluster build crds test lint demo demo-down fmt
+# `make image`: release build; `make image PROFILE=debug` reuses the debug build (faster).
+PROFILE ?= release
+IMAGE ?= shoal:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+
+.PHONY: cluster build crds test lint demo demo-down fmt image
 
 ## Build the local control plane into ~/.cache/shoal (a no-op when cached).
 cluster:
@@ -21,6 +25,14 @@ build:
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+## An OCI image archive, target/shoal-image.tar, built with buildah (no Docker daemon, no
+## base image pulled): the binary, its shared libraries, a non-root user. Load it with
+## `skopeo copy oci-archive:target/shoal-image.tar docker://<registry>/shoal:<tag>` or
+## `podman load`. Users with Docker build the Dockerfile instead.
+image:
+	$(CARGO) build $(if $(filter release,$(PROFILE)),--release,) --bin shoal
+	bash image/build.sh target/$(PROFILE)/shoal target/shoal-image.tar $(IMAGE)
 
 ## Regenerate crds/ from the Rust types.
 crds: build

@@ -57,7 +57,11 @@ async fn main() -> Result<()> {
     // `dev up` polls the API server while it starts; the client's connect errors are expected
     // then and only noise.
     let default_filter = if matches!(cli.cmd, Cmd::Dev { .. }) { "warn,kube_client=off" } else { "info" };
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into())).init();
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()));
+    match &cli.cmd {
+        Cmd::Run(cfg) if cfg.log_format == shoal::operator::LogFormat::Json => logs.json().init(),
+        _ => logs.init(),
+    }
     match cli.cmd {
         Cmd::Run(cfg) => shoal::operator::run(*cfg).await,
         Cmd::Crds { dir: None } => {

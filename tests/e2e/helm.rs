@@ -21,7 +21,7 @@ pub(crate) fn helm_template(release: &str, ns: &str, set: &[&str]) -> String {
 
 /// `helm template RELEASE helm/shoal --namespace NS --include-crds ARGS…`: the YAML, or
 /// helm's error output.
-fn try_helm_template(release: &str, ns: &str, args: &[&str]) -> Result<String, String> {
+pub(crate) fn try_helm_template(release: &str, ns: &str, args: &[&str]) -> Result<String, String> {
     let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("helm/shoal");
     let out = Command::new(common::bin_dir().join("helm"))
         .args(["template", release])
@@ -38,7 +38,7 @@ pub(crate) fn render(release: &str, ns: &str, set: &[&str]) -> Vec<Value> {
     parse_yaml(&helm_template(release, ns, set))
 }
 
-fn parse_yaml(text: &str) -> Vec<Value> {
+pub(crate) fn parse_yaml(text: &str) -> Vec<Value> {
     serde_yaml_ng::Deserializer::from_str(text).map(|d| Value::deserialize(d).unwrap()).filter(|v| !v.is_null()).collect()
 }
 

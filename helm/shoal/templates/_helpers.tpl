@@ -134,3 +134,44 @@ names that namespace only.
 
 {{- define "shoal.kinds" -}}["workflows", "activities", "activityworkers", "tasks", "ignitors", "namespacemanagers"]{{- end -}}
 {{- define "shoal.statuses" -}}["workflows/status", "activities/status", "activityworkers/status", "tasks/status", "ignitors/status", "namespacemanagers/status"]{{- end -}}
+
+{{- define "shoal.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* A duration as `shoal run` reads it (500ms, 15s, 2m, or a bare number of seconds), in
+milliseconds. The schema has already checked its shape. */}}
+{{- define "shoal.ms" -}}
+{{- $d := toString . -}}
+{{- if hasSuffix "ms" $d -}}{{ trimSuffix "ms" $d | float64 }}
+{{- else if hasSuffix "m" $d -}}{{ mulf (trimSuffix "m" $d | float64) 60000 }}
+{{- else -}}{{ mulf (trimSuffix "s" $d | float64) 1000 }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+What the schema cannot say, because it compares two values: the checks `shoal run` makes at
+start (HaConfig::validate), and a grace period that leaves time for a graceful handover.
+*/}}
+{{- define "shoal.validate" -}}
+{{- $lease := include "shoal.ms" .Values.leaseDuration | float64 -}}
+{{- $renew := include "shoal.ms" .Values.renewDeadline | float64 -}}
+{{- $retry := include "shoal.ms" .Values.retryPeriod | float64 -}}
+{{- if or (lt $lease 1000.0) (ne (mod (int64 $lease) 1000) 0) -}}
+{{- fail (printf "leaseDuration %v: a Lease holds whole seconds, at least 1s" .Values.leaseDuration) -}}
+{{- end -}}
+{{- if ge $renew $lease -}}
+{{- fail (printf "renewDeadline %v must be shorter than leaseDuration %v" .Values.renewDeadline .Values.leaseDuration) -}}
+{{- end -}}
+{{- if or (le $retry 0.0) (ge $retry $renew) -}}
+{{- fail (printf "retryPeriod %v must be above zero and shorter than renewDeadline %v" .Values.retryPeriod .Values.renewDeadline) -}}
+{{- end -}}
+{{- if lt (mulf .Values.terminationGracePeriodSeconds 1000) (addf $renew 5000) -}}
+{{- fail (printf "terminationGracePeriodSeconds %v leaves no time for a graceful handover: a replica drains for up to renewDeadline (%v), then writes its Leases; give it at least renewDeadline + 5s" .Values.terminationGracePeriodSeconds .Values.renewDeadline) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The label selector of the alerts' series. */}}
+{{- define "shoal.alertSelector" -}}
+{{- .Values.metrics.prometheusRule.selector | default (printf "job=%q,namespace=%q" (printf "%s-metrics" (include "shoal.fullname" .)) .Release.Namespace) -}}
+{{- end -}}
