@@ -91,6 +91,14 @@ pub fn enabled() -> bool {
     TRACER.get().is_some()
 }
 
+/// Mark a reconcile's span as failed, with the error (which names no secret: errors never
+/// quote one).
+pub fn reconcile_failed(span: &tracing::Span, error: &str) {
+    if !span.is_disabled() {
+        tracing_opentelemetry::OpenTelemetrySpanExt::set_status(span, opentelemetry::trace::Status::error(error.to_string()));
+    }
+}
+
 /// What [`init`] set up; [`Telemetry::shutdown`] flushes the spans not yet exported.
 #[must_use = "call shutdown() at exit, or the last spans are lost"]
 pub struct Telemetry {

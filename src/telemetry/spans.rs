@@ -160,12 +160,12 @@ pub fn delivery_attempted(span: &tracing::Span, d: &Delivery) {
 }
 
 /// The root `webhook delivery` span, from the entry's creation to its end, recorded when the
-/// delivery ends (delivered or given up).
+/// delivery ends (delivered or given up). Its attempts are its children.
 pub fn delivery_finished(d: &Delivery) {
     let Some(tracer) = super::tracer() else {
         return;
     };
-    delivery_span(tracer, d, current());
+    delivery_span(tracer, d, None);
 }
 
 pub(crate) fn delivery_span(tracer: &SdkTracer, d: &Delivery, link: Option<SpanContext>) {

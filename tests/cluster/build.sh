@@ -3,7 +3,8 @@
 # kube-scheduler, kubectl, kwok) from the Go modules pinned in go.mod, into a cache
 # outside the repository (SHOAL_CACHE_DIR, default ~/.cache/shoal). A second run finds the
 # binaries and does nothing. Pinned: Kubernetes v1.35.4 and etcd v3.6.16 (go.mod here),
-# kwok v0.7.0 (kwok/go.mod, because it needs an older apimachinery), helm v3.19.2 (helm/go.mod).
+# kwok v0.7.0 (kwok/go.mod, because it needs an older apimachinery), helm v3.19.2 (helm/go.mod),
+# Jaeger v1.76.0 (jaeger/go.mod; for the tracing test, about 4 min on 2 cores).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 K8S_VERSION=v1.35.4
@@ -13,11 +14,11 @@ mkdir -p "$BIN"
 cd "$here"
 export GOFLAGS="${GOFLAGS:--buildvcs=false}"
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=${K8S_VERSION} -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=35 -X k8s.io/client-go/pkg/version.gitVersion=${K8S_VERSION}"
-build() { # name package [module dir]
-  local name="$1" pkg="$2" mod="${3:-$here}"
+build() { # name package [module dir] [ldflags]
+  local name="$1" pkg="$2" mod="${3:-$here}" flags="${4:-$ldflags}"
   if [[ -x "$BIN/$name" ]]; then echo "cached: $name"; return 0; fi
   local t0=$SECONDS
-  (cd "$mod" && go build -trimpath -ldflags "$ldflags" -o "$BIN/$name.tmp" "$pkg")
+  (cd "$mod" && go build -trimpath -ldflags "$flags" -o "$BIN/$name.tmp" "$pkg")
   mv "$BIN/$name.tmp" "$BIN/$name"
   echo "built: $name in $((SECONDS - t0)) s"
 }
@@ -34,4 +35,12 @@ build kwok sigs.k8s.io/kwok/cmd/kwok "$here/kwok"
 # helm, to render and check the chart in helm/ (its own module: it pins its own client-go).
 (cd "$here/helm" && go mod download)
 build helm helm.sh/helm/v3/cmd/helm "$here/helm"
+# Jaeger v2 (all-in-one), for the tracing test. Its own module, which repeats Jaeger's replace
+# directive; a few of its dependencies are missing from the checksum database, hence GONOSUMDB
+# for exactly those. Only this script's copy in the repository has jaeger/ (`shoal dev up`
+# builds the control plane alone).
+if [[ -f "$here/jaeger/go.mod" ]]; then
+  GONOSUMDB=go.opentelemetry.io/collector,github.com/open-telemetry/opentelemetry-collector-contrib \
+    build jaeger github.com/jaegertracing/jaeger/cmd/jaeger "$here/jaeger" "-s -w"
+fi
 echo "control plane binaries ready in $BIN ($((SECONDS - t0)) s)"
