@@ -21,4 +21,5 @@ mod receiver;
 mod runtime;
 mod sharding;
 mod step_pods;
+mod traces;
 mod workflow;
