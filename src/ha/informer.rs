@@ -651,11 +651,8 @@ where
                 };
                 // A span per reconcile when tracing is on (none is built otherwise), with the
                 // object's key: logs inside it carry its trace id, metrics its exemplar.
-                let span = if crate::telemetry::enabled() {
-                    tracing::info_span!("reconcile", controller = %controller, object = %format_args!("{}/{}", key.0, key.1), shard)
-                } else {
-                    tracing::Span::none()
-                };
+                let span =
+                    if crate::telemetry::enabled() { tracing::info_span!("reconcile", controller = %controller, object = %format_args!("{}/{}", key.0, key.1), shard) } else { tracing::Span::none() };
                 let result = tracing::Instrument::instrument(std::panic::AssertUnwindSafe(reconcile(obj, fence)).catch_unwind(), span.clone()).await;
                 drop(guard);
                 // A reconcile whose fence ended while it ran (the API server hung, say) may have

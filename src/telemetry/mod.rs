@@ -196,4 +196,4 @@ where
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -96,18 +96,32 @@ pub(crate) fn workflow_spans(tracer: &SdkTracer, wf: &Workflow, old: Option<&Wor
     let root = ids::workflow_span(&uid, generation);
     let ns = wf.namespace().unwrap_or_default();
     let name = wf.name_any();
-    let common = || vec![KeyValue::new("k8s.namespace.name", ns.clone()), KeyValue::new("shoal.workflow", name.clone()), KeyValue::new("shoal.workflow.uid", uid.clone()), KeyValue::new("shoal.workflow.generation", generation)];
+    let common = || {
+        vec![
+            KeyValue::new("k8s.namespace.name", ns.clone()),
+            KeyValue::new("shoal.workflow", name.clone()),
+            KeyValue::new("shoal.workflow.uid", uid.clone()),
+            KeyValue::new("shoal.workflow.generation", generation),
+        ]
+    };
     let before = |step: &str| old.and_then(|o| o.steps.iter().find(|s| s.step_name == step));
     for st in new.steps.iter().filter(|st| ended_now(before(&st.step_name), st)) {
         let (Some(start), Some(end)) = (&st.started_at, &st.finished_at) else { continue };
         let mut attributes = common();
-        attributes.extend([KeyValue::new("shoal.step", st.step_name.clone()), KeyValue::new("shoal.step.attempt", i64::from(st.attempt)), KeyValue::new("shoal.step.phase", format!("{:?}", st.phase))]);
+        attributes.extend([
+            KeyValue::new("shoal.step", st.step_name.clone()),
+            KeyValue::new("shoal.step.attempt", i64::from(st.attempt)),
+            KeyValue::new("shoal.step.phase", format!("{:?}", st.phase)),
+        ]);
         if let Some(j) = &st.job_name {
             attributes.push(KeyValue::new("k8s.job.name", j.clone()));
         }
         let error = (st.phase != StepPhase::Succeeded).then(|| st.message.clone().unwrap_or_else(|| format!("{:?}", st.phase)));
         let span = ids::step_span(&uid, generation, &st.step_name, st.attempt);
-        emit(tracer, Finished { trace, span, parent: Some(root), name: format!("step {}", st.step_name), kind: SpanKind::Internal, start: at(start), end: at(end), attributes, error, link: link.clone() });
+        emit(
+            tracer,
+            Finished { trace, span, parent: Some(root), name: format!("step {}", st.step_name), kind: SpanKind::Internal, start: at(start), end: at(end), attributes, error, link: link.clone() },
+        );
     }
 
     let was_done = old.and_then(|o| o.workflow_status).is_some_and(|p| matches!(p, WorkflowPhase::Completed | WorkflowPhase::Failed));
@@ -171,7 +185,12 @@ pub fn delivery_finished(d: &Delivery) {
 pub(crate) fn delivery_span(tracer: &SdkTracer, d: &Delivery, link: Option<SpanContext>) {
     let end = d.finished_at.as_ref().map(at).unwrap_or_else(SystemTime::now);
     let start = d.created_at.as_ref().map(at).unwrap_or(end);
-    let mut attributes = vec![KeyValue::new("webhook.id", d.id.clone()), KeyValue::new("url.full", d.target.clone()), KeyValue::new("shoal.delivery.attempts", i64::from(d.attempts)), KeyValue::new("shoal.delivery.state", format!("{:?}", d.state))];
+    let mut attributes = vec![
+        KeyValue::new("webhook.id", d.id.clone()),
+        KeyValue::new("url.full", d.target.clone()),
+        KeyValue::new("shoal.delivery.attempts", i64::from(d.attempts)),
+        KeyValue::new("shoal.delivery.state", format!("{:?}", d.state)),
+    ];
     if let Some(s) = d.last_status {
         attributes.push(KeyValue::new("http.response.status_code", i64::from(s)));
     }

@@ -56,10 +56,20 @@ fn tracing_is_off_unless_an_endpoint_is_set() {
     assert_eq!(OtelSettings::from_env(env(&[])).unwrap(), None);
     assert_eq!(OtelSettings::from_env(env(&[("OTEL_SERVICE_NAME", "x"), ("OTEL_EXPORTER_OTLP_ENDPOINT", " ")])).unwrap(), None);
     let on = OtelSettings::from_env(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")])).unwrap().unwrap();
-    assert_eq!(on, OtelSettings { endpoint: "http://collector:4318".into(), protocol: Protocol::HttpProtobuf, service_name: Some("shoal".into()) }, "http/protobuf by default, as the specification says");
+    assert_eq!(
+        on,
+        OtelSettings { endpoint: "http://collector:4318".into(), protocol: Protocol::HttpProtobuf, service_name: Some("shoal".into()) },
+        "http/protobuf by default, as the specification says"
+    );
     let grpc = OtelSettings::from_env(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"), ("OTEL_SERVICE_NAME", "shoal-prod")])).unwrap().unwrap();
     assert_eq!((grpc.protocol, grpc.service_name.as_deref()), (Protocol::Grpc, Some("shoal-prod")));
-    let signal = OtelSettings::from_env(env(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4318/v1/traces"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"), ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")])).unwrap().unwrap();
+    let signal = OtelSettings::from_env(env(&[
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4318/v1/traces"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+    ]))
+    .unwrap()
+    .unwrap();
     assert_eq!((signal.endpoint.as_str(), signal.protocol), ("http://t:4318/v1/traces", Protocol::HttpProtobuf), "the traces-specific variables win");
     assert_eq!(OtelSettings::from_env(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"), ("OTEL_SDK_DISABLED", "true")])).unwrap(), None);
     assert_eq!(OtelSettings::from_env(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"), ("OTEL_TRACES_EXPORTER", "none")])).unwrap(), None);
@@ -122,7 +132,11 @@ fn json_logs_carry_the_trace_id_of_the_current_span() {
     assert_eq!(l[1]["trace_id"], trace.as_str(), "{}", l[1]);
     assert_eq!(l[1]["span_id"], span.as_str());
     assert_eq!(trace.len(), 32);
-    assert_eq!((l[1]["level"].as_str(), l[1]["fields"]["step"].as_str(), l[1]["span"]["object"].as_str()), (Some("WARN"), Some("a"), Some("ns/wf")), "the rest of the line as tracing-subscriber writes it");
+    assert_eq!(
+        (l[1]["level"].as_str(), l[1]["fields"]["step"].as_str(), l[1]["span"]["object"].as_str()),
+        (Some("WARN"), Some("a"), Some("ns/wf")),
+        "the rest of the line as tracing-subscriber writes it"
+    );
 
     // Tracing off: the same lines, without ids.
     let logs = Captured::default();
@@ -152,7 +166,17 @@ fn workflow() -> Workflow {
 }
 
 fn step(name: &str, phase: StepPhase, attempt: i32, started: Option<i64>, finished: Option<i64>) -> StepStatus {
-    StepStatus { step_name: name.into(), phase, attempt, job_name: Some(format!("etl-{name}-{attempt}")), job_uid: None, started_at: started.map(t), finished_at: finished.map(t), output: None, message: None }
+    StepStatus {
+        step_name: name.into(),
+        phase,
+        attempt,
+        job_name: Some(format!("etl-{name}-{attempt}")),
+        job_uid: None,
+        started_at: started.map(t),
+        finished_at: finished.map(t),
+        output: None,
+        message: None,
+    }
 }
 
 fn status(phase: WorkflowPhase, steps: Vec<StepStatus>, changed: i64) -> WorkflowStatus {
@@ -238,18 +262,20 @@ fn a_delivery_span_has_the_ids_of_its_webhook_id() {
 fn nothing_is_built_when_tracing_is_off() {
     // No tracer installed in this test binary: the entry points return at once.
     assert!(!enabled());
-    assert!(spans::delivery_attempt(&Delivery {
-        id: "msg_1".into(),
-        target: "http://x".into(),
-        payload: String::new(),
-        state: DeliveryState::Pending,
-        attempts: 0,
-        last_error: None,
-        last_status: None,
-        created_at: None,
-        last_attempt_at: None,
-        next_attempt_at: None,
-        finished_at: None
-    })
-    .is_disabled());
+    assert!(
+        spans::delivery_attempt(&Delivery {
+            id: "msg_1".into(),
+            target: "http://x".into(),
+            payload: String::new(),
+            state: DeliveryState::Pending,
+            attempts: 0,
+            last_error: None,
+            last_status: None,
+            created_at: None,
+            last_attempt_at: None,
+            next_attempt_at: None,
+            finished_at: None
+        })
+        .is_disabled()
+    );
 }

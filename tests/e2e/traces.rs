@@ -46,7 +46,8 @@ impl Jaeger {
         assert!(bin.is_file(), "{} is missing: run tests/cluster/build.sh (make cluster)", bin.display());
         let p = shoal::dev::free_ports(4).expect("free ports");
         // Only what the test needs: OTLP in, the in-memory store, the query API; no metrics
-        // or health endpoints on fixed ports (tests run in parallel).
+        // or health endpoints on fixed ports (tests run in parallel), and no traces of its
+        // own (it would send them to 127.0.0.1:4317, whoever listens there).
         let config = format!(
             r#"service:
   extensions: [jaeger_storage, jaeger_query]
@@ -68,6 +69,7 @@ extensions:
   jaeger_query:
     storage:
       traces: memstore
+    enable_tracing: false
     http:
       endpoint: 127.0.0.1:{}
     grpc:
@@ -200,7 +202,10 @@ async fn a_workflow_run_is_one_trace_across_a_handover_and_a_delivery_is_another
     let managers: Api<NamespaceManager> = Api::namespaced(client.clone(), &work);
     let hook = json!({"policies": [{"name": "now", "condition": {"type": "TTL", "params": {"ttlSeconds": 0}},
         "action": {"type": "WEBHOOK", "params": {"url": rx.url("/traced"), "secretRef": {"name": "hook"}}}}]});
-    managers.create(&PostParams::default(), &serde_json::from_value(json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "NamespaceManager", "metadata": {"name": "hook"}, "spec": hook})).unwrap()).await.unwrap();
+    managers
+        .create(&PostParams::default(), &serde_json::from_value(json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "NamespaceManager", "metadata": {"name": "hook"}, "spec": hook})).unwrap())
+        .await
+        .unwrap();
     let wfs: Api<Workflow> = Api::namespaced(client.clone(), &work);
     let slow = json!({"stepName": "b", "image": "busybox", "dependsOn": ["a"], "retries": 1, "metadata": {"annotations": {"kwok.shoal.dev/delay": "6s", "kwok.shoal.dev/fail-attempts": "1"}}});
     wfs.create(&PostParams::default(), &wf("traced", json!({"containers": [{"stepName": "a", "image": "busybox"}, slow, {"stepName": "c", "image": "busybox", "dependsOn": ["b"]}]}))).await.unwrap();
@@ -258,7 +263,13 @@ async fn a_workflow_run_is_one_trace_across_a_handover_and_a_delivery_is_another
 
     // Reconciles are traces of their own, linked to the run.
     let found = jaeger.get(&format!("/api/traces?service={service}&operation=reconcile&limit=500&lookback=1h")).await.expect("search");
-    let linked = found["data"].as_array().unwrap().iter().flat_map(|t| t["spans"].as_array().unwrap()).filter(|s| s["references"].as_array().is_some_and(|r| r.iter().any(|r| r["traceID"] == trace["traceID"]))).count();
+    let linked = found["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["spans"].as_array().unwrap())
+        .filter(|s| s["references"].as_array().is_some_and(|r| r.iter().any(|r| r["traceID"] == trace["traceID"])))
+        .count();
     assert!(linked > 0, "some reconcile span links to the run's trace");
 
     // The delivery: a trace of its own, its attempt a child of its root.
