@@ -1,7 +1,7 @@
 //! Traces in a real Jaeger v2 (all-in-one, in-memory store, built by tests/cluster/build.sh):
 //! a workflow run is one trace whose step spans come from two replicas (the shard is handed
-//! over mid-run), a webhook delivery is a trace of its own, and the JSON logs carry the trace
-//! id. The spans of the first replica reach Jaeger only through the flush at its graceful
+//! over mid-run; one exports over OTLP/gRPC, the other over OTLP/HTTP), a webhook delivery is
+//! a trace of its own, and the JSON logs carry the trace id. The spans of the first replica reach Jaeger only through the flush at its graceful
 //! exit (the batch exporter's schedule is set far beyond the test).
 
 use std::path::PathBuf;
@@ -29,6 +29,7 @@ const SECRET: &str = "whsec_Q2hhbmdlTWVJZllvdVNlZU1lSW5BTG9nTGluZTAx";
 struct Jaeger {
     child: Child,
     otlp_grpc: u16,
+    otlp_http: u16,
     query: u16,
     log: PathBuf,
 }
@@ -98,7 +99,7 @@ exporters:
             .stderr(std::fs::File::create(dir.join("jaeger.stderr")).unwrap())
             .spawn()
             .expect("starting jaeger");
-        let j = Jaeger { child, otlp_grpc: p[2], query: p[0], log };
+        let j = Jaeger { child, otlp_grpc: p[2], otlp_http: p[3], query: p[0], log };
         eventually(Duration::from_secs(60), "Jaeger's query API", || async { j.get("/api/services").await.map(|_| ()) }).await;
         j
     }
@@ -223,7 +224,12 @@ async fn a_workflow_run_is_one_trace_across_a_handover_and_a_delivery_is_another
     })
     .await;
     let delivery = m.status.unwrap().action.unwrap().delivery_id.expect("the delivery id");
-    op.start_with("r2", "trace-r2", &env);
+    // r2 exports over OTLP/HTTP (the specification's default protocol), r1 over gRPC.
+    let http_endpoint = format!("http://127.0.0.1:{}", jaeger.otlp_http);
+    let mut env2 = env;
+    env2[0].1 = &http_endpoint;
+    env2[1].1 = "http/protobuf";
+    op.start_with("r2", "trace-r2", &env2);
     let p2 = port(&op, "r2");
     eventually(Duration::from_secs(60), "r2 ready", || ready(p2)).await;
     stop(&mut op, "r1").await;
