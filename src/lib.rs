@@ -5,6 +5,7 @@
 //! - [`core`]: pure logic with no kube client (spec checks, DAG planning, schedule math);
 //! - [`outbox`]: the effects outbox (webhook deliveries: ids, signing, retries, egress policy);
 //! - [`operator`]: the `shoal run` process (health, metrics, controllers);
+//! - [`telemetry`]: logs (text or JSON) and OpenTelemetry traces with deterministic ids;
 //! - [`dev`]: the local control plane used by `shoal dev`, the tests and the load tests.
 
 pub mod api;
@@ -14,3 +15,4 @@ pub mod dev;
 pub mod ha;
 pub mod operator;
 pub mod outbox;
+pub mod telemetry;

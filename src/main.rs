@@ -2,11 +2,16 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use shoal::telemetry::{LogFormat, OtelSettings};
 
 /// shoal: a highly available Kubernetes workflow operator.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines as human-readable text, or as JSON objects (one a line, with the trace id
+    /// of the current span when tracing is on).
+    #[arg(long, global = true, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -57,12 +62,20 @@ async fn main() -> Result<()> {
     // `dev up` polls the API server while it starts; the client's connect errors are expected
     // then and only noise.
     let default_filter = if matches!(cli.cmd, Cmd::Dev { .. }) { "warn,kube_client=off" } else { "info" };
-    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()));
-    match &cli.cmd {
-        Cmd::Run(cfg) if cfg.log_format == shoal::operator::LogFormat::Json => logs.json().init(),
-        _ => logs.init(),
-    }
-    match cli.cmd {
+    // Traces only from the operator, and only when an OTLP endpoint is set.
+    let (otel, instance) = match &cli.cmd {
+        Cmd::Run(cfg) => (OtelSettings::from_env(|k| std::env::var(k).ok())?, Some(cfg.identity())),
+        _ => (None, None),
+    };
+    let telemetry = shoal::telemetry::init(cli.log_format, default_filter, otel.as_ref(), instance.as_deref())?;
+    let result = command(cli.cmd).await;
+    // Graceful shutdown: the spans still queued are exported before the process exits.
+    telemetry.shutdown(std::time::Duration::from_secs(5)).await;
+    result
+}
+
+async fn command(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Run(cfg) => shoal::operator::run(*cfg).await,
         Cmd::Crds { dir: None } => {
             print!("{}", shoal::api::crds::all_yaml());

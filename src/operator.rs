@@ -49,22 +49,12 @@ pub struct RunConfig {
     /// Look at every object again this often even without a change.
     #[arg(long, env = "SHOAL_RESYNC", default_value = "5m", value_parser = crate::ha::parse_duration)]
     pub resync: Duration,
-    /// Log lines as text, or as one JSON object per line (for a log pipeline).
-    #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
     #[command(flatten)]
     pub ha: HaConfig,
     #[command(flatten)]
     pub nsman: crate::controllers::nsman::NsmanConfig,
     #[command(flatten)]
     pub outbox: crate::outbox::OutboxConfig,
-}
-
-/// How `shoal run` writes its log lines (to stderr).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 impl RunConfig {

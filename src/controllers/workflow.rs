@@ -92,6 +92,7 @@ pub async fn reconcile(wf: Arc<Workflow>, fence: Fence, ctx: Ctx) -> Result<Acti
     let Some(uid) = wf.uid() else {
         return Ok(Action::AwaitChange);
     };
+    crate::telemetry::spans::link_reconcile(&wf);
     match reconcile_owned(&wf, &uid, &ns, &w, &ctx).await {
         // The shard moved on; its next owner takes over from what is recorded.
         Err(Error::Write(WriteError::Fenced)) => Ok(Action::AwaitChange),
@@ -294,7 +295,11 @@ async fn write_status(wf: &Workflow, new: &WorkflowStatus, w: &Writer, ctx: &Ctx
     }
     ctx.metrics.status_writes.inc();
     Ok(match ctx.patch_status(w, wf, wf.status.as_ref(), new).await? {
-        Some(_) => (true, Action::Requeue(ctx.resync)),
+        Some(_) => {
+            // Recorded: this replica, and no other, records the spans of what ended.
+            crate::telemetry::spans::workflow_recorded(wf, wf.status.as_ref(), new);
+            (true, Action::Requeue(ctx.resync))
+        }
         // Changed since we read it; the watch brings the new version and we plan again.
         None => (false, Action::AwaitChange),
     })

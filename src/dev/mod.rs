@@ -138,7 +138,7 @@ pub fn ensure_binaries(build: bool) -> Result<PathBuf> {
 /// `n` distinct ports free on 127.0.0.1 now, chosen at random below the kernel's ephemeral
 /// range: an outgoing connection never takes one, so a component can be stopped and started
 /// again on its port (see [`restart`]). All are held until all are chosen, so they differ.
-fn free_ports(n: usize) -> Result<Vec<u16>> {
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok()).unwrap_or(32768);
     let (low, high) = (10_000u16, ephemeral_low.max(20_000));
     let mut held = Vec::new();

@@ -649,7 +649,11 @@ where
                     }
                     continue;
                 };
-                let result = std::panic::AssertUnwindSafe(reconcile(obj, fence)).catch_unwind().await;
+                // A span per reconcile when tracing is on (none is built otherwise), with the
+                // object's key: logs inside it carry its trace id, metrics its exemplar.
+                let span =
+                    if crate::telemetry::enabled() { tracing::info_span!("reconcile", controller = %controller, object = %format_args!("{}/{}", key.0, key.1), shard) } else { tracing::Span::none() };
+                let result = tracing::Instrument::instrument(std::panic::AssertUnwindSafe(reconcile(obj, fence)).catch_unwind(), span.clone()).await;
                 drop(guard);
                 // A reconcile whose fence ended while it ran (the API server hung, say) may have
                 // stopped short, its writes refused or abandoned, whatever it returned; and the
@@ -702,7 +706,8 @@ where
                             .build()
                             .nth(n - 1)
                             .unwrap_or(Duration::from_secs(120));
-                        tracing::warn!(object = ?key, error = %e, retry_in = ?delay, "reconcile failed");
+                        crate::telemetry::reconcile_failed(&span, &e);
+                        span.in_scope(|| tracing::warn!(object = ?key, error = %e, retry_in = ?delay, "reconcile failed"));
                         queue.add_after(key, delay);
                     }
                 }

@@ -197,6 +197,15 @@ impl Outbox {
             DeliveryState::Failed => return Ok(Attempt::Failed),
             DeliveryState::Pending => {}
         }
+        // The attempt's span (none when tracing is off) is in the delivery's own trace.
+        let span = crate::telemetry::spans::delivery_attempt(d);
+        let r = tracing::Instrument::instrument(self.attempt_pending(w, d, body, secret, timeout, max_attempts, now), span.clone()).await;
+        crate::telemetry::spans::delivery_attempted(&span, d);
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt_pending(&self, w: &Writer, d: &mut Delivery, body: &[u8], secret: Option<&str>, timeout: Duration, max_attempts: i32, now: Timestamp) -> Result<Attempt, WriteError> {
         let request = match self.request(d, body, secret, timeout, now) {
             Ok(r) => r,
             Err(NotSent::Refused(e)) => return Ok(self.finish(d, now, Outcome::Refused, None, Some(e))),
@@ -268,6 +277,7 @@ impl Outbox {
             Attempt::Failed
         };
         tracing::debug!(id = %d.id, target = %d.target, ?outcome, "webhook attempt");
+        crate::telemetry::spans::delivery_finished(d);
         attempt
     }
 

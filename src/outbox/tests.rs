@@ -580,3 +580,41 @@ fn the_allow_list_flag_takes_comma_separated_entries() {
     let cli = <Cli as clap::Parser>::try_parse_from(["shoal"]).unwrap();
     assert!(cli.outbox.webhook_allow.is_empty(), "no allow-list by default");
 }
+
+/// No log line, in either format, at any level, holds a delivery's signing secret: not while
+/// signing and delivering, nor on a retry, a give-up, or an unusable secret.
+#[tokio::test]
+async fn the_signing_secret_never_appears_in_logs() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let (json, text) = (crate::telemetry::tests::Captured::default(), crate::telemetry::tests::Captured::default());
+    let plain = text.clone();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::TRACE)
+        .with(json.json_layer())
+        .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(move || plain.clone()));
+    let _logs = tracing::subscriber::set_default(subscriber);
+
+    let f = Fixture::held();
+    let rx = Receiver::start(Some(SECRET)).await;
+    rx.respond_with(500, 1);
+    let mut d = pending(&rx.url("/hook"));
+    assert!(matches!(f.attempt(&mut d, 3, Timestamp::now()).await.unwrap(), Attempt::Retry(_)));
+    assert_eq!(f.attempt(&mut d, 3, Timestamp::now()).await.unwrap(), Attempt::Delivered);
+    rx.respond_with(500, 1);
+    let mut last = pending(&rx.url("/last"));
+    assert_eq!(f.attempt(&mut last, 1, Timestamp::now()).await.unwrap(), Attempt::Failed);
+    // 16 bytes: too short to sign with; refused with a message that does not quote it.
+    let short = "whsec_U2hvcnRTZWNyZXQxMjM0NQ==";
+    let mut bad = pending(&rx.url("/bad"));
+    assert_eq!(f.outbox.attempt(&f.writer(FENCE), &mut bad, BODY, Some(short), LONG, 3, Timestamp::now()).await.unwrap(), Attempt::Failed);
+
+    let (json, text) = (json.text(), text.text());
+    assert!(json.contains(&d.id) && json.contains("webhook delivery failed") && text.contains("webhook delivery failed"), "the capture sees the outbox's lines:\n{json}\n{text}");
+    for secret in [SECRET, short] {
+        let key = secret.trim_start_matches("whsec_");
+        let key = key.trim_end_matches('=');
+        for (what, logs) in [("JSON logs", &json), ("text logs", &text), ("status", &format!("{d:?} {last:?} {bad:?}"))] {
+            assert!(!logs.contains(key), "{what} hold the secret {secret}:\n{logs}");
+        }
+    }
+}

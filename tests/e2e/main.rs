@@ -24,4 +24,5 @@ mod runtime;
 mod sharding;
 mod step_pods;
 mod tasks;
+mod traces;
 mod workflow;
