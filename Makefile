@@ -45,21 +45,28 @@ test: cluster build
 	SHOAL_TEST_KUBECONFIG=$(TEST_CLUSTER)/kubeconfig $(CARGO) test -- --test-threads=$(TEST_THREADS); \
 	  rc=$$?; $(SHOAL) dev down --dir $(TEST_CLUSTER); exit $$rc
 
-## Start the local control plane, install the CRDs, start two operator replicas and apply
-## the samples.
+## Start the local control plane, Prometheus and Jaeger, install the CRDs, start two
+## operator replicas (traced to Jaeger, scraped by Prometheus) and apply the samples.
 demo: cluster build
 	$(SHOAL) dev up --dir $(DEMO_CLUSTER)
+	bash tests/cluster/observability.sh $(DEMO_CLUSTER) start
 	KUBECONFIG=$(DEMO_CLUSTER)/kubeconfig $(KUBECTL) create namespace shoal-system --dry-run=client -o yaml | KUBECONFIG=$(DEMO_CLUSTER)/kubeconfig $(KUBECTL) apply -f -
 	for r in 1 2; do \
 	  if ! { test -f $(DEMO_CLUSTER)/shoal-$$r.pid && kill -0 $$(cat $(DEMO_CLUSTER)/shoal-$$r.pid) 2>/dev/null; }; then \
-	    KUBECONFIG=$(DEMO_CLUSTER)/kubeconfig nohup $(SHOAL) run --identity demo-$$r --namespace shoal-system \
+	    env KUBECONFIG=$(DEMO_CLUSTER)/kubeconfig $$(test -f $(DEMO_CLUSTER)/jaeger.pid && echo OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 OTEL_SERVICE_NAME=shoal) nohup $(SHOAL) run --identity demo-$$r --namespace shoal-system \
 	      --metrics-addr 127.0.0.1:$$((18080 + $$r)) > $(DEMO_CLUSTER)/shoal-$$r.log 2>&1 & echo $$! > $(DEMO_CLUSTER)/shoal-$$r.pid; \
 	  fi; \
 	done
 	KUBECONFIG=$(DEMO_CLUSTER)/kubeconfig $(KUBECTL) apply --server-side -f examples/
 	sleep 8; KUBECONFIG=$(DEMO_CLUSTER)/kubeconfig $(KUBECTL) get shoal -A
-	@echo "export KUBECONFIG=$(DEMO_CLUSTER)/kubeconfig; metrics on 127.0.0.1:18081 and :18082; stop with: make demo-down"
+	@echo "export KUBECONFIG=$(DEMO_CLUSTER)/kubeconfig"
+	@echo "metrics:    http://127.0.0.1:18081/metrics and :18082/metrics"
+	@test -f $(DEMO_CLUSTER)/prometheus.pid && echo "Prometheus: http://127.0.0.1:9090 (scrapes both replicas)" || true
+	@test -f $(DEMO_CLUSTER)/jaeger.pid && echo "Jaeger:     http://127.0.0.1:16686 (service shoal)" || true
+	@echo "dashboard:  docs/grafana-dashboard.json (import it into a Grafana with the Prometheus above as its data source)"
+	@echo "stop with:  make demo-down"
 
 demo-down:
 	-for f in $(DEMO_CLUSTER)/shoal-*.pid; do test -f $$f && kill $$(cat $$f) 2>/dev/null; rm -f $$f; done
+	bash tests/cluster/observability.sh $(DEMO_CLUSTER) stop
 	$(SHOAL) dev down --dir $(DEMO_CLUSTER)
