@@ -38,6 +38,25 @@ pub enum DeliveryState {
     Failed,
 }
 
+impl Delivery {
+    /// A delivery recorded at `now`, not yet attempted.
+    pub fn pending(id: String, target: String, payload: String, now: k8s_openapi::jiff::Timestamp) -> Self {
+        Delivery {
+            id,
+            target,
+            payload,
+            state: DeliveryState::Pending,
+            attempts: 0,
+            last_error: None,
+            last_status: None,
+            created_at: Some(Time(now)),
+            last_attempt_at: None,
+            next_attempt_at: None,
+            finished_at: None,
+        }
+    }
+}
+
 /// One external call of the effects outbox.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

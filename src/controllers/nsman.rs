@@ -272,19 +272,7 @@ async fn reconcile_owned(m: &NamespaceManager, w: &Writer, ctx: &Ctx) -> Result<
             action.finished_at = Some(Time(now));
         } else if !dry {
             let payload = serde_json::to_string(&policy::webhook_body(&m.namespace().unwrap_or_default(), &m.name_any(), p, &target))?;
-            rec.status.deliveries.push(Delivery {
-                id,
-                target: url,
-                payload,
-                state: DeliveryState::Pending,
-                attempts: 0,
-                last_error: None,
-                last_status: None,
-                created_at: Some(Time(now)),
-                last_attempt_at: None,
-                next_attempt_at: None,
-                finished_at: None,
-            });
+            rec.status.deliveries.push(Delivery::pending(id, url, payload, now));
             let drop = rec.status.deliveries.len().saturating_sub(KEPT_DELIVERIES);
             rec.status.deliveries.drain(..drop);
         }

@@ -444,19 +444,7 @@ async fn end_run(t: &Task, st: &mut TaskStatus, run: &str, end: End, now: Timest
             continue;
         }
         let payload = trigger::action_payload(&t.name_any(), &ns, &r, &action);
-        let mut d = Delivery {
-            id,
-            target: String::new(),
-            payload,
-            state: DeliveryState::Pending,
-            attempts: 0,
-            last_error: None,
-            last_status: None,
-            created_at: Some(Time(now)),
-            last_attempt_at: None,
-            next_attempt_at: None,
-            finished_at: None,
-        };
+        let mut d = Delivery::pending(id, String::new(), payload, now);
         let refused = match ctx.read_cluster::<ActionPlugin>().get_opt(&action).await? {
             None => Some(format!("no ActionPlugin named {action}")),
             Some(p) => {
@@ -646,19 +634,7 @@ mod tests {
 
     #[test]
     fn finished_deliveries_are_bounded_and_pending_ones_kept() {
-        let d = |i: usize, state| Delivery {
-            id: format!("d{i}"),
-            target: String::new(),
-            payload: String::new(),
-            state,
-            attempts: 0,
-            last_error: None,
-            last_status: None,
-            created_at: None,
-            last_attempt_at: None,
-            next_attempt_at: None,
-            finished_at: None,
-        };
+        let d = |i: usize, state| Delivery { state, ..Delivery::pending(format!("d{i}"), String::new(), String::new(), Timestamp::UNIX_EPOCH) };
         let mut st = TaskStatus::default();
         st.deliveries.push(d(0, DeliveryState::Pending));
         st.deliveries.extend((1..=30).map(|i| d(i, DeliveryState::Delivered)));

@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::api::task::{ConcurrencyPolicy, Ignition, Initiator, LoopGuard, RunPhase, TaskRun, TaskState, TaskStatus, TriggerCursor};
+use crate::core::plan::truncate;
 use crate::core::schedule::{self, Decision};
 
 /// Kind names of triggers, as recorded in cursors and initiators.
@@ -191,22 +192,8 @@ pub fn record_triggers(status: &mut TaskStatus, task: &Subject<'_>, sources: &[S
                     if i.fired_at.0 < since {
                         continue;
                     }
-                    let run = TaskRun {
-                        name: ignition_run_name(task.name, task.uid, uid, t),
-                        phase: RunPhase::Pending,
-                        initiator: Initiator { kind: IGNITOR.into(), name: name.clone(), run: None, scheduled_time: Some(micro(t)) },
-                        data: data.clone(),
-                        chain: 1,
-                        failures_in_a_row: 0,
-                        start_after: None,
-                        created_at: Some(micro(now)),
-                        started_at: None,
-                        finished_at: None,
-                        seq: None,
-                        output: None,
-                        reason: None,
-                        message: None,
-                    };
+                    let initiator = Initiator { kind: IGNITOR.into(), name: name.clone(), run: None, scheduled_time: Some(micro(t)) };
+                    let run = pending(ignition_run_name(task.name, task.uid, uid, t), initiator, data.clone(), (1, 0), None, now);
                     let running: Vec<String> = status.runs.iter().filter(|r| active(r) && r.initiator.kind == IGNITOR && &r.initiator.name == name).map(|r| r.name.clone()).collect();
                     match schedule::concurrency(*policy, &running) {
                         Decision::Start => add(status, run, now, &mut out),
@@ -244,22 +231,9 @@ pub fn record_triggers(status: &mut TaskStatus, task: &Subject<'_>, sources: &[S
                     let chain = r.chain.max(1).saturating_add(1);
                     let start_after =
                         r.finished_at.as_ref().map(|f| f.0).unwrap_or(now).checked_add(SignedDuration::try_from(task.guard.delay(failures_in_a_row)).unwrap_or(SignedDuration::ZERO)).ok();
-                    let run = TaskRun {
-                        name: chained_run_name(task.name, task.uid, uid, &r.name),
-                        phase: RunPhase::Pending,
-                        initiator: Initiator { kind: TASK.into(), name: name.clone(), run: Some(r.name.clone()), scheduled_time: None },
-                        data: r.output.clone(),
-                        chain,
-                        failures_in_a_row,
-                        start_after: start_after.filter(|t| *t > now).map(|t| Time(ceil_second(t))),
-                        created_at: Some(micro(now)),
-                        started_at: None,
-                        finished_at: None,
-                        seq: None,
-                        output: None,
-                        reason: None,
-                        message: None,
-                    };
+                    let initiator = Initiator { kind: TASK.into(), name: name.clone(), run: Some(r.name.clone()), scheduled_time: None };
+                    let start_after = start_after.filter(|t| *t > now).map(|t| Time(ceil_second(t)));
+                    let run = pending(chained_run_name(task.name, task.uid, uid, &r.name), initiator, r.output.clone(), (chain, failures_in_a_row), start_after, now);
                     if failed && failures_in_a_row >= task.guard.max_failures_in_a_row {
                         let msg = format!("{failures_in_a_row} failures in a row (the last: run {} of Task {name}); loopGuard.maxConsecutiveFailures is {}", r.name, task.guard.max_failures_in_a_row);
                         skip(status, run, "LoopLimit", msg, now, &mut out);
@@ -276,6 +250,27 @@ pub fn record_triggers(status: &mut TaskStatus, task: &Subject<'_>, sources: &[S
     }
     status.triggers = cursors;
     out
+}
+
+/// A run recorded at `now`, not started yet; `(chain, failures_in_a_row)` as its initiator
+/// left them.
+fn pending(name: String, initiator: Initiator, data: Option<String>, (chain, failures_in_a_row): (i32, i32), start_after: Option<Time>, now: Timestamp) -> TaskRun {
+    TaskRun {
+        name,
+        phase: RunPhase::Pending,
+        initiator,
+        data,
+        chain,
+        failures_in_a_row,
+        start_after,
+        created_at: Some(micro(now)),
+        started_at: None,
+        finished_at: None,
+        seq: None,
+        output: None,
+        reason: None,
+        message: None,
+    }
 }
 
 fn schedule_label(t: Timestamp) -> String {
@@ -328,18 +323,6 @@ pub enum End {
     },
 }
 
-/// Cut `s` to at most `max` bytes, on a character boundary.
-pub fn cap(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
-}
-
 /// Record that run `name` ended. A success or failure gets the next `seq` (dependents act on
 /// it); the Task's counters follow. Returns false if the run is not active (already ended).
 pub fn finish(status: &mut TaskStatus, name: &str, end: End, now: Timestamp) -> bool {
@@ -354,7 +337,7 @@ pub fn finish(status: &mut TaskStatus, name: &str, end: End, now: Timestamp) -> 
     match end {
         End::Succeeded { output } => {
             r.phase = RunPhase::Succeeded;
-            r.output = output.map(|o| cap(&o, MAX_OUTPUT_BYTES));
+            r.output = output.map(|o| truncate(&o, MAX_OUTPUT_BYTES));
             r.reason = Some("Succeeded".into());
             r.seq = Some(seq);
             status.finished_runs = seq;
@@ -363,9 +346,9 @@ pub fn finish(status: &mut TaskStatus, name: &str, end: End, now: Timestamp) -> 
         }
         End::Failed { reason, message, output } => {
             r.phase = RunPhase::Failed;
-            r.output = output.map(|o| cap(&o, MAX_OUTPUT_BYTES));
+            r.output = output.map(|o| truncate(&o, MAX_OUTPUT_BYTES));
             r.reason = Some(reason);
-            r.message = Some(cap(&message, 1024));
+            r.message = Some(truncate(&message, 1024));
             r.seq = Some(seq);
             status.finished_runs = seq;
             status.last_failure = Some(Time(now));
@@ -375,7 +358,7 @@ pub fn finish(status: &mut TaskStatus, name: &str, end: End, now: Timestamp) -> 
         End::Stopped { reason, message } => {
             r.phase = RunPhase::Stopped;
             r.reason = Some(reason);
-            r.message = Some(cap(&message, 1024));
+            r.message = Some(truncate(&message, 1024));
         }
     }
     true
