@@ -66,6 +66,9 @@ pub struct IgnitorMetrics {
 impl IgnitorMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self { firings: Family::default(), lateness: crate::metrics::exemplar_histogram(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]) };
+        for outcome in ["fired", "missed"] {
+            let _ = m.firings.get_or_create(&OutcomeLabels { outcome: outcome.into() });
+        }
         registry.register("shoal_ignitor_firings", "Ignitor scheduled times recorded, by outcome (fired or missed)", m.firings.clone());
         registry.register("shoal_ignitor_firing_lateness_seconds", "From an Ignitor's scheduled time to the recorded firing", m.lateness.clone());
         m

@@ -85,6 +85,12 @@ pub struct NsmanMetrics {
 impl NsmanMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self { actions: Family::default(), ttl_lateness: crate::metrics::exemplar_histogram(&[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]) };
+        // Every series from the start, so that a rate sees the first action too.
+        for action in [PolicyActionType::Delete, PolicyActionType::ScaleDown, PolicyActionType::Webhook] {
+            for outcome in ["succeeded", "failed", "dry_run"] {
+                let _ = m.actions.get_or_create(&ActionLabels { action: verb(action).into(), outcome: outcome.into() });
+            }
+        }
         registry.register("shoal_namespacemanager_actions", "NamespaceManager actions finished, by action and outcome", m.actions.clone());
         registry.register("shoal_namespacemanager_ttl_lateness_seconds", "From a TTL policy's due time to its firing", m.ttl_lateness.clone());
         m

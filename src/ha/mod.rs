@@ -178,6 +178,13 @@ impl HaMetrics {
             members: Gauge::default(),
             runtime: crate::metrics::RuntimeMetrics::new(registry),
         };
+        // Every reason from the start, so that a rate (a flapping alert) sees the first one.
+        for reason in ["new", "free", "expired"] {
+            let _ = m.acquisitions.get_or_create(&ReasonLabel { reason: reason.into() });
+        }
+        for reason in ["rebalance", "shutdown", "taken", "renew_deadline"] {
+            let _ = m.releases.get_or_create(&ReasonLabel { reason: reason.into() });
+        }
         registry.register("shoal_shards_owned", "Shards this replica holds", m.shards_owned.clone());
         registry.register("shoal_shard_acquisitions", "Shard Leases acquired, by reason", m.acquisitions.clone());
         registry.register("shoal_shard_releases", "Shard Leases released or lost, by reason", m.releases.clone());

@@ -16,6 +16,7 @@ mod ignitor;
 mod nsman;
 mod operator;
 mod outage;
+mod prometheus;
 mod rbac;
 mod receiver;
 mod runtime;
