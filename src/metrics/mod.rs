@@ -46,7 +46,8 @@ pub fn exemplar_histogram(buckets: &[f64]) -> ExemplarHistogram {
 }
 
 /// The trace `span` belongs to, as an exemplar; `None` when tracing is off (no
-/// OpenTelemetry layer, or the span is disabled), so no exemplar is recorded then.
+/// OpenTelemetry layer, or the span is disabled) or the trace is not sampled (it will not be
+/// exported, so there would be nothing to jump to), so no exemplar is recorded then.
 pub fn exemplar(span: &tracing::Span) -> Option<TraceLabel> {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -55,7 +56,7 @@ pub fn exemplar(span: &tracing::Span) -> Option<TraceLabel> {
     }
     let cx = span.context();
     let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| TraceLabel { trace_id: TraceId(sc.trace_id()) })
+    (sc.is_valid() && sc.is_sampled()).then(|| TraceLabel { trace_id: TraceId(sc.trace_id()) })
 }
 
 /// The exemplar of the current span (see [`exemplar`]).
@@ -102,6 +103,10 @@ mod tests {
             assert_eq!(current_exemplar(), Some(label.clone()));
             label.trace_id.0
         });
+        // A trace that is not sampled is never exported: nothing to link to.
+        let unsampled = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOff).build();
+        let subscriber = tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(unsampled.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || assert!(exemplar(&tracing::info_span!("reconcile")).is_none(), "an unsampled trace"));
         let text = page(&registry);
         let expected = format!("t_seconds_bucket{{le=\"1.0\"}} 2 # {{trace_id=\"{trace_id:032x}\"}} 0.5");
         assert!(text.contains(&expected), "{expected:?} not in\n{text}");
