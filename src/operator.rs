@@ -76,10 +76,12 @@ pub struct Shared {
 /// fails, it returns an error: the process must not go on acting without fencing.
 pub async fn run(cfg: RunConfig) -> Result<()> {
     cfg.ha.validate().map_err(|e| anyhow::anyhow!(e))?;
-    let clients = crate::ha::Clients::infer().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(crate::metrics::process::ProcessCollector));
+    let rest = crate::metrics::rest::RestMetrics::new(&mut registry);
+    let clients = crate::ha::Clients::infer(Some(&rest)).await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
     let client = clients.watch.clone();
     check_crds(&client).await?;
-    let mut registry = Registry::default();
     let ha_metrics = HaMetrics::new(&mut registry);
     let action_log = match &cfg.action_log {
         Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?),
@@ -103,6 +105,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
 
     // Workflows, with their Jobs (a Job wakes the workflow that owns it).
     let workflows = rt.kind::<crate::api::Workflow>("workflow controller");
+    registry.register_collector(Box::new(workflow::PhaseCollector { workflows: workflows.informer.clone() }));
     let jobs = rt.children::<_, StepJob>(&workflows, workflow::WORKFLOW_UID_LABEL, workflow::owner_key, workflow::job_change_matters);
     rt.label_children::<StepJob>(workflow::WORKFLOW_LABEL);
     rt.run(workflows, workflow::State { jobs, metrics: crate::controllers::Metrics::new(&mut registry), pod_looks: Default::default() }, workflow::reconcile);

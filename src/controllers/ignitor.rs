@@ -19,7 +19,6 @@ use kube::runtime::events::EventType;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::{Context, Error};
@@ -61,12 +60,15 @@ pub struct IgnitorMetrics {
     /// Scheduled times recorded, by outcome.
     pub firings: Family<OutcomeLabels, Counter>,
     /// How late each firing was recorded after its scheduled time.
-    pub lateness: Histogram,
+    pub lateness: crate::metrics::ExemplarHistogram,
 }
 
 impl IgnitorMetrics {
     pub fn new(registry: &mut Registry) -> Self {
-        let m = Self { firings: Family::default(), lateness: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]) };
+        let m = Self { firings: Family::default(), lateness: crate::metrics::exemplar_histogram(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]) };
+        for outcome in ["fired", "missed"] {
+            let _ = m.firings.get_or_create(&OutcomeLabels { outcome: outcome.into() });
+        }
         registry.register("shoal_ignitor_firings", "Ignitor scheduled times recorded, by outcome (fired or missed)", m.firings.clone());
         registry.register("shoal_ignitor_firing_lateness_seconds", "From an Ignitor's scheduled time to the recorded firing", m.lateness.clone());
         m
@@ -122,7 +124,7 @@ async fn reconcile_owned(ign: &Ignitor, writer: &Writer, ctx: &Ctx) -> Result<Ac
     ctx.metrics.count("fired", plan.due.fire.len());
     ctx.metrics.count("missed", plan.due.missed.len());
     for t in &plan.due.fire {
-        ctx.metrics.lateness.observe(now.duration_since(*t).as_secs_f64().max(0.0));
+        ctx.metrics.lateness.observe(now.duration_since(*t).as_secs_f64().max(0.0), crate::metrics::current_exemplar(), None);
     }
     for (type_, reason, note) in events(&plan.due) {
         writer.event(type_, reason, note, None).await;

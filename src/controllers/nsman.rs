@@ -29,7 +29,6 @@ use kube::runtime::events::EventType;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
@@ -80,12 +79,18 @@ pub struct NsmanMetrics {
     /// Actions finished, by type and outcome (succeeded, failed, dry_run).
     pub actions: Family<ActionLabels, Counter>,
     /// How late a TTL policy fired after its due time.
-    pub ttl_lateness: Histogram,
+    pub ttl_lateness: crate::metrics::ExemplarHistogram,
 }
 
 impl NsmanMetrics {
     pub fn new(registry: &mut Registry) -> Self {
-        let m = Self { actions: Family::default(), ttl_lateness: Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]) };
+        let m = Self { actions: Family::default(), ttl_lateness: crate::metrics::exemplar_histogram(&[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]) };
+        // Every series from the start, so that a rate sees the first action too.
+        for action in [PolicyActionType::Delete, PolicyActionType::ScaleDown, PolicyActionType::Webhook] {
+            for outcome in ["succeeded", "failed", "dry_run"] {
+                let _ = m.actions.get_or_create(&ActionLabels { action: verb(action).into(), outcome: outcome.into() });
+            }
+        }
         registry.register("shoal_namespacemanager_actions", "NamespaceManager actions finished, by action and outcome", m.actions.clone());
         registry.register("shoal_namespacemanager_ttl_lateness_seconds", "From a TTL policy's due time to its firing", m.ttl_lateness.clone());
         m
@@ -313,7 +318,7 @@ async fn reconcile_owned(m: &NamespaceManager, w: &Writer, ctx: &Ctx) -> Result<
     if p.condition.type_ == crate::api::nsman::PolicyConditionType::Ttl
         && let Some(due) = policy::next_look(p, None, created)
     {
-        ctx.metrics.ttl_lateness.observe(now.duration_since(due).as_secs_f64().max(0.0));
+        ctx.metrics.ttl_lateness.observe(now.duration_since(due).as_secs_f64().max(0.0), crate::metrics::current_exemplar(), None);
     }
     carry_out(&m, action, rec, w, ctx, now).await
 }

@@ -102,7 +102,7 @@ impl Runtime {
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
         K::DynamicType: Default,
     {
-        let queue = Queue::default();
+        let queue = Queue::new(self.own.metrics().runtime.queue(&crate::ha::controller_name::<K>()));
         let informer = Informer::new(self.api::<K>(), self.own.clone(), queue.clone());
         self.caches.push(informer.clone());
         self.spawn("informer", informer.clone().run(self.shutdown.clone()));

@@ -78,6 +78,9 @@ pub struct TaskMetrics {
 impl TaskMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self { runs: Family::default() };
+        for outcome in ["started", "succeeded", "failed", "skipped", "stopped"] {
+            let _ = m.runs.get_or_create(&OutcomeLabel { outcome: outcome.into() });
+        }
         registry.register("shoal_task_runs", "Task runs by outcome (started, succeeded, failed, skipped, stopped)", m.runs.clone());
         m
     }

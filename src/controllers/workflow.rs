@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::step_job::StepJob;
 use super::step_pod;
-use super::{Context, Error, Metrics, jobs};
+use super::{Context, Error, Metrics, PhaseLabel, jobs};
 use crate::api::SHARD_LABEL;
 use crate::api::conditions::{self, reasons, types};
 use crate::api::workflow::{StepPhase, Workflow, WorkflowPhase, WorkflowStatus};
@@ -216,7 +216,7 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
                 jobs::Created::Foreign(msg) | jobs::Created::Rejected(msg) => Err(msg),
             };
             if let Some(seen) = deps_seen {
-                ctx.metrics.dispatch_latency.observe(seen.elapsed().as_secs_f64());
+                ctx.metrics.dispatch_latency.observe(seen.elapsed().as_secs_f64(), crate::metrics::current_exemplar(), None);
             }
             Ok::<_, Error>((c.step.clone(), created))
         });
@@ -298,11 +298,106 @@ async fn write_status(wf: &Workflow, new: &WorkflowStatus, w: &Writer, ctx: &Ctx
         Some(_) => {
             // Recorded: this replica, and no other, records the spans of what ended.
             crate::telemetry::spans::workflow_recorded(wf, wf.status.as_ref(), new);
+            count_finished(wf.status.as_ref(), new, &ctx.metrics);
             (true, Action::Requeue(ctx.resync))
         }
         // Changed since we read it; the watch brings the new version and we plan again.
         None => (false, Action::AwaitChange),
     })
+}
+
+/// Count what a recorded status write finished: each step that reached Succeeded or Failed
+/// (its run time) and the workflow, if it reached Completed or Failed.
+fn count_finished(old: Option<&WorkflowStatus>, new: &WorkflowStatus, m: &Metrics) {
+    let exemplar = crate::metrics::current_exemplar();
+    for st in &new.steps {
+        let phase = match st.phase {
+            StepPhase::Succeeded => "Succeeded",
+            StepPhase::Failed => "Failed",
+            _ => continue,
+        };
+        let before = old.and_then(|o| o.steps.iter().find(|s| s.step_name == st.step_name)).map(|s| (s.phase, s.attempt));
+        if before == Some((st.phase, st.attempt)) {
+            continue;
+        }
+        if let (Some(start), Some(end)) = (&st.started_at, &st.finished_at) {
+            let secs = end.0.duration_since(start.0).as_secs_f64().max(0.0);
+            m.step_duration.get_or_create(&PhaseLabel { phase }).observe(secs, exemplar.clone(), None);
+        }
+    }
+    let finished = match new.workflow_status {
+        Some(WorkflowPhase::Completed) => "Completed",
+        Some(WorkflowPhase::Failed) => "Failed",
+        _ => return,
+    };
+    if old.and_then(|o| o.workflow_status) != new.workflow_status {
+        m.workflows_finished.get_or_create(&PhaseLabel { phase: finished }).inc();
+    }
+}
+
+/// `shoal_workflows{phase}` and `shoal_workflow_steps{phase}`: the workflows in this
+/// replica's sharded cache and their steps, by phase, counted at scrape time (summed over the
+/// replicas, every workflow once).
+pub struct PhaseCollector {
+    pub workflows: Arc<crate::ha::Informer<Workflow>>,
+}
+
+impl std::fmt::Debug for PhaseCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PhaseCollector")
+    }
+}
+
+const WORKFLOW_PHASES: [(Option<WorkflowPhase>, &str); 5] =
+    [(None, "Unknown"), (Some(WorkflowPhase::Created), "Created"), (Some(WorkflowPhase::Started), "Started"), (Some(WorkflowPhase::Completed), "Completed"), (Some(WorkflowPhase::Failed), "Failed")];
+
+const STEP_PHASES: [(StepPhase, &str); 7] = [
+    (StepPhase::Pending, "Pending"),
+    (StepPhase::Running, "Running"),
+    (StepPhase::Retrying, "Retrying"),
+    (StepPhase::Succeeded, "Succeeded"),
+    (StepPhase::Failed, "Failed"),
+    (StepPhase::Skipped, "Skipped"),
+    (StepPhase::Cancelled, "Cancelled"),
+];
+
+impl PhaseCollector {
+    /// (workflows, steps) by phase, indexed like `WORKFLOW_PHASES` and `STEP_PHASES`.
+    pub fn count(&self) -> ([i64; 5], [i64; 7]) {
+        let (mut wfs, mut steps) = ([0i64; 5], [0i64; 7]);
+        self.workflows.for_each(|w| {
+            let status = w.status.as_ref();
+            let phase = status.and_then(|s| s.workflow_status);
+            if let Some(i) = WORKFLOW_PHASES.iter().position(|(p, _)| *p == phase) {
+                wfs[i] += 1;
+            }
+            for st in status.map(|s| s.steps.as_slice()).unwrap_or_default() {
+                if let Some(i) = STEP_PHASES.iter().position(|(p, _)| *p == st.phase) {
+                    steps[i] += 1;
+                }
+            }
+        });
+        (wfs, steps)
+    }
+}
+
+impl prometheus_client::collector::Collector for PhaseCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let (wfs, steps) = self.count();
+        let names = WORKFLOW_PHASES.iter().map(|(_, n)| *n).zip(wfs);
+        let mut family = encoder.encode_descriptor("shoal_workflows", "Workflows in this replica's shards, by phase", None, prometheus_client::metrics::MetricType::Gauge)?;
+        for (phase, n) in names {
+            ConstGauge::new(n).encode(family.encode_family(&PhaseLabel { phase })?)?;
+        }
+        let names = STEP_PHASES.iter().map(|(_, n)| *n).zip(steps);
+        let mut family = encoder.encode_descriptor("shoal_workflow_steps", "Steps of the workflows in this replica's shards, by phase", None, prometheus_client::metrics::MetricType::Gauge)?;
+        for (phase, n) in names {
+            ConstGauge::new(n).encode(family.encode_family(&PhaseLabel { phase })?)?;
+        }
+        Ok(())
+    }
 }
 
 fn build_job(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>, shard: Option<u32>) -> Result<Job, Error> {

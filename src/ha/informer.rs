@@ -13,8 +13,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::{Debug, Display};
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::{FutureExt, Stream, StreamExt};
@@ -25,9 +25,12 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use super::{ControllerLabel, Fence, KindLabel, LabelState, Ownership, ReasonLabel, ResultLabel, ShardEvent, Sharding, label_state, unsharded_selector};
+use super::{Fence, KindLabel, LabelState, Ownership, ReasonLabel, ShardEvent, Sharding, label_state, unsharded_selector};
 use crate::api::SHARD_LABEL;
+use crate::metrics::runtime::RunningWork;
+use crate::metrics::{QueueMetrics, ReconcileResult};
 
 /// (namespace, name) of an object.
 pub type Key = (String, String);
@@ -37,7 +40,8 @@ pub fn key_of<K: Resource>(o: &K) -> Key {
 }
 
 /// A deduplicating work queue: a key is queued at most once, and a key that changes while
-/// it is being reconciled is reconciled again afterwards, never concurrently.
+/// it is being reconciled is reconciled again afterwards, never concurrently. With
+/// [`Queue::new`], it reports client-go's work-queue metrics.
 #[derive(Clone, Default)]
 pub struct Queue {
     inner: Arc<QueueInner>,
@@ -47,28 +51,71 @@ pub struct Queue {
 struct QueueInner {
     state: Mutex<QState>,
     notify: Notify,
+    metrics: Option<QueueMetrics>,
 }
 
 #[derive(Default)]
 struct QState {
-    ready: VecDeque<Key>,
+    /// Each with the instant it was added (for the queue duration).
+    ready: VecDeque<(Key, Instant)>,
     queued: HashSet<Key>,
-    running: HashSet<Key>,
-    dirty: HashSet<Key>,
+    /// Each with the instant its reconcile started (for the work duration).
+    running: HashMap<Key, Instant>,
+    /// Added again while running: each with the instant it was first added meanwhile.
+    dirty: HashMap<Key, Instant>,
     /// The one pending delayed add of each key: when it is due.
     delayed: HashMap<Key, tokio::time::Instant>,
 }
 
+impl QState {
+    /// client-go's depth: what waits, including keys to run again once their reconcile ends.
+    fn depth(&self) -> i64 {
+        (self.ready.len() + self.dirty.len()) as i64
+    }
+}
+
+impl RunningWork for QueueInner {
+    fn running_seconds(&self) -> (f64, f64) {
+        let now = Instant::now();
+        let Ok(s) = self.state.lock() else { return (0.0, 0.0) };
+        s.running.values().map(|t| now.saturating_duration_since(*t).as_secs_f64()).fold((0.0, 0.0), |(sum, max), d| (sum + d, f64::max(max, d)))
+    }
+}
+
 impl Queue {
+    /// A queue that reports its depth, adds, retries and durations through `metrics`.
+    pub fn new(metrics: QueueMetrics) -> Self {
+        let inner = Arc::new(QueueInner { metrics: Some(metrics.clone()), ..Default::default() });
+        let weak: Weak<QueueInner> = Arc::downgrade(&inner);
+        metrics.watch(weak);
+        Self { inner }
+    }
+
     pub fn add(&self, key: Key) {
+        self.add_since(key, Instant::now());
+    }
+
+    /// Add `key`, waiting since `since`.
+    fn add_since(&self, key: Key, since: Instant) {
         let Ok(mut s) = self.inner.state.lock() else {
             return;
         };
-        if s.running.contains(&key) {
-            s.dirty.insert(key);
+        let added = if s.running.contains_key(&key) {
+            let fresh = !s.dirty.contains_key(&key);
+            s.dirty.entry(key).or_insert(since);
+            fresh
         } else if s.queued.insert(key.clone()) {
-            s.ready.push_back(key);
+            s.ready.push_back((key, since));
             self.inner.notify.notify_one();
+            true
+        } else {
+            false
+        };
+        if let Some(m) = &self.inner.metrics
+            && added
+        {
+            m.adds.inc();
+            m.depth.set(s.depth());
         }
     }
 
@@ -101,6 +148,15 @@ impl Queue {
         });
     }
 
+    /// [`Self::add_after`] for a key whose reconcile failed or could not run: counted as a
+    /// retry (client-go's `AddRateLimited`).
+    pub fn retry(&self, key: Key, delay: Duration) {
+        if let Some(m) = &self.inner.metrics {
+            m.retries.inc();
+        }
+        self.add_after(key, delay);
+    }
+
     /// Keys with a pending delayed add.
     pub fn pending_timers(&self) -> usize {
         self.inner.state.lock().map(|s| s.delayed.len()).unwrap_or(0)
@@ -109,12 +165,17 @@ impl Queue {
     async fn pop(&self) -> Key {
         loop {
             if let Ok(mut s) = self.inner.state.lock()
-                && let Some(k) = s.ready.pop_front()
+                && let Some((k, since)) = s.ready.pop_front()
             {
                 s.queued.remove(&k);
-                s.running.insert(k.clone());
+                let now = Instant::now();
+                s.running.insert(k.clone(), now);
                 if !s.ready.is_empty() {
                     self.inner.notify.notify_one();
+                }
+                if let Some(m) = &self.inner.metrics {
+                    m.queue_duration.observe(now.saturating_duration_since(since).as_secs_f64());
+                    m.depth.set(s.depth());
                 }
                 return k;
             }
@@ -123,15 +184,20 @@ impl Queue {
     }
 
     fn done(&self, key: &Key) {
-        let again = match self.inner.state.lock() {
-            Ok(mut s) => {
-                s.running.remove(key);
-                s.dirty.remove(key)
+        let Ok(mut s) = self.inner.state.lock() else { return };
+        let started = s.running.remove(key);
+        // Added again while it ran: queued now, as waiting since that add (counted then).
+        if let Some(since) = s.dirty.remove(key)
+            && s.queued.insert(key.clone())
+        {
+            s.ready.push_back((key.clone(), since));
+            self.inner.notify.notify_one();
+        }
+        if let Some(m) = &self.inner.metrics {
+            if let Some(started) = started {
+                m.work_duration.observe(started.elapsed().as_secs_f64());
             }
-            Err(_) => false,
-        };
-        if again {
-            self.add(key.clone());
+            m.depth.set(s.depth());
         }
     }
 }
@@ -318,6 +384,13 @@ where
 
     pub fn get(&self, key: &Key) -> Option<Arc<K>> {
         self.store.read().ok()?.objects.get(key).cloned()
+    }
+
+    /// Look at every cached object (under the cache's read lock: `f` must be quick).
+    pub fn for_each(&self, mut f: impl FnMut(&K)) {
+        if let Ok(s) = self.store.read() {
+            s.objects.values().for_each(|o| f(o));
+        }
     }
 
     fn insert(&self, key: Key, o: Arc<K>) {
@@ -614,8 +687,8 @@ where
     E: Display + Send,
 {
     let attempts: Arc<Mutex<HashMap<Key, usize>>> = Arc::default();
-    let controller = K::kind(&K::DynamicType::default()).to_lowercase();
-    let metrics = own.metrics().clone();
+    let controller = controller_name::<K>();
+    let metrics = own.metrics().runtime.controller(&controller, workers.max(1));
     let mut handles = Vec::new();
     for _ in 0..workers.max(1) {
         let (informer, queue, own, reconcile, shutdown, attempts) = (informer.clone(), queue.clone(), own.clone(), reconcile.clone(), shutdown.clone(), attempts.clone());
@@ -645,7 +718,7 @@ where
                     // Held but the fence lapsed for a moment (a slow renew): try again once it
                     // is renewed. Not held, or being handed over: the next owner lists it.
                     if own.is_held_not_draining(shard) {
-                        queue.add_after(key, own.config().retry_period);
+                        queue.retry(key, own.config().retry_period);
                     }
                     continue;
                 };
@@ -653,7 +726,10 @@ where
                 // object's key: logs inside it carry its trace id, metrics its exemplar.
                 let span =
                     if crate::telemetry::enabled() { tracing::info_span!("reconcile", controller = %controller, object = %format_args!("{}/{}", key.0, key.1), shard) } else { tracing::Span::none() };
-                let result = tracing::Instrument::instrument(std::panic::AssertUnwindSafe(reconcile(obj, fence)).catch_unwind(), span.clone()).await;
+                metrics.start();
+                let started = Instant::now();
+                let result = std::panic::AssertUnwindSafe(reconcile(obj, fence).instrument(span.clone())).catch_unwind().await;
+                let elapsed = started.elapsed();
                 drop(guard);
                 // A reconcile whose fence ended while it ran (the API server hung, say) may have
                 // stopped short, its writes refused or abandoned, whatever it returned; and the
@@ -664,20 +740,21 @@ where
                 // retried with backoff, never left stuck.
                 let result = result.unwrap_or_else(|panic| {
                     let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
-                    metrics.panics.get_or_create(&ControllerLabel { controller: controller.clone() }).inc();
+                    metrics.panicked();
                     Err(format!("reconcile panicked: {what}"))
                 });
                 let outcome = match &result {
-                    Ok(_) => "success",
-                    Err(_) => "error",
+                    Ok(Action::Requeue(_)) => ReconcileResult::RequeueAfter,
+                    Ok(Action::AwaitChange) => ReconcileResult::Success,
+                    Err(_) => ReconcileResult::Error,
                 };
-                metrics.reconciles.get_or_create(&ResultLabel { controller: controller.clone(), result: outcome.into() }).inc();
+                metrics.finish(outcome, elapsed, crate::metrics::exemplar(&span));
                 queue.done(&key);
                 if cut_short {
                     if let Err(e) = &result {
                         tracing::debug!(object = ?key, error = %e, "reconcile cut short by its fence; again once it is renewed");
                     }
-                    queue.add_after(key, own.config().retry_period);
+                    queue.retry(key, own.config().retry_period);
                     continue;
                 }
                 match result {
@@ -708,13 +785,23 @@ where
                             .unwrap_or(Duration::from_secs(120));
                         crate::telemetry::reconcile_failed(&span, &e);
                         span.in_scope(|| tracing::warn!(object = ?key, error = %e, retry_in = ?delay, "reconcile failed"));
-                        queue.add_after(key, delay);
+                        queue.retry(key, delay);
                     }
                 }
             }
         }));
     }
     futures::future::join_all(handles).await;
+}
+
+/// The name a controller of kind `K` goes by in its metrics (`controller` and `name`
+/// labels): its kind in lower case, as controller-runtime names a controller.
+pub fn controller_name<K>() -> String
+where
+    K: Resource,
+    K::DynamicType: Default,
+{
+    K::kind(&K::DynamicType::default()).to_lowercase()
 }
 
 /// Leader duty: give every object of kind `K` that no sharded watch selects (no shard label,
@@ -837,20 +924,33 @@ mod tests {
         assert!(nothing_more.is_err(), "a and b each came back exactly once");
     }
 
-    #[tokio::test]
-    async fn a_panicking_reconcile_is_counted_and_retried() {
-        use prometheus_client::registry::Registry;
+    /// One ConfigMap `ns/o` in a shard this replica holds, in the cache of an informer that
+    /// never watches, with a queue reporting to the returned registry.
+    fn one_object() -> (Ownership, prometheus_client::registry::Registry, Arc<Informer<k8s_openapi::api::core::v1::ConfigMap>>, Queue) {
+        let mut registry = prometheus_client::registry::Registry::default();
         let cfg = crate::ha::HaConfig { shards: 4, ..Default::default() };
-        let own = Ownership::new(cfg, "me".into(), "ns".into(), crate::ha::HaMetrics::new(&mut Registry::default()), None);
+        let own = Ownership::new(cfg, "me".into(), "ns".into(), crate::ha::HaMetrics::new(&mut registry), None);
         let cm: k8s_openapi::api::core::v1::ConfigMap =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "o", "namespace": "ns", "uid": "u", "labels": {"shoal.dev/shard": crate::core::shard::shard_of("u", 4).to_string()}}}))
                 .unwrap();
         own.hold_for_test(crate::core::shard::shard_of("u", 4), 1, std::time::Instant::now());
-        // Nothing listens there; the informer's watch is never started in this test.
+        // Nothing listens there; the informer's watch is never started in these tests.
         let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
-        let queue = Queue::default();
+        let queue = Queue::new(own.metrics().runtime.queue("configmap"));
         let informer = Informer::new(Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client, "ns"), own.clone(), queue.clone());
         informer.insert(k("o"), Arc::new(cm));
+        (own, registry, informer, queue)
+    }
+
+    fn page(registry: &prometheus_client::registry::Registry) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, registry).unwrap();
+        s
+    }
+
+    #[tokio::test]
+    async fn a_panicking_reconcile_is_counted_and_retried() {
+        let (own, registry, informer, queue) = one_object();
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let done_tx = Arc::new(Mutex::new(Some(done_tx)));
@@ -874,14 +974,68 @@ mod tests {
         shutdown.cancel();
         run.await.unwrap();
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
-        let panics = own.metrics().panics.get_or_create(&ControllerLabel { controller: "configmap".into() }).get();
-        assert_eq!(panics, 1);
+        let m = own.metrics().runtime.controller("configmap", 1);
+        assert_eq!((m.panics(), m.errors(), m.count(ReconcileResult::Error), m.count(ReconcileResult::Success)), (1, 1, 1, 1));
+        assert!(page(&registry).contains("workqueue_retries_total{controller=\"configmap\",name=\"configmap\"} 1"), "the panic was retried through the rate limiter");
+    }
+
+    #[tokio::test]
+    async fn results_queue_metrics_and_the_reconcile_s_trace_id_are_recorded() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt;
+        // Tracing on (an in-process provider that exports nothing), on this test's thread,
+        // where the current-thread runtime runs the workers too.
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let _tracing = tracing::subscriber::set_default(tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test"))));
+        crate::telemetry::test::enable_on_this_thread();
+        let (own, registry, informer, queue) = one_object();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // The first reconcile asks to come back in an hour; the second has nothing to do.
+        let reconcile = move |_o, _f| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok::<_, String>(Action::Requeue(Duration::from_secs(3600)))
+            }
+        };
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(run_controller(informer, queue.clone(), own.clone(), 2, reconcile, shutdown.clone()));
+        queue.add(k("o"));
+        queue.add(k("o"));
+        rx.recv().await.unwrap();
+        // Added again while it runs: marked to run once more afterwards, not concurrently.
+        queue.add(k("o"));
+        assert!(page(&registry).contains("controller_runtime_active_workers{controller=\"configmap\"} 1"));
+        assert!(page(&registry).contains("workqueue_depth{controller=\"configmap\",name=\"configmap\"} 1"));
+        rx.recv().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown.cancel();
+        run.await.unwrap();
+        let text = page(&registry);
+        for line in [
+            "controller_runtime_reconcile_total{controller=\"configmap\",result=\"requeue_after\"} 2",
+            "controller_runtime_reconcile_total{controller=\"configmap\",result=\"success\"} 0",
+            "controller_runtime_reconcile_time_seconds_count{controller=\"configmap\"} 2",
+            "controller_runtime_max_concurrent_reconciles{controller=\"configmap\"} 2",
+            "controller_runtime_active_workers{controller=\"configmap\"} 0",
+            "workqueue_adds_total{controller=\"configmap\",name=\"configmap\"} 2",
+            "workqueue_depth{controller=\"configmap\",name=\"configmap\"} 0",
+            "workqueue_queue_duration_seconds_count{controller=\"configmap\",name=\"configmap\"} 2",
+            "workqueue_work_duration_seconds_count{controller=\"configmap\",name=\"configmap\"} 2",
+            "workqueue_retries_total{controller=\"configmap\",name=\"configmap\"} 0",
+            "workqueue_unfinished_work_seconds{controller=\"configmap\",name=\"configmap\"} 0.0",
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+        let exemplar = text.lines().find(|l| l.starts_with("controller_runtime_reconcile_time_seconds_bucket") && l.contains(" # {trace_id=\""));
+        assert!(exemplar.is_some(), "the reconcile time carries the reconcile's trace id:\n{text}");
     }
 
     /// The keys waiting in the queue, in order, taken out of it.
     fn drain(q: &Queue) -> Vec<Key> {
         let mut s = q.inner.state.lock().unwrap();
-        let keys: Vec<Key> = s.ready.drain(..).collect();
+        let keys: Vec<Key> = s.ready.drain(..).map(|(k, _)| k).collect();
         s.queued.clear();
         keys
     }

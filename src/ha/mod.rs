@@ -32,7 +32,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-pub use informer::{Action, Informer, Key, Queue, Synced, key_of, run_child_labeler, run_controller, run_labeler};
+pub use informer::{Action, Informer, Key, Queue, Synced, controller_name, key_of, run_child_labeler, run_controller, run_labeler};
 pub use leases::{LeaseError, run as run_leases};
 pub use writer::{Clients, FencedApi, ReadApi, WriteError, Writer};
 
@@ -141,17 +141,6 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ControllerLabel {
-    pub controller: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
-    pub controller: String,
-    pub result: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NameLabel {
     pub name: String,
 }
@@ -169,8 +158,9 @@ pub struct HaMetrics {
     pub acquire_to_first_reconcile: Histogram,
     pub cache_objects: Family<KindLabel, Gauge>,
     pub members: Gauge,
-    pub reconciles: Family<ResultLabel, Counter>,
-    pub panics: Family<ControllerLabel, Counter>,
+    /// controller-runtime's controller and work-queue metrics (the runtime of every kind
+    /// lives here, in `ha`).
+    pub runtime: crate::metrics::RuntimeMetrics,
 }
 
 impl HaMetrics {
@@ -186,21 +176,29 @@ impl HaMetrics {
             acquire_to_first_reconcile: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             cache_objects: Family::default(),
             members: Gauge::default(),
-            reconciles: Family::default(),
-            panics: Family::default(),
+            runtime: crate::metrics::RuntimeMetrics::new(registry),
         };
+        // Every reason from the start, so that a rate (a flapping alert) sees the first one.
+        for reason in ["new", "free", "expired"] {
+            let _ = m.acquisitions.get_or_create(&ReasonLabel { reason: reason.into() });
+        }
+        for reason in ["rebalance", "shutdown", "taken", "renew_deadline"] {
+            let _ = m.releases.get_or_create(&ReasonLabel { reason: reason.into() });
+        }
         registry.register("shoal_shards_owned", "Shards this replica holds", m.shards_owned.clone());
         registry.register("shoal_shard_acquisitions", "Shard Leases acquired, by reason", m.acquisitions.clone());
         registry.register("shoal_shard_releases", "Shard Leases released or lost, by reason", m.releases.clone());
         registry.register("shoal_ownership_denied", "Work dropped because this replica did not own the object", m.ownership_denied.clone());
         registry.register("shoal_objects_mislabelled", "Objects kept out of the cache or refused work because their shard label is not the shard of their UID", m.mislabelled.clone());
         registry.register("shoal_objects_relabelled", "Shard labels corrected to the shard of the object's UID, by what was wrong (missing, out_of_range, wrong)", m.relabelled.clone());
-        registry.register("leader_election_master_status", "1 if this replica is the leader", m.leader.clone());
+        registry.register(
+            "leader_election_master_status",
+            "Gauge of if the reporting system is master of the relevant lease, 0 indicates backup, 1 indicates master. 'name' is the string used to identify the lease.",
+            m.leader.clone(),
+        );
         registry.register("shoal_shard_acquire_to_first_reconcile_seconds", "Time from a shard's acquisition to its first reconcile", m.acquire_to_first_reconcile.clone());
         registry.register("shoal_cache_objects", "Objects in this replica's sharded cache", m.cache_objects.clone());
         registry.register("shoal_ring_members", "Live members this replica sees", m.members.clone());
-        registry.register("controller_runtime_reconcile", "Reconciles, by controller and result", m.reconciles.clone());
-        registry.register("controller_runtime_reconcile_panics", "Reconciles that panicked, by controller", m.panics.clone());
         m
     }
 }

@@ -25,6 +25,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{Fence, Ownership};
+use crate::metrics::rest::RestMetrics;
 
 /// Why a write did not happen (or did not complete).
 #[derive(Debug, thiserror::Error)]
@@ -245,20 +246,28 @@ pub struct Clients {
 }
 
 impl Clients {
-    /// Both clients from `KUBECONFIG` or the in-cluster configuration.
-    pub async fn infer() -> anyhow::Result<Self> {
+    /// Both clients from `KUBECONFIG` or the in-cluster configuration, their requests
+    /// counted in `rest` (if given).
+    pub async fn infer(rest: Option<&RestMetrics>) -> anyhow::Result<Self> {
         let config = kube::Config::infer().await?;
-        Self::from_config(config)
+        Self::from_config(config, rest)
     }
 
-    pub fn from_config(mut config: kube::Config) -> anyhow::Result<Self> {
+    pub fn from_config(mut config: kube::Config, rest: Option<&RestMetrics>) -> anyhow::Result<Self> {
         config.default_retry = false;
-        let watch = Client::try_from(config.clone())?;
+        let watch = client(config.clone(), rest)?;
         config.read_timeout = Some(READ_TIMEOUT);
         config.reset_reader_on_write = true;
-        let request = Client::try_from(config)?;
+        let request = client(config, rest)?;
         Ok(Self { watch, request })
     }
+}
+
+/// kube's client for `config`, with its requests counted in `rest`.
+fn client(config: kube::Config, rest: Option<&RestMetrics>) -> anyhow::Result<Client> {
+    let Some(rest) = rest else { return Ok(Client::try_from(config)?) };
+    let layer = rest.layer(&config.cluster_url);
+    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&layer).build())
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use k8s_openapi::jiff::Timestamp;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 use reqwest::StatusCode;
 
@@ -93,12 +93,12 @@ struct OutcomeLabel {
 #[derive(Clone)]
 struct OutboxMetrics {
     deliveries: Family<OutcomeLabel, Counter>,
-    duration: Histogram,
+    duration: crate::metrics::ExemplarHistogram,
 }
 
 impl OutboxMetrics {
     fn new(registry: &mut Registry) -> Self {
-        let m = Self { deliveries: Family::default(), duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)) };
+        let m = Self { deliveries: Family::default(), duration: crate::metrics::ExemplarHistogram::new(exponential_buckets(0.005, 2.0, 14)) };
         for o in Outcome::ALL {
             let _ = m.deliveries.get_or_create(&o.label());
         }
@@ -214,7 +214,7 @@ impl Outbox {
         let started = Instant::now();
         let sent = w.guard(&format!("webhook {}", d.id), self.client.execute(request)).await;
         if !matches!(sent, Err(WriteError::Fenced)) {
-            self.metrics.duration.observe(started.elapsed().as_secs_f64());
+            self.metrics.duration.observe(started.elapsed().as_secs_f64(), crate::metrics::current_exemplar(), None);
         }
         let answer = match sent {
             Ok(answer) => answer,

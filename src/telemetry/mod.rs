@@ -88,7 +88,27 @@ pub(crate) fn tracer() -> Option<&'static SdkTracer> {
 
 /// Is tracing on? Callers skip building spans when it is not.
 pub fn enabled() -> bool {
-    TRACER.get().is_some()
+    TRACER.get().is_some() || test::enabled()
+}
+
+/// Unit tests turn spans on for their own thread only (with their own subscriber), so tests
+/// that check that nothing is built with tracing off are not affected.
+#[cfg(test)]
+pub mod test {
+    use std::cell::Cell;
+    thread_local!(static ON: Cell<bool> = const { Cell::new(false) });
+    pub fn enable_on_this_thread() {
+        ON.with(|c| c.set(true));
+    }
+    pub(super) fn enabled() -> bool {
+        ON.with(|c| c.get())
+    }
+}
+#[cfg(not(test))]
+mod test {
+    pub(super) fn enabled() -> bool {
+        false
+    }
 }
 
 /// Mark a reconcile's span as failed, with the error (which names no secret: errors never

@@ -18,6 +18,7 @@ mod image;
 mod nsman;
 mod operator;
 mod outage;
+mod prometheus;
 mod rbac;
 mod receiver;
 mod runtime;

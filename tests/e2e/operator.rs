@@ -102,6 +102,17 @@ impl Operator {
         sum
     }
 
+    /// The sum of every sample whose line starts with `prefix` (e.g. a metric and some of
+    /// its labels, over all values of the others), over the running replicas.
+    pub async fn metric_sum_all(&self, prefix: &str) -> f64 {
+        let mut sum = 0.0;
+        for r in &self.replicas {
+            let Some(page) = metrics_page(r.metrics_port).await else { continue };
+            sum += page.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()).sum::<f64>();
+        }
+        sum
+    }
+
     pub fn reap(&mut self, name: &str) {
         if let Some(i) = self.replicas.iter().position(|r| r.name == name) {
             let mut r = self.replicas.remove(i);
