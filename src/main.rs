@@ -2,16 +2,14 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use shoal::telemetry::{LogFormat, OtelSettings};
+use shoal::telemetry::{LogArgs, OtelSettings};
 
 /// shoal: a highly available Kubernetes workflow operator.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Log lines as human-readable text, or as JSON objects (one a line, with the trace id
-    /// of the current span when tracing is on).
-    #[arg(long, global = true, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -67,7 +65,7 @@ async fn main() -> Result<()> {
         Cmd::Run(cfg) => (OtelSettings::from_env(|k| std::env::var(k).ok())?, Some(cfg.identity())),
         _ => (None, None),
     };
-    let telemetry = shoal::telemetry::init(cli.log_format, default_filter, otel.as_ref(), instance.as_deref())?;
+    let telemetry = shoal::telemetry::init(cli.log.log_format, default_filter, otel.as_ref(), instance.as_deref())?;
     let result = command(cli.cmd).await;
     // Graceful shutdown: the spans still queued are exported before the process exits.
     telemetry.shutdown(std::time::Duration::from_secs(5)).await;

@@ -34,6 +34,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// The logging flags every command takes (`shoal --log-format json run`, or after the
+/// command, or `SHOAL_LOG_FORMAT`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log lines as human-readable text, or as JSON objects (one a line, with the trace id
+    /// of the current span when tracing is on).
+    #[arg(long, global = true, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
 /// OTLP transport, as `OTEL_EXPORTER_OTLP_PROTOCOL` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {

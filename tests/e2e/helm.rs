@@ -383,7 +383,8 @@ fn namespace_manager_settings_reach_the_deployment() {
 #[test]
 fn every_variable_the_chart_sets_is_a_setting_of_shoal_run() {
     use clap::Args;
-    let run = shoal::operator::RunConfig::augment_args(clap::Command::new("run"));
+    // `shoal run`'s own flags, and the global ones every command takes.
+    let run = shoal::telemetry::LogArgs::augment_args(shoal::operator::RunConfig::augment_args(clap::Command::new("run")));
     let read: BTreeSet<String> = run.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
     // Every optional variable switched on.
     let set = ["watchNamespace=work", "actionLog.enabled=true", "allowCrossNamespace=true", "protectedNamespaces={team-a}", "webhookAllow={hooks.example.com}"];
