@@ -1,5 +1,5 @@
-//! The chart's RBAC is enough, against the real API server: a `shoal run` replica whose
-//! kubeconfig impersonates the chart's ServiceAccount (and has nothing else) runs workflows
+//! The chart's RBAC is enough, against the real API server: three `shoal run` replicas whose
+//! kubeconfig impersonates the chart's ServiceAccount (and has nothing else) run workflows
 //! through every write the Workflow controller makes, with no 403 in its log. And it is no
 //! more than that: SubjectAccessReviews show what the ServiceAccount may not do, and what
 //! the aggregated view/edit/admin roles give people. The NamespaceManager controller's rules
@@ -48,6 +48,9 @@ impl Drop for ClusterScoped {
             .output();
     }
 }
+
+/// The replicas the test runs with the chart's rights.
+const REPLICAS: [&str; 3] = ["r1", "r2", "r3"];
 
 /// The lines of a replica's log where the API server refused it.
 fn refusals(log: &Path) -> Vec<String> {
@@ -299,10 +302,13 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
     op.extra_args = ["--shards", "8", "--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s"].iter().map(|s| s.to_string()).collect();
     let kubeconfig = impersonating(&op.dir, &user);
     let kc = kubeconfig.display().to_string();
-    // Event publishing failures are logged at debug level only.
-    op.start_with("r1", "r1", &[("KUBECONFIG", kc.as_str()), ("RUST_LOG", "info,kube=warn,shoal::ha::writer=debug")]);
-    let log = op.dir.join("r1.stderr");
-    let _show = ShowRefusals(log.clone());
+    // Three replicas, as `helm install` runs them (the shards, and so the writes, are spread
+    // over them). Event publishing failures are logged at debug level only.
+    for r in REPLICAS {
+        op.start_with(r, r, &[("KUBECONFIG", kc.as_str()), ("RUST_LOG", "info,kube=warn,shoal::ha::writer=debug")]);
+    }
+    let logs: Vec<PathBuf> = REPLICAS.iter().map(|r| op.dir.join(format!("{r}.stderr"))).collect();
+    let _show: Vec<ShowRefusals> = logs.iter().cloned().map(ShowRefusals).collect();
 
     let api: Api<Workflow> = Api::namespaced(client.clone(), &work);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &work);
@@ -371,18 +377,20 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
     }
 
     // A graceful stop releases every Lease and deletes its member Lease (update, delete).
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(op.pid("r1")), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = eventually(Duration::from_secs(30), "r1 to exit", || {
-        let r = op.replicas.iter_mut().find(|r| r.name == "r1").unwrap().child.try_wait().unwrap();
-        async move { r }
-    })
-    .await;
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(status.success(), "r1 exited with {status}:\n{text}");
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ops);
-    assert!(leases.get_opt("shoal-member-r1").await.unwrap().is_none(), "the member Lease was not deleted");
-    assert!(refusals(&log).is_empty(), "the API server refused the replica (its refused requests are printed below)");
-    assert!(text.contains("shoal started"), "{text}");
+    for (r, log) in REPLICAS.iter().zip(&logs) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(op.pid(r)), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = eventually(Duration::from_secs(30), &format!("{r} to exit"), || {
+            let done = op.replicas.iter_mut().find(|x| x.name == *r).unwrap().child.try_wait().unwrap();
+            async move { done }
+        })
+        .await;
+        let text = std::fs::read_to_string(log).unwrap();
+        assert!(status.success(), "{r} exited with {status}:\n{text}");
+        assert!(leases.get_opt(&format!("shoal-member-{r}")).await.unwrap().is_none(), "{r}'s member Lease was not deleted");
+        assert!(refusals(log).is_empty(), "the API server refused {r} (its refused requests are printed below)");
+        assert!(text.contains("shoal started"), "{text}");
+    }
 
     // People: view reads, edit and admin write, nobody writes status.
     if !watch_namespace {
