@@ -53,18 +53,6 @@ fn substitute(expr: &str) -> String {
     expr.replace("$__rate_interval", RATE_INTERVAL).replace("${job}", ".*").replace("$job", ".*").replace("${instance}", ".*").replace("$instance", ".*")
 }
 
-/// Whether this build has the OpenTelemetry pipeline (the OTLP exporter is used somewhere in
-/// src/); only then does a replica have trace ids to attach to its histograms.
-fn tracing_built_in() -> bool {
-    fn any_rs(dir: &Path, needle: &str) -> bool {
-        std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
-            let p = e.path();
-            if p.is_dir() { any_rs(&p, needle) } else { p.extension().is_some_and(|x| x == "rs") && std::fs::read_to_string(&p).is_ok_and(|s| s.contains(needle)) }
-        })
-    }
-    any_rs(&repo("src"), "opentelemetry_otlp")
-}
-
 fn prometheus_bin() -> PathBuf {
     let on_path = std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("prometheus")).find(|p| p.is_file()));
     on_path.or_else(|| Some(PathBuf::from("/usr/bin/prometheus")).filter(|p| p.is_file())).expect("no prometheus binary: install Debian's `prometheus` package (.ci/run does)")
@@ -178,10 +166,9 @@ async fn prometheus_scrapes_a_replica_and_every_panel_query_has_data() {
     let ops = common::namespace(&client, "prom-ops").await;
     let ns = common::namespace(&client, "prom").await;
     let mut op = Operator::new(&ops, &ns);
-    let tracing = tracing_built_in();
     // Traced to an endpoint nobody listens on: the spans (and their ids) exist; exporting fails.
     let otlp = format!("http://127.0.0.1:{}", free_port());
-    let env: Vec<(&str, &str)> = if tracing { vec![("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp), ("OTEL_SERVICE_NAME", "shoal")] } else { vec![] };
+    let env: Vec<(&str, &str)> = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp), ("OTEL_SERVICE_NAME", "shoal")];
     op.start_with("r1", "r1", &env);
     let port = op.replicas[0].metrics_port;
     eventually(T, "the replica to be ready", || async { (operator::http_get(port, "/readyz").await?.0 == 200).then_some(()) }).await;
@@ -232,22 +219,13 @@ async fn prometheus_scrapes_a_replica_and_every_panel_query_has_data() {
         assert!(values.as_array().is_some_and(|a| !a.is_empty()), "variable {}: {def} has no values", v["name"]);
     }
 
-    if tracing {
-        let end = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() + 1.0);
-        let start = format!("{}", started - 1.0);
-        for metric in ["controller_runtime_reconcile_time_seconds_bucket", "shoal_step_dispatch_latency_seconds_bucket"] {
-            let data = prom.api("/api/v1/query_exemplars", &[("query", metric), ("start", &start), ("end", &end)]).await.unwrap();
-            let ids: Vec<String> = data
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|s| s["exemplars"].as_array().cloned().unwrap_or_default())
-                .filter_map(|e| Some(e["labels"]["trace_id"].as_str()?.to_string()))
-                .collect();
-            assert!(ids.iter().any(|id| id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()) && id.chars().any(|c| c != '0')), "{metric}: no trace-id exemplar in {data}");
-        }
-    } else {
-        eprintln!("no OpenTelemetry pipeline in src/ yet: the exemplar check through Prometheus is skipped (see src/metrics/mod.rs for the unit test)");
+    let end = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() + 1.0);
+    let start = format!("{}", started - 1.0);
+    for metric in ["controller_runtime_reconcile_time_seconds_bucket", "shoal_step_dispatch_latency_seconds_bucket"] {
+        let data = prom.api("/api/v1/query_exemplars", &[("query", metric), ("start", &start), ("end", &end)]).await.unwrap();
+        let ids: Vec<String> =
+            data.as_array().into_iter().flatten().flat_map(|s| s["exemplars"].as_array().cloned().unwrap_or_default()).filter_map(|e| Some(e["labels"]["trace_id"].as_str()?.to_string())).collect();
+        assert!(ids.iter().any(|id| id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()) && id.chars().any(|c| c != '0')), "{metric}: no trace-id exemplar in {data}");
     }
     drop(prom);
     drop(op);
