@@ -428,7 +428,13 @@ where
 
     fn publish_size(&self) {
         let size = self.store.read().map(|s| s.objects.len()).unwrap_or(0);
-        self.own.metrics().cache_objects.get_or_create(&KindLabel { kind: self.kind.clone() }).set(size as i64);
+        // A kind cached for several owners (Jobs of workflows, workers and Tasks) is one
+        // series per cache, told apart by its owner label: `Job/shoal.dev/task-uid`.
+        let kind = match &self.selector {
+            Some(owner_label) => format!("{}/{owner_label}", self.kind),
+            None => self.kind.clone(),
+        };
+        self.own.metrics().cache_objects.get_or_create(&KindLabel { kind }).set(size as i64);
     }
 
     /// Follow shard acquisitions and releases until `shutdown`.
