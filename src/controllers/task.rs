@@ -484,8 +484,14 @@ fn trim_deliveries(st: &mut TaskStatus) {
 #[allow(clippy::too_many_arguments)]
 async fn start_run(t: &Task, uid: &str, ns: &str, run: &str, st: &mut TaskStatus, now: Timestamp, w: &Writer, ctx: &Ctx, events: &mut Events) -> Result<(), Error> {
     let Some(r) = st.runs.iter().find(|r| r.name == run).cloned() else { return Ok(()) };
-    let job = build(t, uid, &r, ctx)?;
-    match jobs::create(&w.api::<Job>(ns), &ctx.read::<StepJob>(ns), &job, KIND, uid).await? {
+    // Already created (by an earlier reconcile whose status write did not land: a conflict,
+    // or a write that outlived its fence): no second create.
+    let cached = ctx.jobs.get(&(ns.to_string(), run.to_string())).filter(|j| jobs::owned_by(j, KIND, uid));
+    let created = match cached {
+        Some(j) => jobs::Created::Ours(j.uid()),
+        None => jobs::create(&w.api::<Job>(ns), &ctx.read::<StepJob>(ns), &build(t, uid, &r, ctx)?, KIND, uid).await?,
+    };
+    match created {
         jobs::Created::New(_) | jobs::Created::Ours(_) => {
             if let Some(r) = st.runs.iter_mut().find(|r| r.name == run) {
                 r.phase = RunPhase::Running;
