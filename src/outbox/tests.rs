@@ -89,19 +89,7 @@ impl Fixture {
 }
 
 fn pending(target: &str) -> Delivery {
-    Delivery {
-        id: Outbox::delivery_id(&["uid-1", "expire", "3"]),
-        target: target.to_string(),
-        payload: String::new(),
-        state: DeliveryState::Pending,
-        attempts: 0,
-        last_error: None,
-        last_status: None,
-        created_at: None,
-        last_attempt_at: None,
-        next_attempt_at: None,
-        finished_at: None,
-    }
+    Delivery { created_at: None, ..Delivery::pending(Outbox::delivery_id(&["uid-1", "expire", "3"]), target.to_string(), String::new(), Timestamp::UNIX_EPOCH) }
 }
 
 fn secs(n: i64) -> Timestamp {

@@ -25,43 +25,8 @@ fi
 if alive jaeger; then
   echo "jaeger already running"
 elif [[ -x "$bin/jaeger" ]]; then
-  cat > "$dir/jaeger.yaml" <<'YAML'
-service:
-  extensions: [jaeger_storage, jaeger_query]
-  pipelines:
-    traces:
-      receivers: [otlp]
-      exporters: [jaeger_storage_exporter]
-  telemetry:
-    metrics:
-      level: none
-    logs:
-      level: warn
-extensions:
-  jaeger_storage:
-    backends:
-      memstore:
-        memory:
-          max_traces: 100000
-  jaeger_query:
-    storage:
-      traces: memstore
-    enable_tracing: false
-    http:
-      endpoint: 127.0.0.1:16686
-    grpc:
-      endpoint: 127.0.0.1:16685
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:4317
-      http:
-        endpoint: 127.0.0.1:4318
-exporters:
-  jaeger_storage_exporter:
-    trace_storage: memstore
-YAML
+  sed -e 's/{QUERY_HTTP}/16686/; s/{QUERY_GRPC}/16685/; s/{OTLP_GRPC}/4317/; s/{OTLP_HTTP}/4318/' \
+    "$(dirname "$0")/jaeger/config.yaml" > "$dir/jaeger.yaml"
   nohup "$bin/jaeger" --config "file:$dir/jaeger.yaml" > "$dir/jaeger.log" 2>&1 &
   echo $! > "$dir/jaeger.pid"
 else

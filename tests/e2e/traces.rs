@@ -46,48 +46,13 @@ impl Jaeger {
         let bin = common::bin_dir().join("jaeger");
         assert!(bin.is_file(), "{} is missing: run tests/cluster/build.sh (make cluster)", bin.display());
         let p = shoal::dev::free_ports(4).expect("free ports");
-        // Only what the test needs: OTLP in, the in-memory store, the query API; no metrics
-        // or health endpoints on fixed ports (tests run in parallel), and no traces of its
-        // own (it would send them to 127.0.0.1:4317, whoever listens there).
-        let config = format!(
-            r#"service:
-  extensions: [jaeger_storage, jaeger_query]
-  pipelines:
-    traces:
-      receivers: [otlp]
-      exporters: [jaeger_storage_exporter]
-  telemetry:
-    metrics:
-      level: none
-    logs:
-      level: warn
-extensions:
-  jaeger_storage:
-    backends:
-      memstore:
-        memory:
-          max_traces: 10000
-  jaeger_query:
-    storage:
-      traces: memstore
-    enable_tracing: false
-    http:
-      endpoint: 127.0.0.1:{}
-    grpc:
-      endpoint: 127.0.0.1:{}
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{}
-      http:
-        endpoint: 127.0.0.1:{}
-exporters:
-  jaeger_storage_exporter:
-    trace_storage: memstore
-"#,
-            p[0], p[1], p[2], p[3]
-        );
+        // The shared config (tests/cluster/jaeger/config.yaml) on free ports: tests run in
+        // parallel.
+        let config = include_str!("../cluster/jaeger/config.yaml")
+            .replace("{QUERY_HTTP}", &p[0].to_string())
+            .replace("{QUERY_GRPC}", &p[1].to_string())
+            .replace("{OTLP_GRPC}", &p[2].to_string())
+            .replace("{OTLP_HTTP}", &p[3].to_string());
         let path = dir.join("jaeger.yaml");
         std::fs::write(&path, config).unwrap();
         let log = dir.join("jaeger.log");
