@@ -1,5 +1,6 @@
-//! The chart's RBAC is enough, against the real API server: three `shoal run` replicas whose
-//! kubeconfig impersonates the chart's ServiceAccount (and has nothing else) run workflows
+//! The chart's RBAC is enough, against the real API server: three `shoal run` replicas
+//! authenticated as the chart's ServiceAccount (a token from `kubectl create token`, and
+//! nothing else) run workflows
 //! through every write the Workflow controller makes, with no 403 in its log. And it is no
 //! more than that: SubjectAccessReviews show what the ServiceAccount may not do, and what
 //! the aggregated view/edit/admin roles give people. The NamespaceManager controller's rules
@@ -87,13 +88,21 @@ fn drop_verb(docs: &mut [Value], spec: &str) {
     eprintln!("rbac: {verb} on {resource} removed from the chart's rules");
 }
 
-/// The test cluster's kubeconfig, acting as `user` (`users[].user.as`).
-fn impersonating(dir: &Path, user: &str) -> PathBuf {
+/// The test cluster's kubeconfig, authenticated as ServiceAccount `sa` of `ns` with a token
+/// from `kubectl create token` (and nothing else: the client certificate is dropped).
+fn as_service_account(dir: &Path, ns: &str, sa: &str) -> PathBuf {
+    let out = Command::new(common::bin_dir().join("kubectl"))
+        .args(["create", "token", sa, "-n", ns, "--duration", "1h"])
+        .env("KUBECONFIG", common::kubeconfig())
+        .output()
+        .expect("running kubectl create token");
+    assert!(out.status.success(), "kubectl create token: {}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let mut kc: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(common::kubeconfig()).unwrap()).unwrap();
     for u in kc["users"].as_array_mut().unwrap() {
-        u["user"]["as"] = json!(user);
+        u["user"] = json!({ "token": token });
     }
-    let path = dir.join("kubeconfig-impersonating");
+    let path = dir.join("kubeconfig-service-account");
     std::fs::write(&path, serde_yaml_ng::to_string(&kc).unwrap()).unwrap();
     path
 }
@@ -300,7 +309,7 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
     // A replica with the ServiceAccount's rights and nothing else.
     let mut op = Operator::new(&ops, &work);
     op.extra_args = ["--shards", "8", "--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s"].iter().map(|s| s.to_string()).collect();
-    let kubeconfig = impersonating(&op.dir, &user);
+    let kubeconfig = as_service_account(&op.dir, &ops, &sa);
     let kc = kubeconfig.display().to_string();
     // Three replicas, as `helm install` runs them (the shards, and so the writes, are spread
     // over them). Event publishing failures are logged at debug level only.
