@@ -13,6 +13,7 @@ pub mod controllers;
 pub mod core;
 pub mod dev;
 pub mod ha;
+pub mod loadtest;
 pub mod operator;
 pub mod outbox;
 pub mod telemetry;
