@@ -195,6 +195,7 @@ pub async fn run(args: &Args, sc: &Scenario, target: &Target) -> Result<Results>
     r.writes = Some(Writes::new(writes::delta(&totals_before, &totals_after), audit, fired));
     r.correctness = c;
     r.series = series;
+    super::run::cleanup_namespaces(target, &run).await;
     if let Some(t) = created_in {
         eprintln!("created {} managers in {t:.1} s; the first was due {base} s after its namespace", sc.count);
     }

@@ -92,6 +92,19 @@ pub async fn create_namespace(client: &Client, name: &str, run: &str) -> Result<
     Ok(())
 }
 
+/// Delete the namespaces of run `run` (on a cluster the harness did not start).
+pub async fn cleanup_namespaces(target: &Target, run: &str) {
+    if target.local.is_some() {
+        return;
+    }
+    let api: Api<Namespace> = Api::all(target.client.clone());
+    if let Ok(l) = api.list(&ListParams::default().labels(&format!("{RUN_LABEL}={run}"))).await {
+        for ns in l.items {
+            let _ = api.delete(&ns.name_any(), &DeleteParams::background()).await;
+        }
+    }
+}
+
 /// Retry a create a few times (the API server may refuse under load); true once it exists.
 pub async fn create_retrying<K>(api: &Api<K>, obj: &K) -> bool
 where
@@ -401,6 +414,7 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
     });
     r.writes = Some(Writes::new(writes::delta(&totals_before, &totals_after), audit, steps_done));
     r.correctness = Correctness::check(sc, &state, r.writes.as_ref(), &actions, &nss);
+    cleanup_namespaces(target, &run).await;
     r.fraction_of_ceiling = bare.as_ref().filter(|b| b.jobs_per_s > 0.0).map(|b| r.steps_per_s / b.jobs_per_s);
     r.bare = bare;
     r.series = series;

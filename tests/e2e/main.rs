@@ -14,6 +14,7 @@ mod health;
 mod helm;
 mod helm_chart;
 mod ignitor;
+mod loadtest;
 mod image;
 mod nsman;
 mod operator;
