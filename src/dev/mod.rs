@@ -387,7 +387,8 @@ fn audit_flags(dir: &Path, logs: &Path) -> Result<Vec<String>> {
         format!("--audit-log-path={}", logs.join("audit.log").display()),
         "--audit-log-mode=batch".into(),
         "--audit-log-format=json".into(),
-        "--audit-log-maxsize=0".into(),
+        // No rotation (its default is 100 MB): one file holds the whole run.
+        "--audit-log-maxsize=1000000".into(),
     ])
 }
 

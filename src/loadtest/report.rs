@@ -336,7 +336,11 @@ fn ms(x: f64) -> String {
 }
 
 fn opt(x: Option<f64>, digits: usize) -> String {
-    x.filter(|v| v.is_finite()).map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "n/a".into())
+    match x {
+        Some(v) if v.is_finite() => format!("{v:.digits$}"),
+        Some(v) if v > 0.0 => "+Inf (above the largest bucket)".into(),
+        _ => "n/a".into(),
+    }
 }
 
 fn date_dir(root: &Path, name: &str, started_at: &str) -> PathBuf {

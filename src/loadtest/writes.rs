@@ -85,15 +85,28 @@ pub fn client_of(user_agent: &str) -> String {
     if head.is_empty() { "unknown".into() } else { head.to_string() }
 }
 
+/// `path` and the files it was rotated into (`audit-<time>.log` beside it).
+fn audit_files(path: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("audit");
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{stem}-")) && n.ends_with(".log")))
+        .collect();
+    files.sort();
+    files.push(path.to_path_buf());
+    Ok(files)
+}
+
 /// Read the audit log, counting the writes whose request arrived in `[from, to]` (RFC 3339,
 /// compared as text: the API server writes them all in UTC with the same precision).
 pub fn read_audit(path: &Path, from: &str, to: &str) -> anyhow::Result<AuditWrites> {
     use std::io::BufRead;
     let mut out = AuditWrites::default();
     let mut creates: HashMap<String, u32> = HashMap::new();
-    let f = std::io::BufReader::new(std::fs::File::open(path)?);
-    for line in f.lines() {
-        let line = line?;
+    let lines = audit_files(path)?.into_iter().map(std::fs::File::open).collect::<Result<Vec<_>, _>>()?.into_iter().flat_map(|f| std::io::BufReader::new(f).lines());
+    for line in lines {
+        let Ok(line) = line else { continue };
         let Ok(ev) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
         let ts = ev["requestReceivedTimestamp"].as_str().unwrap_or("");
         if ts < from || ts > to || ev["stage"] != "ResponseComplete" {
