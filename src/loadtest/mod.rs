@@ -25,7 +25,7 @@ pub const USER_AGENT: &str = "shoal-loadtest";
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Scenario files or names in loadtest/scenarios (several: run in turn, each on a fresh
-    /// control plane, and compare them).
+    /// control plane, and compare them); with --compare, report directories.
     #[arg(required = true)]
     pub scenarios: Vec<String>,
     /// Drive an existing cluster (its operator already installed) instead of starting a
@@ -60,6 +60,9 @@ pub struct Args {
     /// Keep the local control plane running after the run (for a look around).
     #[arg(long)]
     pub keep: bool,
+    /// Run nothing: compare the reports in the given directories (their results.json).
+    #[arg(long)]
+    pub compare: bool,
 }
 
 /// Find a scenario by path or by name in loadtest/scenarios.
@@ -72,6 +75,12 @@ pub fn load_scenario(s: &str) -> anyhow::Result<Scenario> {
 
 /// Run every scenario in turn and write the reports; returns the report directories.
 pub async fn main(args: Args) -> anyhow::Result<Vec<PathBuf>> {
+    if args.compare {
+        let rs: Vec<report::Results> = args.scenarios.iter().map(|d| Ok(serde_json::from_slice(&std::fs::read(PathBuf::from(d).join("results.json"))?)?)).collect::<anyhow::Result<_>>()?;
+        let dir = report::write_comparison(&args.reports, &rs.iter().collect::<Vec<_>>())?;
+        eprintln!("comparison: {}", dir.join("report.md").display());
+        return Ok(vec![dir]);
+    }
     let mut done = Vec::new();
     let mut results = Vec::new();
     for s in &args.scenarios {

@@ -137,6 +137,16 @@ pub fn comparison_plots(dir: &Path, rs: &[&Results]) -> Vec<String> {
             c.sort_by(|a, b| a.0.total_cmp(&b.0));
             series.push(("bare-Job ceiling, Jobs/s".to_string(), c));
         }
+        let mut frac: Vec<(f64, f64)> = rs.iter().filter(|r| r.scenario.chaos.is_none()).filter_map(|r| Some((r.scenario.replicas as f64, r.fraction_of_ceiling? * 100.0))).collect();
+        frac.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if !frac.is_empty() {
+            keep(
+                dir,
+                "fraction-vs-replicas.png",
+                lines(&dir.join("fraction-vs-replicas.png"), "Fraction of the bare-Job ceiling against replica count", "replicas", "% of the ceiling", &[("shoal".into(), frac)]),
+                &mut out,
+            );
+        }
         keep(dir, "throughput-vs-replicas.png", lines(&dir.join("throughput-vs-replicas.png"), "Throughput against replica count", "replicas", "steps/s", &series), &mut out);
     }
     let cdfs: Vec<(String, Vec<(f64, f64)>)> = rs.iter().filter(|r| !r.dispatch_latencies.is_empty()).map(|r| (r.scenario.name.clone(), cdf(&r.dispatch_latencies, 400))).collect();

@@ -4,14 +4,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Scenario;
 use super::observe::Observed;
 use super::stats::{Quantiles, quantiles, rate_series};
 use super::writes::{AuditWrites, is_event};
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Machine {
     pub cpus: usize,
     pub cpu_model: String,
@@ -48,7 +48,7 @@ impl Machine {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bare {
     pub jobs: usize,
     pub created: usize,
@@ -62,7 +62,7 @@ pub struct Bare {
     pub interrupted: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplicaFigures {
     pub name: String,
     pub cpu_s: f64,
@@ -70,7 +70,7 @@ pub struct ReplicaFigures {
     pub kills: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cpu {
     pub replicas: Vec<ReplicaFigures>,
     /// Operator CPU seconds from the first create to the end (all replicas, all processes).
@@ -89,7 +89,7 @@ pub struct Cpu {
     pub operator_dispatch_p99_le: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Writes {
     /// `apiserver_request_total` deltas over the run, every client: "VERB resource" -> n.
     pub apiserver_request_total: BTreeMap<String, f64>,
@@ -110,7 +110,7 @@ impl Writes {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Correctness {
     pub created: usize,
     pub ended: usize,
@@ -194,7 +194,7 @@ impl Correctness {
 }
 
 /// One sample a second while the load runs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
     pub t: f64,
     pub created: usize,
@@ -205,7 +205,7 @@ pub struct Sample {
     pub control_plane_cpu: BTreeMap<String, f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     pub scenario: Scenario,
     pub started_at: String,
@@ -229,13 +229,13 @@ pub struct Results {
     /// NamespaceManager runs: lateness of each firing past its due time.
     pub lateness_s: Option<Quantiles>,
     pub series: Vec<Sample>,
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub completion_latencies: Vec<f64>,
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub dispatch_latencies: Vec<f64>,
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub end_times: Vec<f64>,
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub step_end_times: Vec<f64>,
 }
 

@@ -1,8 +1,8 @@
 //! Quantiles and series over what was observed: plain functions over plain numbers.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Quantiles {
     pub n: usize,
     pub p50: f64,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use kube::Client;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 const WRITE_VERBS: [&str; 5] = ["POST", "PUT", "PATCH", "DELETE", "APPLY"];
 
@@ -40,7 +40,7 @@ pub fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> B
 }
 
 /// Writes from the audit log within a time window, by client and "verb resource[/sub]".
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct AuditWrites {
     /// client -> "verb resource" -> count.
     pub by_client: BTreeMap<String, BTreeMap<String, u64>>,

@@ -31,6 +31,7 @@ async fn quick_scenario_is_correct() {
         no_bare: true,
         quiet: true,
         keep: false,
+        compare: false,
     };
     let r = run_scenario(&args, &sc).await.expect("the quick scenario runs");
     let c = &r.correctness;
