@@ -127,6 +127,7 @@ pub fn comparison_plots(dir: &Path, rs: &[&Results]) -> Vec<String> {
     if !font() {
         return out;
     }
+    let rs: Vec<&Results> = rs.iter().copied().filter(|r| r.scenario.kind == super::scenario::Kind::Workflows).collect();
     let mut by_replicas: Vec<(f64, f64)> = rs.iter().filter(|r| r.scenario.chaos.is_none()).map(|r| (r.scenario.replicas as f64, r.steps_per_s)).collect();
     by_replicas.sort_by(|a, b| a.0.total_cmp(&b.0));
     if by_replicas.len() > 1 {
