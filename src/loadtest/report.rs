@@ -384,19 +384,30 @@ fn markdown(r: &Results, plots: &[String]) -> String {
     if r.interrupted || r.timed_out {
         let _ = writeln!(s, "**Partial run: {}.** The figures cover what was measured until then.\n", if r.interrupted { "stopped by Ctrl-C" } else { "timed out" });
     }
-    let _ = writeln!(
-        s,
-        "Scenario: {} {:?} workflows × {} steps ({} each), {:.0} % failing on purpose, over {} namespaces, {}, {} replica(s){}.\n",
-        sc.count,
-        sc.shape,
-        sc.steps_per_workflow(),
-        super::scenario::go_duration(sc.step_duration),
-        sc.failure_fraction * 100.0,
-        sc.namespaces,
-        if sc.arrival_rate > 0.0 { format!("{} a second", sc.arrival_rate) } else { "all at once".into() },
-        sc.replicas,
-        sc.chaos.as_ref().map(|c| format!(", one replica kill -9ed every {} and started again", super::scenario::go_duration(c.every))).unwrap_or_default()
-    );
+    if sc.kind == super::scenario::Kind::Namespacemanagers {
+        let _ = writeln!(
+            s,
+            "Scenario: {} TTL NamespaceManagers over {} namespaces, each firing one webhook at the harness, due over {} once all exist, {} replica(s). Per-step figures below are per firing.\n",
+            sc.count,
+            sc.namespaces,
+            super::scenario::go_duration(sc.ttl_spread),
+            sc.replicas
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "Scenario: {} {:?} workflows × {} steps ({} each), {:.0} % failing on purpose, over {} namespaces, {}, {} replica(s){}.\n",
+            sc.count,
+            sc.shape,
+            sc.steps_per_workflow(),
+            super::scenario::go_duration(sc.step_duration),
+            sc.failure_fraction * 100.0,
+            sc.namespaces,
+            if sc.arrival_rate > 0.0 { format!("{} a second", sc.arrival_rate) } else { "all at once".into() },
+            sc.replicas,
+            sc.chaos.as_ref().map(|c| format!(", one replica kill -9ed every {} and started again", super::scenario::go_duration(c.every))).unwrap_or_default()
+        );
+    }
 
     let c = &r.correctness;
     let _ = writeln!(s, "## Correctness: {}\n", if c.ok { "every check passed" } else { "**FAILED**" });
@@ -458,8 +469,11 @@ fn markdown(r: &Results, plots: &[String]) -> String {
         }
         let _ = writeln!(
             s,
-            "\nOperator CPU over the run: {:.2} s = **{:.2} ms per completed step** (summed over replicas); idle upkeep (Leases) {:.3} CPU-s/s, so the work itself {:.2} ms per step.\n",
-            cpu.total_s, cpu.per_step_ms, cpu.idle_rate_s_per_s, cpu.per_step_ms_net_of_idle
+            "\nOperator CPU over the run: {:.2} s = **{:.2} ms per completed step** (summed over replicas); idle upkeep (Leases) {:.3} CPU-s/s, so the work itself {} ms per step.\n",
+            cpu.total_s,
+            cpu.per_step_ms,
+            cpu.idle_rate_s_per_s,
+            opt(Some(cpu.per_step_ms_net_of_idle).filter(|v| !v.is_nan()), 2)
         );
         if !cpu.control_plane_s.is_empty() {
             let _ = writeln!(s, "CPU seconds per component over the same window (who the bottleneck is):\n\n| component | CPU s | share of the machine's busy time |\n|---|---|---|");
