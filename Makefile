@@ -12,7 +12,7 @@ TEST_THREADS ?= 8
 PROFILE ?= release
 IMAGE ?= shoal:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: cluster build crds test lint demo demo-down fmt image
+.PHONY: cluster build crds test lint demo demo-down fmt image loadtest
 
 ## Build the local control plane into ~/.cache/shoal (a no-op when cached).
 cluster:
@@ -44,6 +44,13 @@ test: cluster build
 	$(SHOAL) dev up --dir $(TEST_CLUSTER)
 	SHOAL_TEST_KUBECONFIG=$(TEST_CLUSTER)/kubeconfig $(CARGO) test -- --test-threads=$(TEST_THREADS); \
 	  rc=$$?; $(SHOAL) dev down --dir $(TEST_CLUSTER); exit $$rc
+
+## The standard load scenarios, one after another, each on a fresh local control plane with
+## the operator's release build; reports in loadtest/reports/ (see loadtest/README.md).
+LOADTEST_SCENARIOS ?= diamond-1000-r1 diamond-1000-r2 diamond-1000-r3 diamond-1000-r3-chaos diamond-5000-r3 nsman-ttl-10000-r1
+loadtest: cluster
+	$(CARGO) build --release --bin shoal
+	target/release/shoal loadtest $(LOADTEST_SCENARIOS)
 
 ## Start the local control plane, Prometheus and Jaeger, install the CRDs, start two
 ## operator replicas (traced to Jaeger, scraped by Prometheus) and apply the samples.

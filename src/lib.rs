@@ -14,6 +14,7 @@ pub mod controllers;
 pub mod core;
 pub mod dev;
 pub mod ha;
+pub mod loadtest;
 pub mod metrics;
 pub mod operator;
 pub mod outbox;

@@ -30,6 +30,10 @@ enum Cmd {
         #[arg(short, long)]
         namespace: Option<String>,
     },
+    /// Drive a load scenario (loadtest/scenarios) and write a report with plots: on a fresh
+    /// local control plane with its own replicas by default, or on $KUBECONFIG's cluster
+    /// with --existing.
+    Loadtest(shoal::loadtest::Args),
     /// A local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok).
     Dev {
         #[command(subcommand)]
@@ -59,7 +63,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     // `dev up` polls the API server while it starts; the client's connect errors are expected
     // then and only noise.
-    let default_filter = if matches!(cli.cmd, Cmd::Dev { .. }) { "warn,kube_client=off" } else { "info" };
+    let default_filter = if matches!(cli.cmd, Cmd::Dev { .. } | Cmd::Loadtest(_)) { "warn,kube_client=off,kube_runtime=off" } else { "info" };
     // Traces only from the operator, and only when an OTLP endpoint is set.
     let (otel, instance) = match &cli.cmd {
         Cmd::Run(cfg) => (OtelSettings::from_env(|k| std::env::var(k).ok())?, Some(cfg.identity())),
@@ -91,6 +95,11 @@ async fn command(cmd: Cmd) -> Result<()> {
             let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
             let api: kube::Api<shoal::api::Workflow> = kube::Api::namespaced(client, &ns);
             print!("{}", shoal::core::graph::dot(&api.get(&workflow).await?));
+            Ok(())
+        }
+        Cmd::Loadtest(args) => {
+            let reports = shoal::loadtest::main(args).await?;
+            anyhow::ensure!(!reports.is_empty(), "no report written");
             Ok(())
         }
         Cmd::Dev { cmd: DevCmd::Up { dir, nodes } } => {

@@ -61,11 +61,14 @@ pub struct UpOptions {
     pub build: bool,
     /// Install shoal's CRDs.
     pub install_crds: bool,
+    /// Write an audit log of every write request (verb, resource, user agent) to
+    /// `DIR/logs/audit.log`; the load tests count writes per client from it.
+    pub audit: bool,
 }
 
 impl UpOptions {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), nodes: 3, build: true, install_crds: true }
+        Self { dir: dir.into(), nodes: 3, build: true, install_crds: true, audit: false }
     }
 }
 
@@ -252,6 +255,7 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
     )?;
     let stages = dir.join("kwok-stages.yaml");
     std::fs::write(&stages, KWOK_STAGES)?;
+    let audit_flags = if opts.audit { audit_flags(&dir, &logs)? } else { vec![] };
 
     let started = Instant::now();
     let mut cluster = DevCluster { dir: dir.clone(), kubeconfig: kubeconfig.clone(), server: server.clone(), bin_dir: bin.clone(), processes: vec![], start_seconds: 0.0 };
@@ -302,7 +306,10 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
             "--max-mutating-requests-inflight=1000".into(),
             "--profiling=false".into(),
             "--v=0".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(audit_flags)
+        .collect(),
     )?;
     let client = wait_for_apiserver(&kubeconfig, Duration::from_secs(60), &cluster).await?;
 
@@ -366,6 +373,23 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
     cluster.start_seconds = started.elapsed().as_secs_f64();
     std::fs::write(state_path(&dir), serde_json::to_vec_pretty(&cluster)?)?;
     Ok(cluster)
+}
+
+/// Audit policy: metadata of every write (no reads, no bodies), written in batches so the
+/// log does not slow the requests it records.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: None\n  verbs: [get, list, watch]\n- level: Metadata\n";
+
+fn audit_flags(dir: &Path, logs: &Path) -> Result<Vec<String>> {
+    let policy = dir.join("audit-policy.yaml");
+    std::fs::write(&policy, AUDIT_POLICY)?;
+    Ok(vec![
+        format!("--audit-policy-file={}", policy.display()),
+        format!("--audit-log-path={}", logs.join("audit.log").display()),
+        "--audit-log-mode=batch".into(),
+        "--audit-log-format=json".into(),
+        // No rotation (its default is 100 MB): one file holds the whole run.
+        "--audit-log-maxsize=1000000".into(),
+    ])
 }
 
 /// Start one component, its output written (or appended) to `logs/<name>.log`.

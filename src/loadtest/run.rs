@@ -1,0 +1,456 @@
+//! One scenario, start to end: the control plane, the bare-Job ceiling, the replicas, the
+//! load, the sampling (and chaos) loop, then the figures.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+use super::observe::{BARE_LABEL, Observer};
+use super::procs::{self, Replicas};
+use super::report::{Bare, Correctness, Cpu, Machine, ReplicaFigures, Results, Sample, Writes};
+use super::{Args, Scenario, writes};
+use crate::api::Workflow;
+use crate::api::workflow::WorkflowPhase;
+
+/// Label on every namespace and object the harness creates.
+pub const RUN_LABEL: &str = "loadtest.shoal.dev/run";
+
+/// The cluster a run drives.
+pub struct Target {
+    pub kubeconfig: PathBuf,
+    /// The local control plane's directory, when the harness started it.
+    pub local: Option<PathBuf>,
+    pub client: Client,
+}
+
+impl Target {
+    pub async fn start(args: &Args, name: &str) -> Result<Self> {
+        if args.existing {
+            let kubeconfig = args.kubeconfig.clone().context("--existing needs KUBECONFIG or --kubeconfig")?;
+            let client = client(&kubeconfig).await?;
+            return Ok(Self { kubeconfig, local: None, client });
+        }
+        let dir = std::env::temp_dir().join(format!("shoal-loadtest-{name}-{:08x}", rand32()));
+        let mut opts = crate::dev::UpOptions::new(&dir);
+        opts.audit = true;
+        let c = crate::dev::up(&opts).await?;
+        let client = client(&c.kubeconfig).await?;
+        Ok(Self { kubeconfig: c.kubeconfig, local: Some(dir), client })
+    }
+
+    /// Stop the local control plane and remove its files (unless kept).
+    pub fn stop(&self, keep: bool) {
+        if let Some(dir) = &self.local {
+            if keep {
+                eprintln!("control plane left running: KUBECONFIG={}; stop: shoal dev down --dir {}", self.kubeconfig.display(), dir.display());
+                return;
+            }
+            let _ = crate::dev::down(dir);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    pub fn audit_log(&self) -> Option<PathBuf> {
+        self.local.as_ref().map(|d| d.join("logs/audit.log"))
+    }
+}
+
+/// A client whose requests the audit log names as the harness's.
+pub async fn client(kubeconfig: &Path) -> Result<Client> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    let mut cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    cfg.read_timeout = Some(Duration::from_secs(60));
+    cfg.headers.push((http::header::USER_AGENT, http::HeaderValue::from_str(&format!("{}/{}", super::USER_AGENT, env!("CARGO_PKG_VERSION")))?));
+    Ok(Client::try_from(cfg)?)
+}
+
+pub fn rand32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() as u32
+}
+
+pub fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+pub async fn create_namespace(client: &Client, name: &str, run: &str) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": {RUN_LABEL: run, "shoal.dev/test": "true"}}}))?;
+    api.create(&PostParams::default(), &ns).await?;
+    Ok(())
+}
+
+/// Delete the namespaces of run `run` (on a cluster the harness did not start).
+pub async fn cleanup_namespaces(target: &Target, run: &str) {
+    if target.local.is_some() {
+        return;
+    }
+    let api: Api<Namespace> = Api::all(target.client.clone());
+    if let Ok(l) = api.list(&ListParams::default().labels(&format!("{RUN_LABEL}={run}"))).await {
+        for ns in l.items {
+            let _ = api.delete(&ns.name_any(), &DeleteParams::background()).await;
+        }
+    }
+}
+
+/// Retry a create a few times (the API server may refuse under load); true once it exists.
+pub async fn create_retrying<K>(api: &Api<K>, obj: &K) -> bool
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    for attempt in 0..8u64 {
+        match api.create(&PostParams::default(), obj).await {
+            Ok(_) => return true,
+            Err(kube::Error::Api(e)) if e.code == 409 => return true,
+            Err(_) => tokio::time::sleep(Duration::from_millis(250 * (attempt + 1))).await,
+        }
+    }
+    false
+}
+
+/// The operator binary replicas run.
+pub fn shoal_bin(args: &Args) -> Result<PathBuf> {
+    match &args.shoal_bin {
+        Some(b) => Ok(b.clone()),
+        None => Ok(std::env::current_exe()?),
+    }
+}
+
+/// Run one scenario on a target of its own.
+pub async fn run_scenario(args: &Args, sc: &Scenario) -> Result<Results> {
+    let load_before = procs::loadavg();
+    let started_at = now_rfc3339();
+    eprintln!("== {}: {} (load average {:.2} {:.2} {:.2})", sc.name, sc.description, load_before[0], load_before[1], load_before[2]);
+    let target = Target::start(args, &sc.name).await?;
+    let result = match sc.kind {
+        super::scenario::Kind::Workflows => run_workflows(args, sc, &target).await,
+        super::scenario::Kind::Namespacemanagers => super::nsman::run(args, sc, &target).await,
+    };
+    target.stop(args.keep);
+    let mut r = result?;
+    r.started_at = started_at;
+    r.machine = Machine::here(load_before, procs::loadavg(), &shoal_bin(args)?, target.local.is_some());
+    Ok(r)
+}
+
+/// Namespaces `<prefix>NN`.
+pub fn namespace_names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i:02}")).collect()
+}
+
+pub async fn start_replicas(args: &Args, sc: &Scenario, target: &Target, run: &str, watch_ns: Option<String>) -> Result<Option<Replicas>> {
+    if args.existing && !args.start_replicas {
+        return Ok(None);
+    }
+    let ops = format!("lt-{run}-ops");
+    create_namespace(&target.client, &ops, run).await?;
+    let dir = std::env::temp_dir().join(format!("shoal-loadtest-{run}-replicas"));
+    std::fs::create_dir_all(&dir)?;
+    let mut reps = Replicas::new(shoal_bin(args)?, target.kubeconfig.clone(), ops, watch_ns, dir);
+    for i in 1..=sc.replicas {
+        reps.start(&format!("r{i}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let held = reps.metric_sum("shoal_shards_owned").await;
+        if held >= 32.0 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the replicas hold {held} of 32 shards after 180 s; logs in {}", reps.dir.display());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(Some(reps))
+}
+
+pub fn progress(args: &Args, len: usize, what: &str) -> ProgressBar {
+    if args.quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    let style = ProgressStyle::with_template(&format!("{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {what} {{msg}}")).unwrap_or_else(|_| ProgressStyle::default_bar());
+    pb.set_style(style.progress_chars("=> "));
+    pb
+}
+
+/// The bare-Job ceiling: `n` plain Jobs (same pod duration, same namespaces' count), no
+/// operator, all created at once; Jobs finished per second. Their namespaces are deleted
+/// afterwards, and the run waits until they are gone, so the operator's run starts clean.
+async fn bare_ceiling(args: &Args, sc: &Scenario, target: &Target, run: &str, obs: &Observer) -> Result<Bare> {
+    let n = sc.count * sc.steps_per_workflow();
+    let nss = namespace_names(&format!("lt-{run}-b"), sc.namespaces);
+    for ns in &nss {
+        create_namespace(&target.client, ns, run).await?;
+    }
+    let totals_before = writes::request_totals(&target.client).await.unwrap_or_default();
+    let audit_from = now_rfc3339();
+    let pb = progress(args, n, "bare Jobs done");
+    let t_start = obs.now();
+    let delay = super::scenario::go_duration(sc.step_duration);
+    let client = target.client.clone();
+    let nss2 = nss.clone();
+    let creator = tokio::spawn(async move {
+        futures::stream::iter(0..n)
+            .map(|i| {
+                let api: Api<Job> = Api::namespaced(client.clone(), &nss2[i % nss2.len()]);
+                let delay = delay.clone();
+                async move {
+                    let job: Job = serde_json::from_value(json!({
+                        "metadata": {"name": format!("bare-{i:06}"), "labels": {BARE_LABEL: "true"}},
+                        "spec": {"backoffLimit": 0, "template": {
+                            "metadata": {"annotations": {crate::dev::DELAY_ANNOTATION: delay}},
+                            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox", "command": ["true"]}]}}}
+                    }))
+                    .expect("a Job");
+                    create_retrying(&api, &job).await
+                }
+            })
+            .buffer_unordered(32)
+            .filter(|ok| futures::future::ready(*ok))
+            .count()
+            .await
+    });
+    let deadline = Instant::now() + sc.timeout;
+    let mut interrupted = false;
+    loop {
+        let done = obs.state.lock().map(|s| s.bare.values().filter(|j| j.done.is_some()).count()).unwrap_or(0);
+        pb.set_position(done as u64);
+        if done >= n || Instant::now() > deadline {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::signal::ctrl_c() => { interrupted = true; break; }
+        }
+    }
+    pb.finish_and_clear();
+    let created = if creator.is_finished() {
+        creator.await.unwrap_or(0)
+    } else {
+        creator.abort();
+        0
+    };
+    let (done, last) = {
+        let s = obs.state.lock().map_err(|_| anyhow::anyhow!("observer lock"))?;
+        (s.bare.values().filter(|j| j.done.is_some()).count(), s.bare.values().filter_map(|j| j.done).fold(t_start, f64::max))
+    };
+    let totals_after = writes::request_totals(&target.client).await.unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let audit = target.audit_log().and_then(|p| writes::read_audit(&p, &audit_from, &now_rfc3339()).ok());
+    let duration = last - t_start;
+    eprintln!("bare Jobs: {done}/{n} done in {duration:.1} s ({:.1} Jobs/s)", done as f64 / duration.max(1e-9));
+    // Clean ground for the operator's run.
+    let t_clean = Instant::now();
+    let api: Api<Namespace> = Api::all(target.client.clone());
+    for ns in &nss {
+        let _ = api.delete(ns, &DeleteParams::background()).await;
+    }
+    let clean_deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < clean_deadline && !interrupted {
+        let left =
+            api.list(&ListParams::default().labels(&format!("{RUN_LABEL}={run}"))).await.map(|l| l.items.iter().filter(|n| n.name_any().starts_with(&format!("lt-{run}-b"))).count()).unwrap_or(1);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(Bare {
+        jobs: n,
+        created,
+        done,
+        duration_s: duration,
+        jobs_per_s: done as f64 / duration.max(1e-9),
+        writes_by_verb: writes::delta(&totals_before, &totals_after),
+        audit,
+        cleanup_s: t_clean.elapsed().as_secs_f64(),
+        interrupted,
+    })
+}
+
+async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Results> {
+    let run = format!("{:06x}", rand32() & 0xff_ffff);
+    let obs = Observer::new(format!("lt-{run}-"));
+    let watches = obs.spawn(&target.client);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let bare = if sc.bare_jobs { Some(bare_ceiling(args, sc, target, &run, &obs).await?) } else { None };
+    if bare.as_ref().is_some_and(|b| b.interrupted) {
+        for w in &watches {
+            w.abort();
+        }
+        let mut r = Results::empty(sc);
+        r.interrupted = true;
+        r.bare = bare;
+        return Ok(r);
+    }
+
+    let nss = namespace_names(&format!("lt-{run}-w"), sc.namespaces);
+    for ns in &nss {
+        create_namespace(&target.client, ns, &run).await?;
+    }
+    let watch_ns = (args.existing && sc.namespaces == 1).then(|| nss[0].clone());
+    let mut reps = start_replicas(args, sc, target, &run, watch_ns).await?;
+    let cp_pids = target.local.as_deref().map(procs::control_plane_pids).unwrap_or_default();
+
+    // Idle CPU of the replicas for 5 s (Lease upkeep), so the work's own share can be told.
+    let idle_from = reps.as_ref().map(Replicas::total_cpu).unwrap_or(0.0);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cpu_at_start = reps.as_ref().map(Replicas::total_cpu).unwrap_or(0.0);
+    let idle_rate = (cpu_at_start - idle_from) / 5.0;
+
+    let totals_before = writes::request_totals(&target.client).await.unwrap_or_default();
+    let audit_from = now_rfc3339();
+    let cp_before: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
+    let busy_before = procs::machine_busy_s();
+    let t_load = obs.now();
+
+    let creator = spawn_creator(sc, &target.client, &nss, &run, &obs);
+    let pb = progress(args, sc.count, "workflows ended");
+    let deadline = Instant::now() + sc.timeout;
+    let mut series = Vec::new();
+    let mut interrupted = false;
+    let mut timed_out = false;
+    let mut next_kill = sc.chaos.as_ref().map(|c| Instant::now() + c.every);
+    let mut victim = 0usize;
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut ctrl_c => { interrupted = true; }
+        }
+        let (ended, created, jobs_done) = {
+            let s = obs.state.lock().map_err(|_| anyhow::anyhow!("observer lock"))?;
+            (s.workflows.values().filter(|w| w.ended.is_some()).count(), s.workflows.values().filter(|w| w.created.is_some()).count(), s.jobs.values().filter(|j| j.done.is_some()).count())
+        };
+        let t = obs.now() - t_load;
+        let replicas = reps.as_mut().map(|r| r.poll()).unwrap_or_default();
+        let cp: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
+        series.push(Sample { t, created, ended, jobs_done, replicas: replicas.iter().map(|(n, c, m)| (n.clone(), (*c, *m))).collect(), control_plane_cpu: cp });
+        pb.set_position(ended as u64);
+        pb.set_message(format!("(created {created}, step Jobs done {jobs_done})"));
+        if args.quiet && series.len() % 10 == 0 {
+            eprintln!("{t:.0}s: created {created}, ended {ended}/{}, step Jobs done {jobs_done}", sc.count);
+        }
+        if interrupted || (ended >= sc.count && creator.is_finished()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            timed_out = true;
+            break;
+        }
+        if let (Some(at), Some(r), Some(chaos)) = (next_kill, reps.as_mut(), sc.chaos.as_ref())
+            && Instant::now() >= at
+        {
+            let i = victim % r.list.len();
+            r.kill_and_restart(i)?;
+            pb.println(format!("chaos: kill -9 {} at {t:.1}s, started again", r.list[i].name));
+            victim += 1;
+            next_kill = Some(at + chaos.every);
+        }
+    }
+    pb.finish_and_clear();
+    if !creator.is_finished() {
+        creator.abort();
+    }
+    let t_end = obs.now();
+    let cpu_total = reps.as_ref().map(Replicas::total_cpu).unwrap_or(0.0);
+    let cp_after: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
+    let busy = procs::machine_busy_s() - busy_before;
+    let totals_after = writes::request_totals(&target.client).await.unwrap_or_default();
+    let audit_to = now_rfc3339();
+    let pages = match &reps {
+        Some(r) => r.pages().await,
+        None => vec![],
+    };
+    let actions = reps.as_ref().map(Replicas::action_logs).unwrap_or_default();
+    let replica_figs: Vec<ReplicaFigures> = reps
+        .as_mut()
+        .map(|r| {
+            r.poll();
+            r.list.iter().map(|x| ReplicaFigures { name: x.name.clone(), cpu_s: x.cpu_s(), peak_rss_mb: x.peak_rss_mb, kills: x.kills }).collect()
+        })
+        .unwrap_or_default();
+    // Stop the operator before reading the audit log: its batches are flushed within a second.
+    let replica_dir = reps.as_ref().map(|r| r.dir.clone());
+    drop(reps);
+    for w in &watches {
+        w.abort();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let audit = target.audit_log().and_then(|p| writes::read_audit(&p, &audit_from, &audit_to).ok());
+    if let Some(d) = replica_dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    let state = std::mem::take(&mut *obs.state.lock().map_err(|_| anyhow::anyhow!("observer lock"))?);
+    let mut r = Results::empty(sc);
+    r.interrupted = interrupted;
+    r.timed_out = timed_out;
+    r.figures_from_observed(sc, &state, t_load, t_end);
+    let steps_done = r.steps_done as f64;
+    r.cpu = Some(Cpu {
+        replicas: replica_figs,
+        total_s: cpu_total - cpu_at_start,
+        idle_rate_s_per_s: idle_rate,
+        per_step_ms: (cpu_total - cpu_at_start) / steps_done.max(1.0) * 1000.0,
+        per_step_ms_net_of_idle: ((cpu_total - cpu_at_start) - idle_rate * (t_end - t_load)).max(0.0) / steps_done.max(1.0) * 1000.0,
+        control_plane_s: cp_after.iter().map(|(n, c)| (n.clone(), c - cp_before.get(n).copied().unwrap_or(0.0))).collect(),
+        machine_busy_s: busy,
+        window_s: t_end - t_load,
+        operator_dispatch_p50_le: crate::loadtest::report::histogram_quantile(&pages, "shoal_step_dispatch_latency_seconds", 0.5),
+        operator_dispatch_p99_le: crate::loadtest::report::histogram_quantile(&pages, "shoal_step_dispatch_latency_seconds", 0.99),
+    });
+    r.writes = Some(Writes::new(writes::delta(&totals_before, &totals_after), audit, steps_done));
+    r.correctness = Correctness::check(sc, &state, r.writes.as_ref(), &actions, &nss);
+    cleanup_namespaces(target, &run).await;
+    r.fraction_of_ceiling = bare.as_ref().filter(|b| b.jobs_per_s > 0.0).map(|b| r.steps_per_s / b.jobs_per_s);
+    r.bare = bare;
+    r.series = series;
+    Ok(r)
+}
+
+/// Create the workflows, all at once (32 in flight) or at the scenario's rate.
+fn spawn_creator(sc: &Scenario, client: &Client, nss: &[String], run: &str, obs: &Observer) -> tokio::task::JoinHandle<usize> {
+    let (sc, client, nss, run, obs) = (sc.clone(), client.clone(), nss.to_vec(), run.to_string(), obs.clone());
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        futures::stream::iter(0..sc.count)
+            .map(|i| {
+                let (client, ns, obs, run) = (client.clone(), nss[i % nss.len()].clone(), obs.clone(), run.clone());
+                let spec = sc.workflow_spec(i);
+                let at = (sc.arrival_rate > 0.0).then(|| start + Duration::from_secs_f64(i as f64 / sc.arrival_rate));
+                async move {
+                    if let Some(at) = at {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    let name = format!("w{i:05}");
+                    let wf: Workflow = serde_json::from_value(json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": name, "labels": {RUN_LABEL: run}}, "spec": spec}))
+                        .expect("a workflow");
+                    let api: Api<Workflow> = Api::namespaced(client, &ns);
+                    obs.created(&ns, &name);
+                    create_retrying(&api, &wf).await
+                }
+            })
+            .buffer_unordered(32)
+            .filter(|ok| futures::future::ready(*ok))
+            .count()
+            .await
+    })
+}
+
+/// The phase workflow `i` must end in.
+pub fn expected_phase(sc: &Scenario, i: usize) -> WorkflowPhase {
+    if sc.fails(i) { WorkflowPhase::Failed } else { WorkflowPhase::Completed }
+}

@@ -1,0 +1,261 @@
+//! A load scenario (one YAML file in `loadtest/scenarios/`) and the objects it makes: pure
+//! functions from the scenario to workflow specs, with no client.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// What a scenario drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[default]
+    Workflows,
+    /// TTL NamespaceManagers that fire a webhook to a receiver in the harness.
+    Namespacemanagers,
+}
+
+/// The DAG of every workflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    Chain,
+    /// `a`, then `b` and `c` in parallel, then `d` after both; further steps chain after `d`.
+    #[default]
+    Diamond,
+    /// One root, `fanout` leaves after it, one join after the leaves.
+    Fanout,
+    /// Each step depends on up to two earlier steps, chosen by a seeded generator.
+    Random,
+}
+
+/// Kill -9 one replica (round robin) every `every`, and start it again at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chaos {
+    #[serde(with = "humantime")]
+    pub every: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub kind: Kind,
+    #[serde(default)]
+    pub shape: Shape,
+    /// Steps per workflow (a fan-out has `fanout + 2`).
+    #[serde(default = "five")]
+    pub steps: usize,
+    #[serde(default = "eight")]
+    pub fanout: usize,
+    /// How long each step's pod runs (the kwok delay annotation), e.g. "1s".
+    #[serde(default = "one_second", with = "humantime")]
+    pub step_duration: Duration,
+    /// Fraction of workflows (0..1) with one step that exits 1, so the workflow fails.
+    #[serde(default)]
+    pub failure_fraction: f64,
+    /// Workflows (or NamespaceManagers) to create.
+    pub count: usize,
+    /// Objects created per second; 0 creates them all at once.
+    #[serde(default)]
+    pub arrival_rate: f64,
+    /// Operator replicas the harness starts on its own control plane.
+    #[serde(default = "one")]
+    pub replicas: usize,
+    #[serde(default)]
+    pub chaos: Option<Chaos>,
+    /// Namespaces the objects are spread over.
+    #[serde(default = "fifty")]
+    pub namespaces: usize,
+    /// Also time the same number of bare Jobs, with no operator, on the same control plane.
+    #[serde(default = "yes")]
+    pub bare_jobs: bool,
+    /// Give up waiting after this long.
+    #[serde(default = "twenty_minutes", with = "humantime")]
+    pub timeout: Duration,
+    /// NamespaceManagers: TTLs are spread over this window, starting once all exist.
+    #[serde(default = "one_minute", with = "humantime")]
+    pub ttl_spread: Duration,
+}
+
+fn five() -> usize {
+    5
+}
+fn eight() -> usize {
+    8
+}
+fn one() -> usize {
+    1
+}
+fn fifty() -> usize {
+    50
+}
+fn yes() -> bool {
+    true
+}
+fn one_second() -> Duration {
+    Duration::from_secs(1)
+}
+fn one_minute() -> Duration {
+    Duration::from_secs(60)
+}
+fn twenty_minutes() -> Duration {
+    Duration::from_secs(1200)
+}
+
+/// Durations as Go-style strings ("500ms", "2s", "1m", "1m30s").
+mod humantime {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::go_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::ha::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A duration as the kwok delay annotation reads it.
+pub fn go_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
+}
+
+impl Scenario {
+    pub fn from_yaml(s: &str) -> anyhow::Result<Self> {
+        let sc: Scenario = serde_yaml_ng::from_str(s)?;
+        sc.validate()?;
+        Ok(sc)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.count > 0, "count must be positive");
+        anyhow::ensure!(self.replicas > 0, "replicas must be positive");
+        anyhow::ensure!(self.namespaces > 0, "namespaces must be positive");
+        anyhow::ensure!((0.0..=1.0).contains(&self.failure_fraction), "failureFraction is a fraction");
+        anyhow::ensure!(self.steps > 0 || self.shape == Shape::Fanout, "steps must be positive");
+        Ok(())
+    }
+
+    /// The steps of every workflow, as (name, dependencies).
+    pub fn dag(&self) -> Vec<(String, Vec<String>)> {
+        dag(self.shape, self.steps, self.fanout)
+    }
+
+    pub fn steps_per_workflow(&self) -> usize {
+        self.dag().len()
+    }
+
+    /// Whether workflow `i` carries the failing step: spread evenly over the run.
+    pub fn fails(&self, i: usize) -> bool {
+        let f = self.failure_fraction;
+        f > 0.0 && ((i as f64 + 1.0) * f).floor() > (i as f64 * f).floor()
+    }
+
+    /// The spec of workflow `i`. A failing workflow fails at its last step, so it still runs
+    /// every other step.
+    pub fn workflow_spec(&self, i: usize) -> Value {
+        let dag = self.dag();
+        let delay = go_duration(self.step_duration);
+        let last = dag.len() - 1;
+        let containers: Vec<Value> = dag
+            .iter()
+            .enumerate()
+            .map(|(k, (name, deps))| {
+                let mut meta = json!({"annotations": {crate::dev::DELAY_ANNOTATION: delay}});
+                if k == last && self.fails(i) {
+                    meta["labels"] = json!({crate::dev::EXIT_CODE_LABEL: "1"});
+                }
+                json!({"stepName": name, "image": "busybox", "command": ["true"], "dependsOn": deps, "metadata": meta})
+            })
+            .collect();
+        json!({"containers": containers})
+    }
+}
+
+pub fn dag(shape: Shape, steps: usize, fanout: usize) -> Vec<(String, Vec<String>)> {
+    let name = |i: usize| format!("s{i}");
+    match shape {
+        Shape::Chain => (0..steps).map(|i| (name(i), if i == 0 { vec![] } else { vec![name(i - 1)] })).collect(),
+        Shape::Diamond if steps >= 4 => {
+            let mut d = vec![(name(0), vec![]), (name(1), vec![name(0)]), (name(2), vec![name(0)]), (name(3), vec![name(1), name(2)])];
+            d.extend((4..steps).map(|i| (name(i), vec![name(i - 1)])));
+            d
+        }
+        Shape::Diamond => dag(Shape::Chain, steps, fanout),
+        Shape::Fanout => {
+            let mut d = vec![(name(0), vec![])];
+            d.extend((1..=fanout).map(|i| (name(i), vec![name(0)])));
+            d.push((name(fanout + 1), (1..=fanout).map(name).collect()));
+            d
+        }
+        Shape::Random => {
+            // A fixed seed: every workflow has the same DAG, so runs compare.
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            (0..steps)
+                .map(|i| {
+                    let mut deps: Vec<String> = if i == 0 { vec![] } else { (0..2).map(|_| name((next() % i as u64) as usize)).collect() };
+                    deps.sort();
+                    deps.dedup();
+                    (name(i), deps)
+                })
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes() {
+        assert_eq!(dag(Shape::Diamond, 5, 0).iter().map(|(_, d)| d.len()).collect::<Vec<_>>(), vec![0, 1, 1, 2, 1]);
+        assert_eq!(dag(Shape::Chain, 3, 0)[2].1, vec!["s1".to_string()]);
+        let f = dag(Shape::Fanout, 0, 4);
+        assert_eq!((f.len(), f[5].1.len()), (6, 4));
+        let r = dag(Shape::Random, 20, 0);
+        for (i, (_, deps)) in r.iter().enumerate() {
+            assert!(deps.iter().all(|d| d[1..].parse::<usize>().unwrap() < i), "only earlier steps: acyclic");
+        }
+    }
+
+    #[test]
+    fn failure_fraction_spreads_evenly() {
+        let sc = Scenario::from_yaml("name: x\ncount: 1000\nfailureFraction: 0.1\n").unwrap();
+        assert_eq!((0..1000).filter(|&i| sc.fails(i)).count(), 100);
+        let none = Scenario::from_yaml("name: x\ncount: 10\n").unwrap();
+        assert!(!(0..10).any(|i| none.fails(i)));
+    }
+
+    #[test]
+    fn every_scenario_file_parses() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("loadtest/scenarios");
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let sc = Scenario::from_yaml(&std::fs::read_to_string(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert_eq!(Some(sc.name.as_str()), p.file_stem().and_then(|s| s.to_str()), "the name is the file's");
+        }
+    }
+
+    #[test]
+    fn durations_read_as_kwok_writes_them() {
+        let sc = Scenario::from_yaml("name: x\ncount: 1\nstepDuration: 500ms\nchaos: {every: 10s}\n").unwrap();
+        assert_eq!(go_duration(sc.step_duration), "500ms");
+        assert_eq!(sc.chaos.unwrap().every, Duration::from_secs(10));
+    }
+}
