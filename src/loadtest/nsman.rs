@@ -114,13 +114,7 @@ pub async fn run(args: &Args, sc: &Scenario, target: &Target) -> Result<Results>
     let cp_after: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
     let totals_after = writes::request_totals(&client).await.unwrap_or_default();
     let audit_to = now_rfc3339();
-    let figs: Vec<ReplicaFigures> = reps
-        .as_mut()
-        .map(|r| {
-            r.poll();
-            r.list.iter().map(|x| ReplicaFigures { name: x.name.clone(), cpu_s: x.cpu_s(), peak_rss_mb: x.peak_rss_mb, kills: x.kills }).collect()
-        })
-        .unwrap_or_default();
+    let figs: Vec<ReplicaFigures> = reps.as_mut().map(Replicas::figures).unwrap_or_default();
     let replica_dir = reps.as_ref().map(|r| r.dir.clone());
     drop(reps);
     if !creator.is_finished() {

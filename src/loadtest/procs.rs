@@ -71,6 +71,12 @@ fn free_port() -> Result<u16> {
 }
 
 impl Replicas {
+    /// Each replica's CPU, peak memory and kills, read once more now.
+    pub fn figures(&mut self) -> Vec<crate::loadtest::report::ReplicaFigures> {
+        self.poll();
+        self.list.iter().map(|x| crate::loadtest::report::ReplicaFigures { name: x.name.clone(), cpu_s: x.cpu_s(), peak_rss_mb: x.peak_rss_mb, kills: x.kills }).collect()
+    }
+
     pub fn new(bin: PathBuf, kubeconfig: PathBuf, ops_ns: String, watch_namespace: Option<String>, dir: PathBuf) -> Self {
         Self { bin, kubeconfig, ops_ns, watch_namespace, dir, list: vec![] }
     }

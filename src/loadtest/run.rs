@@ -375,13 +375,7 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
         None => vec![],
     };
     let actions = reps.as_ref().map(Replicas::action_logs).unwrap_or_default();
-    let replica_figs: Vec<ReplicaFigures> = reps
-        .as_mut()
-        .map(|r| {
-            r.poll();
-            r.list.iter().map(|x| ReplicaFigures { name: x.name.clone(), cpu_s: x.cpu_s(), peak_rss_mb: x.peak_rss_mb, kills: x.kills }).collect()
-        })
-        .unwrap_or_default();
+    let replica_figs: Vec<ReplicaFigures> = reps.as_mut().map(Replicas::figures).unwrap_or_default();
     // Stop the operator before reading the audit log: its batches are flushed within a second.
     let replica_dir = reps.as_ref().map(|r| r.dir.clone());
     drop(reps);

@@ -141,27 +141,9 @@ pub async fn metrics_page(port: u16) -> Option<String> {
     .ok()?
 }
 
-/// The upper bound of the histogram bucket holding quantile `q`, over the `_bucket` lines of
-/// `name` in several replicas' metrics pages (buckets summed across replicas).
-pub fn histogram_quantile(pages: &[String], name: &str, q: f64) -> Option<f64> {
-    let mut buckets: std::collections::BTreeMap<u64, (f64, f64)> = Default::default();
-    let prefix = format!("{name}_bucket{{le=\"");
-    for page in pages {
-        for line in page.lines() {
-            let Some(rest) = line.strip_prefix(&prefix) else {
-                continue;
-            };
-            let (le, count) = rest.split_once("\"} ")?;
-            let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-            let count: f64 = count.split_whitespace().next()?.parse().ok()?;
-            buckets.entry(le.to_bits()).or_insert((le, 0.0)).1 += count;
-        }
-    }
-    let mut sorted: Vec<(f64, f64)> = buckets.into_values().collect();
-    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = sorted.last()?.1;
-    sorted.into_iter().find(|(_, c)| *c >= q * total).map(|(le, _)| le)
-}
+/// The upper bound of the histogram bucket holding quantile `q` (buckets summed across the
+/// replicas' metrics pages): the load-test harness's own reading.
+pub use shoal::loadtest::report::histogram_quantile;
 
 /// GET `path` from a replica's HTTP server: (status code, body).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
