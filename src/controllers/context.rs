@@ -82,6 +82,22 @@ impl<S> Context<S> {
         }
     }
 
+    /// Merge-patch `obj` itself (its spec or metadata, not its status) through `w`, and
+    /// remember the version `obj` was read at as superseded, as [`Self::patch_status`] does:
+    /// a cached copy at that version predates this write, even though the write changed no
+    /// status (a controller that writes its status on top of the returned object would
+    /// otherwise plan again from the copy in between). Returns the updated object.
+    pub async fn patch<K, P>(&self, w: &Writer, obj: &K, patch: &Patch<P>) -> Result<K, WriteError>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+        P: Serialize + std::fmt::Debug,
+    {
+        let ns = obj.meta().namespace.clone().unwrap_or_default();
+        let updated = w.api::<K>(&ns).patch(&obj.name_any(), patch).await?;
+        self.superseded.mark((ns, obj.name_any()), obj.meta().resource_version.clone());
+        Ok(updated)
+    }
+
     /// The fenced writer for `obj` under `fence`.
     pub fn writer<K: Resource<DynamicType = ()>>(&self, fence: Fence, obj: &K) -> Writer {
         Writer::new(self.own.clone(), fence, self.clients.request.clone(), self.recorder.clone(), obj)
@@ -221,6 +237,37 @@ mod tests {
         assert!(!s.check(&key(), Some("12")));
         assert!(!s.check(&key(), Some("11")), "forgotten once a newer copy was seen");
         assert!(!s.check(&("ns".to_string(), "other".to_string()), Some("10")), "per object");
+    }
+
+    /// An API server stand-in that answers every request with `cm` at resourceVersion "12".
+    async fn serving_version_12() -> String {
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "t", "namespace": "ns", "uid": "u", "resourceVersion": "12"}, "data": {"k": "v"}}).to_string();
+        let app = axum::Router::new().fallback(move || std::future::ready(([(axum::http::header::CONTENT_TYPE, "application/json")], cm.clone())));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_copy_at_the_version_a_spec_patch_replaced_is_stale() {
+        use crate::ha::{HaConfig, HaMetrics};
+        use prometheus_client::registry::Registry;
+        let client = kube::Client::try_from(kube::Config::new(serving_version_12().await.parse().unwrap())).unwrap();
+        let recorder = Recorder::new(client.clone(), kube::runtime::events::Reporter { controller: "t".into(), instance: None });
+        let cfg = HaConfig { shards: 4, lease_duration: Duration::from_secs(10), renew_deadline: Duration::from_secs(5), ..Default::default() };
+        let own = Ownership::new(cfg, "me".into(), "ops".into(), HaMetrics::new(&mut Registry::default()), None);
+        own.hold_for_test(1, 1, std::time::Instant::now());
+        let fence = Fence { shard: 1, transitions: 1 };
+        let ctx = Context::new(Clients { watch: client.clone(), request: client }, recorder, own, Duration::from_secs(60), ());
+        let at = |rv: &str| -> k8s_openapi::api::core::v1::ConfigMap { serde_json::from_value(json!({"metadata": {"name": "t", "namespace": "ns", "uid": "u", "resourceVersion": rv}})).unwrap() };
+        let w = ctx.begin(fence, &at("11")).expect("nothing written yet");
+        // A spec patch of copy 11 (a status written on top of its result comes next): copy 11,
+        // which the watch may still deliver, predates it and is not planned from again.
+        let updated = ctx.patch(&w, &at("11"), &Patch::Merge(json!({"data": {"k": "v"}}))).await.unwrap();
+        assert_eq!(updated.metadata.resource_version.as_deref(), Some("12"));
+        assert!(ctx.begin(fence, &at("11")).is_none(), "the copy the patch replaced is stale");
+        assert!(ctx.begin(fence, &at("12")).is_some(), "the patched copy is current");
     }
 
     #[test]

@@ -176,7 +176,7 @@ async fn reconcile_owned(m: &NamespaceManager, w: &Writer, ctx: &Ctx) -> Result<
     // An action that was recorded is carried through, whatever changed since: it may already
     // have had its effect, so it is never dropped or decided again.
     if let Some(a) = status.action.as_ref().filter(|a| a.state == ActionState::Pending) {
-        return carry_out(m, a.clone(), rec, w, ctx, now).await;
+        return carry_out(m, a.clone(), rec, w, ctx, now, &mut None).await;
     }
     if let Some(a) = &status.action {
         if a.generation >= generation || deactivated {
@@ -308,7 +308,6 @@ async fn reconcile_owned(m: &NamespaceManager, w: &Writer, ctx: &Ctx) -> Result<
         return record(m, rec, w, ctx, Action::AwaitChange).await;
     }
     rec.state(true, true, false, "PolicyFired", &format!("policy {} fired: {what}", p.name));
-    rec.event(EventType::Normal, "PolicyFired", format!("policy {} fired ({}): {what}", p.name, fired_because(p)));
     rec.status.action = Some(action.clone());
     let Some(m) = write(m, &rec.status, w, ctx).await? else {
         // Refused (the object changed since it was read): nothing was decided; plan again.
@@ -320,7 +319,15 @@ async fn reconcile_owned(m: &NamespaceManager, w: &Writer, ctx: &Ctx) -> Result<
     {
         ctx.metrics.ttl_lateness.observe(now.duration_since(due).as_secs_f64().max(0.0), crate::metrics::current_exemplar(), None);
     }
-    carry_out(&m, action, rec, w, ctx, now).await
+    // One Event per firing when the action finishes right here: its outcome Event says why it
+    // fired. `PolicyFired` only when the action goes on in a later reconcile (a retry, a
+    // backoff, an error), so that the firing is reported when it happens.
+    let mut fired = Some(format!("policy {} fired ({}): {what}", p.name, fired_because(p)));
+    let r = carry_out(&m, action, rec, w, ctx, now, &mut fired).await;
+    if let Some(note) = fired {
+        w.event(EventType::Normal, "PolicyFired", note, None).await;
+    }
+    r
 }
 
 fn describe(p: &Policy, target: &str) -> String {
@@ -339,8 +346,12 @@ fn fired_because(p: &Policy) -> String {
     }
 }
 
-/// Carry out the recorded (Pending) action `a` of `m`, then record how it went.
-async fn carry_out(m: &NamespaceManager, mut a: ActionStatus, mut rec: Record, w: &Writer, ctx: &Ctx, now: Timestamp) -> Result<Action, Error> {
+/// Carry out the recorded (Pending) action `a` of `m`, then record how it went. `fired` is
+/// the `PolicyFired` note when this reconcile fired the policy: taken when the action
+/// finishes here (its outcome Event then says why it fired), left for the caller to publish
+/// when the action goes on later.
+#[allow(clippy::too_many_arguments)]
+async fn carry_out(m: &NamespaceManager, mut a: ActionStatus, mut rec: Record, w: &Writer, ctx: &Ctx, now: Timestamp, fired: &mut Option<String>) -> Result<Action, Error> {
     // The fired policy, as the spec has it now. A policy removed while its action was under
     // way: a DELETE or a webhook (its payload is recorded) is finished anyway; a SCALE_DOWN,
     // whose selectors went with it, stops there.
@@ -369,36 +380,46 @@ async fn carry_out(m: &NamespaceManager, mut a: ActionStatus, mut rec: Record, w
     };
     let label = |outcome: &str| ActionLabels { action: verb(a.type_).into(), outcome: outcome.into() };
     a.finished_at = Some(Time(now));
+    // The version the outcome is written on: the deactivated one when this reconcile
+    // deactivates the manager.
+    let mut base = std::borrow::Cow::Borrowed(m);
+    // The outcome Event's subject: why the policy fired, when it fired in this reconcile.
+    let mut subject = || fired.take().unwrap_or_else(|| format!("policy {}", a.policy));
     match outcome {
         Ok(msg) => {
             // Deactivate first: a recorded success then always means "deactivated".
             if m.spec.deactivated != Some(true) {
                 let patch = json!({"spec": {"deactivated": true}});
-                match w.api::<NamespaceManager>(&m.namespace().unwrap_or_default()).patch(&m.name_any(), &Patch::Merge(&patch)).await {
+                match ctx.patch(w, m, &Patch::Merge(&patch)).await {
+                    // The patch changed no status, so the status on top of the version it made
+                    // is still the one this was planned from: the outcome is written there (no
+                    // 409), and names the new generation, so that the reconcile our own change
+                    // wakes has nothing left to write.
+                    Ok(deactivated) if deactivated.status == m.status && deactivated.metadata.uid == m.metadata.uid => base = std::borrow::Cow::Owned(deactivated),
                     Ok(_) => {}
                     // Gone with its namespace (a DELETE of its own namespace): nothing to record.
                     Err(e) if e.code() == Some(404) => return Ok(Action::AwaitChange),
                     Err(e) => return Err(e.into()),
                 }
             }
+            rec.generation = base.metadata.generation.unwrap_or(rec.generation);
+            rec.status.observed_generation = Some(rec.generation);
             a.state = ActionState::Succeeded;
             a.message = Some(msg.clone());
             rec.state(false, false, false, "ActionSucceeded", &format!("{msg}; deactivated"));
-            rec.event(EventType::Normal, "ActionSucceeded", format!("policy {}: {msg}; the manager is deactivated", a.policy));
+            rec.event(EventType::Normal, "ActionSucceeded", format!("{}: {msg}; the manager is deactivated", subject()));
             rec.finished = Some(label("succeeded"));
         }
         Err(msg) => {
             a.state = ActionState::Failed;
             a.message = Some(msg.clone());
             rec.state(false, false, true, "ActionFailed", &msg);
-            rec.event(EventType::Warning, "ActionFailed", format!("policy {}: {msg}", a.policy));
+            rec.event(EventType::Warning, "ActionFailed", format!("{}: {msg}", subject()));
             rec.finished = Some(label("failed"));
         }
     }
     rec.status.action = Some(a);
-    // After the deactivation patch the precondition fails once; `write` makes it again on the
-    // new version, since the status is still the one this was planned from.
-    record(m, rec, w, ctx, Action::AwaitChange).await
+    record(&base, rec, w, ctx, Action::AwaitChange).await
 }
 
 enum Delivered {
@@ -539,9 +560,10 @@ async fn scale_down(p: &Policy, ns: &str, w: Option<&Writer>, ctx: &Ctx) -> Resu
 ///
 /// Only this controller writes a manager's status, and only the shard's owner runs it; so
 /// when the precondition fails but the server's status is still the one this write was
-/// planned from (the spec or metadata changed: a user's edit, or our own deactivation patch),
-/// the write is still the right successor and is made again on the new version. That keeps
-/// an outbox attempt's result from being lost to an unrelated edit.
+/// planned from (the spec or metadata changed: a user's edit), the write is still the right
+/// successor and is made again on the new version. That keeps an outbox attempt's result
+/// from being lost to an unrelated edit. (Our own deactivation patch causes no such retry:
+/// the outcome is written on the version that patch returned.)
 async fn write(m: &NamespaceManager, status: &NamespaceManagerStatus, w: &Writer, ctx: &Ctx) -> Result<Option<NamespaceManager>, Error> {
     let ns = m.namespace().unwrap_or_default();
     let mut base = std::borrow::Cow::Borrowed(m);

@@ -94,8 +94,11 @@ async fn ttl_delete_removes_the_namespace_and_deactivates() {
     assert!(st.action.unwrap().message.unwrap().contains(&format!("namespace {target} deleted")));
     let nss: Api<Namespace> = Api::all(client.clone());
     eventually(Duration::from_secs(120), "the namespace controller removes the namespace", || async { nss.get_opt(&target).await.unwrap().is_none().then_some(()) }).await;
-    wait_event(&client, &work, "del", "PolicyFired").await;
-    wait_event(&client, &work, "del", "ActionSucceeded").await;
+    // Done within the reconcile that fired it: one Event, saying why it fired and what it did.
+    let e = wait_event(&client, &work, "del", "ActionSucceeded").await;
+    let note = e.message.unwrap_or_default();
+    assert!(note.contains("policy ttl fired (TTL of 2s elapsed)") && note.contains(&format!("namespace {target} deleted")), "{note}");
+    assert!(events_of(&client, &work, "del").await.iter().all(|e| e.reason.as_deref() != Some("PolicyFired")), "no separate PolicyFired");
     common::cleanup(&client, &work).await;
 }
 
@@ -630,4 +633,89 @@ async fn a_crash_between_call_and_record_repeats_the_call_under_the_same_id() {
     assert!(d.attempts >= 1 && (d.attempts as usize) < got.len(), "the unrecorded attempt is not counted: {d:?}, {} requests", got.len());
     common::cleanup(&client, &work).await;
     common::cleanup(&client, &ops).await;
+}
+
+/// The operator's writes for one manager, from its replica's action log: each fenced write
+/// is logged before it is sent (a write answered 409 included), Events as `event:<reason>`.
+fn writes_of(op: &Operator, ns: &str, name: &str) -> Vec<String> {
+    let object = format!("{ns}/{name}");
+    let log = std::fs::read_to_string(op.dir.join("r1.actions")).unwrap_or_default();
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["object"] == object.as_str())
+        .filter_map(|r| r["action"].as_str().map(String::from))
+        .filter(|a| a != "reconcile")
+        .map(|a| a.split_whitespace().next().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// What a firing costs the API server (the load test's 10,000 managers were late because of
+/// it): a webhook delivered on its first attempt is three status patches (Armed when first
+/// seen, the recorded intent, the outcome written on top of the deactivation patch with the
+/// new observedGeneration), the deactivation patch and one Event, and nothing answered 409;
+/// the reconcile woken by our own writes writes nothing. An action that continues in a later
+/// reconcile (a retried webhook) keeps its PolicyFired Event; a DELETE costs the same as a
+/// webhook.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_firing_costs_three_status_patches_one_deactivation_and_one_event() {
+    let client = common::client().await;
+    let (work, op) = setup(&client, "nsm-writes", &["--allow-cross-namespace"]).await;
+    let port = op.replicas[0].metrics_port;
+    eventually(T, "the replica ready", || async { (crate::operator::http_get(port, "/readyz").await?.0 == 200).then_some(()) }).await;
+    let rx = Receiver::start(None).await;
+    let target = format!("{work}-t");
+    create_ns(&client, &target, json!({})).await;
+    let api: Api<NamespaceManager> = Api::namespaced(client.clone(), &work);
+    let conflicts = "rest_client_requests_total{code=\"409\",method=\"PATCH\"";
+    let conflicts_before = op.metric_sum_all(conflicts).await;
+    // Due 3 s from now, so that each is first seen armed.
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let ttl_from_now = |ns: Namespace| Timestamp::now().duration_since(ns.metadata.creation_timestamp.unwrap().0).as_secs_f64().ceil() as i64 + 3;
+    let own_ttl = ttl_from_now(nss.get(&work).await.unwrap());
+    api.create(&PostParams::default(), &manager("first", json!({"policies": [{"name": "p", "condition": ttl(own_ttl), "action": webhook(&rx.url("/first"))}]}))).await.unwrap();
+    let first = wait_action(&api, "first", ActionState::Succeeded).await;
+    // The first attempt is answered 500, the retry 200.
+    rx.respond_with(500, 1);
+    let (own_ttl, target_ttl) = (ttl_from_now(nss.get(&work).await.unwrap()), ttl_from_now(nss.get(&target).await.unwrap()));
+    api.create(&PostParams::default(), &manager("retried", json!({"policies": [{"name": "p", "condition": ttl(own_ttl), "action": webhook(&rx.url("/retried"))}]}))).await.unwrap();
+    api.create(&PostParams::default(), &manager("delete", json!({"namespace": target, "policies": [{"name": "p", "condition": ttl(target_ttl), "action": {"type": "DELETE"}}]}))).await.unwrap();
+    let retried = wait_action(&api, "retried", ActionState::Succeeded).await;
+    let deleted = wait_action(&api, "delete", ActionState::Succeeded).await;
+    // The reconciles woken by the last writes have run.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let conflicted = op.metric_sum_all(conflicts).await - conflicts_before;
+    for name in ["first", "retried", "delete"] {
+        println!("writes for {name}: {:?}", writes_of(&op, &work, name));
+    }
+    println!("PATCHes answered 409: {conflicted}");
+    let events = |w: Vec<String>| w.into_iter().filter(|a| a.starts_with("event:")).collect::<Vec<_>>();
+    let count = |w: &[String], verb: &str| w.iter().filter(|a| *a == verb).count();
+    let first_w = writes_of(&op, &work, "first");
+    assert_eq!((count(&first_w, "patch-status"), count(&first_w, "patch")), (3, 1), "first: {first_w:?}");
+    assert_eq!(events(first_w), ["event:ActionSucceeded"]);
+    let note = events_of(&client, &work, "first").await.into_iter().find(|e| e.reason.as_deref() == Some("ActionSucceeded")).and_then(|e| e.message).unwrap_or_default();
+    assert!(note.contains("TTL of") && note.contains("webhook delivered") && note.contains("deactivated"), "the one Event says why it fired and what was done: {note}");
+    let delete_w = writes_of(&op, &work, "delete");
+    assert_eq!((count(&delete_w, "patch-status"), count(&delete_w, "patch"), count(&delete_w, "delete")), (3, 1, 1), "delete: {delete_w:?}");
+    assert_eq!(events(delete_w), ["event:ActionSucceeded"]);
+    // Armed, intent, the failed attempt, the outcome; PolicyFired when recorded, since the
+    // action went on in a later reconcile.
+    let retried_w = writes_of(&op, &work, "retried");
+    assert_eq!((count(&retried_w, "patch-status"), count(&retried_w, "patch")), (4, 1), "retried: {retried_w:?}");
+    assert_eq!(events(retried_w), ["event:PolicyFired", "event:ActionSucceeded"]);
+    assert_eq!(conflicted, 0.0, "no status patch answered 409");
+    for m in [&first, &retried, &deleted] {
+        let st = m.status.clone().unwrap();
+        assert_eq!(m.spec.deactivated, Some(true));
+        assert_eq!(st.observed_generation, m.metadata.generation, "{}: the outcome names the deactivated generation", m.name_any());
+        assert!(st.conditions.iter().all(|c| c.observed_generation == m.metadata.generation), "{}: {:?}", m.name_any(), st.conditions);
+        let now = api.get(&m.name_any()).await.unwrap();
+        assert_eq!(now.metadata.resource_version, m.metadata.resource_version, "{}: nothing written after the outcome", m.name_any());
+    }
+    let ids: Vec<String> = rx.requests().iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids.len(), 3, "first once, retried twice: {ids:?}");
+
+    common::cleanup(&client, &work).await;
+    common::cleanup(&client, &target).await;
 }
