@@ -212,7 +212,7 @@ pub enum Created {
 /// existing Job's controller ownerReference.
 pub async fn create(api: &FencedApi<'_, Job>, read: &ReadApi<StepJob>, job: &Job, kind: &str, uid: &str) -> Result<Created, Error> {
     let name = job.name_any();
-    match api.create(job).await {
+    match api.create_as::<StepJob>(job).await {
         Ok(j) => Ok(Created::New(j.uid())),
         Err(e) if e.code() == Some(409) => Ok(match read.get_opt(&name).await? {
             Some(j) if owned_by(&j, kind, uid) => Created::Ours(j.uid()),

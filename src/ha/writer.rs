@@ -170,6 +170,22 @@ where
         self.writer.send(&Self::action("create", &name), self.api.create(&PostParams::default(), obj)).await
     }
 
+    /// Create `obj` and read the API server's answer as `R`, a slim view of `K`. A created
+    /// Job comes back with its pod template and managedFields, most of its bytes, while its
+    /// creator reads only the UID; decoding into a view that names only what is read skips
+    /// building the rest (the same reason the caches hold `StepJob`s).
+    pub async fn create_as<R: DeserializeOwned>(&self, obj: &K) -> Result<R, WriteError> {
+        let name = obj.meta().name.clone().unwrap_or_default();
+        let client = self.api.clone().into_client();
+        let url = self.api.resource_url().to_string();
+        let request = async move {
+            let body = serde_json::to_vec(obj).map_err(kube::Error::SerdeError)?;
+            let req = kube::core::Request::new(url).create(&PostParams::default(), body).map_err(kube::Error::BuildRequest)?;
+            client.request::<R>(req).await
+        };
+        self.writer.send(&Self::action("create", &name), request).await
+    }
+
     pub async fn patch<P: Serialize + Debug>(&self, name: &str, patch: &Patch<P>) -> Result<K, WriteError> {
         self.writer.send(&Self::action("patch", name), self.api.patch(name, &PatchParams::default(), patch)).await
     }

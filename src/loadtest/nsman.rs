@@ -114,6 +114,10 @@ pub async fn run(args: &Args, sc: &Scenario, target: &Target) -> Result<Results>
     let cp_after: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
     let totals_after = writes::request_totals(&client).await.unwrap_or_default();
     let audit_to = now_rfc3339();
+    let pages = match &reps {
+        Some(r) => r.pages().await,
+        None => vec![],
+    };
     let figs: Vec<ReplicaFigures> = reps.as_mut().map(Replicas::figures).unwrap_or_default();
     let replica_dir = reps.as_ref().map(|r| r.dir.clone());
     drop(reps);
@@ -184,6 +188,7 @@ pub async fn run(args: &Args, sc: &Scenario, target: &Target) -> Result<Results>
         machine_busy_s: busy,
         window_s: elapsed,
         operator_dispatch_p50_le: None,
+        operator_breakdown: crate::loadtest::report::dispatch_breakdown(&pages, "namespacemanager"),
         operator_dispatch_p99_le: None,
     });
     r.writes = Some(Writes::new(writes::delta(&totals_before, &totals_after), audit, fired));

@@ -87,6 +87,9 @@ pub struct Cpu {
     /// The operator's own dispatch histogram (upper bucket bounds, surviving processes).
     pub operator_dispatch_p50_le: Option<f64>,
     pub operator_dispatch_p99_le: Option<f64>,
+    /// Where the operator's time goes: (what, p50, p99), upper bucket bounds in seconds.
+    #[serde(default)]
+    pub operator_breakdown: Vec<(String, Option<f64>, Option<f64>)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,6 +225,9 @@ pub struct Results {
     pub fraction_of_ceiling: Option<f64>,
     pub completion_latency_s: Quantiles,
     pub dispatch_latency_s: Quantiles,
+    /// The most workflows that existed and had not yet ended at one moment.
+    #[serde(default)]
+    pub peak_live_workflows: usize,
     pub cpu: Option<Cpu>,
     pub writes: Option<Writes>,
     pub bare: Option<Bare>,
@@ -255,6 +261,7 @@ impl Results {
             fraction_of_ceiling: None,
             completion_latency_s: Quantiles::default(),
             dispatch_latency_s: Quantiles::default(),
+            peak_live_workflows: 0,
             cpu: None,
             writes: None,
             bare: None,
@@ -285,7 +292,22 @@ impl Results {
         self.completion_latency_s = quantiles(&self.completion_latencies);
         self.dispatch_latencies = dispatch_latencies(sc, st);
         self.dispatch_latency_s = quantiles(&self.dispatch_latencies);
+        self.peak_live_workflows = peak_live(st.workflows.values().filter_map(|w| Some((w.created?, w.ended))));
     }
+}
+
+/// The most intervals (created, ended or still running) open at one moment.
+pub fn peak_live(spans: impl Iterator<Item = (f64, Option<f64>)>) -> usize {
+    // Ends sort before starts at the same instant: a workflow that ended as another began
+    // was not live with it.
+    let mut edges: Vec<(f64, i64)> = spans.flat_map(|(c, e)| std::iter::once((c, 1)).chain(e.map(|e| (e, -1)))).collect();
+    edges.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut live, mut peak) = (0i64, 0i64);
+    for (_, d) in edges {
+        live += d;
+        peak = peak.max(live);
+    }
+    peak as usize
 }
 
 /// For every step with dependencies: its Job's appearance minus the latest finish of the
@@ -316,11 +338,21 @@ pub fn dispatch_latencies(sc: &Scenario, st: &Observed) -> Vec<f64> {
 
 /// The upper bound of the bucket holding quantile `q` of a histogram summed over pages.
 pub fn histogram_quantile(pages: &[String], name: &str, q: f64) -> Option<f64> {
+    histogram_quantile_where(pages, name, &[], q)
+}
+
+/// [`histogram_quantile`] over the series whose labels include every `(name, value)` of
+/// `labels` (summed over the other labels).
+pub fn histogram_quantile_where(pages: &[String], name: &str, labels: &[(&str, &str)], q: f64) -> Option<f64> {
     let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-    let prefix = format!("{name}_bucket{{le=\"");
+    let prefix = format!("{name}_bucket{{");
     for line in pages.iter().flat_map(|p| p.lines()) {
         let Some(rest) = line.strip_prefix(&prefix) else { continue };
-        let (le, count) = rest.split_once("\"} ")?;
+        let Some((set, count)) = rest.split_once("} ") else { continue };
+        if !labels.iter().all(|(k, v)| set.split(',').any(|l| l == format!("{k}=\"{v}\""))) {
+            continue;
+        }
+        let Some(le) = set.split(',').find_map(|l| l.strip_prefix("le=\"")?.strip_suffix('"')) else { continue };
         let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
         let count: f64 = count.split_whitespace().next()?.parse().ok()?;
         buckets.entry(le.to_bits()).or_insert((le, 0.0)).1 += count;
@@ -328,7 +360,22 @@ pub fn histogram_quantile(pages: &[String], name: &str, q: f64) -> Option<f64> {
     let mut sorted: Vec<(f64, f64)> = buckets.into_values().collect();
     sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
     let total = sorted.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
     sorted.into_iter().find(|(_, c)| *c >= q * total).map(|(le, _)| le)
+}
+
+/// Where a replica's time between a watch event and its write goes, from the operator's own
+/// histograms: (what, p50, p99), upper bucket bounds in seconds.
+pub fn dispatch_breakdown(pages: &[String], controller: &str) -> Vec<(String, Option<f64>, Option<f64>)> {
+    let row = |what: String, name: &str, labels: &[(&str, &str)]| (what, histogram_quantile_where(pages, name, labels, 0.5), histogram_quantile_where(pages, name, labels, 0.99));
+    vec![
+        row(format!("wait in the {controller} work queue"), "workqueue_queue_duration_seconds", &[("name", controller)]),
+        row(format!("one {controller} reconcile (its reads and writes included)"), "controller_runtime_reconcile_time_seconds", &[("controller", controller)]),
+        row("API server answer to a create (POST)".into(), "rest_client_request_duration_seconds", &[("verb", "POST")]),
+        row("API server answer to a patch (PATCH)".into(), "rest_client_request_duration_seconds", &[("verb", "PATCH")]),
+    ]
 }
 
 fn ms(x: f64) -> String {
@@ -378,7 +425,13 @@ fn markdown(r: &Results, plots: &[String]) -> String {
         m.load_after[2],
         if m.shared { " — **a shared machine: other work was running, so the timings and CPU figures carry its noise**" } else { "" },
         m.operator_binary.rsplit('/').take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("/"),
-        if m.release_build { "release" } else { "debug" },
+        if m.release_build {
+            "release"
+        } else if m.operator_binary.contains("/debug/") {
+            "debug"
+        } else {
+            "profile not known from its path"
+        },
         if m.local_control_plane { "A fresh local control plane (`shoal dev up`, audit log on) for this run." } else { "An existing cluster (KUBECONFIG)." }
     );
     if r.interrupted || r.timed_out {
@@ -437,11 +490,15 @@ fn markdown(r: &Results, plots: &[String]) -> String {
     if let Some(l) = &r.lateness_s {
         let _ = writeln!(s, "| firing lateness p50 / p99 / max | {:.2} s / {:.2} s / {:.2} s |", l.p50, l.p99, l.max);
         let _ = writeln!(s, "| duration (first create to last firing) | {:.1} s |", r.duration_s);
+        for (what, p50, p99) in r.cpu.iter().flat_map(|c| &c.operator_breakdown) {
+            let _ = writeln!(s, "| {what}, p50 / p99 (the replica's histograms, bucket upper bounds) | ≤ {} s / ≤ {} s |", opt(*p50, 3), opt(*p99, 3));
+        }
     } else {
         let _ = writeln!(s, "| duration (first create to last end) | {:.1} s |", r.duration_s);
         let _ = writeln!(s, "| throughput | {:.0} workflows/min, {:.1} steps/s |", r.workflows_per_min, r.steps_per_s);
         let cl = &r.completion_latency_s;
         let _ = writeln!(s, "| completion latency p50 / p99 / max | {:.1} s / {:.1} s / {:.1} s |", cl.p50, cl.p99, cl.max);
+        let _ = writeln!(s, "| most workflows live at once (created, not yet ended) | {} |", r.peak_live_workflows);
         let dl = &r.dispatch_latency_s;
         let _ = writeln!(
             s,
@@ -455,6 +512,9 @@ fn markdown(r: &Results, plots: &[String]) -> String {
         if let Some(cpu) = &r.cpu {
             let _ =
                 writeln!(s, "| the operator's own dispatch histogram p50 / p99 (bucket upper bounds) | ≤ {} s / ≤ {} s |", opt(cpu.operator_dispatch_p50_le, 3), opt(cpu.operator_dispatch_p99_le, 3));
+            for (what, p50, p99) in &cpu.operator_breakdown {
+                let _ = writeln!(s, "| … of which: {what}, p50 / p99 (the replicas' histograms, bucket upper bounds) | ≤ {} s / ≤ {} s |", opt(*p50, 3), opt(*p99, 3));
+            }
         }
     }
     if let Some(b) = &r.bare {
@@ -579,4 +639,44 @@ pub fn write_comparison(root: &Path, rs: &[&Results]) -> anyhow::Result<PathBuf>
 pub fn throughput_series(r: &Results) -> Vec<(f64, f64)> {
     let end = r.end_times.iter().copied().fold(1.0, f64::max);
     rate_series(&r.step_end_times, 5.0, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{histogram_quantile, histogram_quantile_where, peak_live};
+
+    #[test]
+    fn quantiles_of_labelled_histograms_sum_the_matching_series_only() {
+        let page = [
+            "x_bucket{verb=\"POST\",host=\"h\",le=\"0.1\"} 90",
+            "x_bucket{verb=\"POST\",host=\"h\",le=\"1.0\"} 100",
+            "x_bucket{verb=\"POST\",host=\"h\",le=\"+Inf\"} 100",
+            "x_bucket{verb=\"PATCH\",host=\"h\",le=\"0.1\"} 0",
+            "x_bucket{verb=\"PATCH\",host=\"h\",le=\"1.0\"} 0",
+            "x_bucket{verb=\"PATCH\",host=\"h\",le=\"+Inf\"} 10",
+            "y_bucket{le=\"0.5\"} 3",
+            "y_bucket{le=\"+Inf\"} 4",
+        ]
+        .join("\n");
+        let pages = [page];
+        assert_eq!(histogram_quantile_where(&pages, "x", &[("verb", "POST")], 0.5), Some(0.1));
+        assert_eq!(histogram_quantile_where(&pages, "x", &[("verb", "POST")], 0.99), Some(1.0));
+        assert_eq!(histogram_quantile_where(&pages, "x", &[("verb", "PATCH")], 0.5), Some(f64::INFINITY));
+        assert_eq!(histogram_quantile_where(&pages, "x", &[("verb", "GET")], 0.5), None, "no such series");
+        // Summed over every series: 90 of 110 by 0.1.
+        assert_eq!(histogram_quantile(&pages, "x", 0.8), Some(0.1));
+        assert_eq!(histogram_quantile(&pages, "x", 0.9), Some(1.0));
+        assert_eq!(histogram_quantile(&pages, "x", 0.95), Some(f64::INFINITY));
+        assert_eq!(histogram_quantile(&pages, "y", 0.5), Some(0.5));
+    }
+
+    #[test]
+    fn peak_live_counts_overlaps_and_running_workflows() {
+        // 0..10 and 5..15 overlap; 15..20 starts as the second ends; 30.. never ended.
+        let spans = [(0.0, Some(10.0)), (5.0, Some(15.0)), (15.0, Some(20.0)), (30.0, None)];
+        assert_eq!(peak_live(spans.into_iter()), 2);
+        let all_running = (0..5).map(|i| (i as f64, None));
+        assert_eq!(peak_live(all_running), 5);
+        assert_eq!(peak_live(std::iter::empty()), 0);
+    }
 }

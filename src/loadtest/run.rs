@@ -405,6 +405,7 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
         window_s: t_end - t_load,
         operator_dispatch_p50_le: crate::loadtest::report::histogram_quantile(&pages, "shoal_step_dispatch_latency_seconds", 0.5),
         operator_dispatch_p99_le: crate::loadtest::report::histogram_quantile(&pages, "shoal_step_dispatch_latency_seconds", 0.99),
+        operator_breakdown: crate::loadtest::report::dispatch_breakdown(&pages, "workflow"),
     });
     r.writes = Some(Writes::new(writes::delta(&totals_before, &totals_after), audit, steps_done));
     r.correctness = Correctness::check(sc, &state, r.writes.as_ref(), &actions, &nss);
