@@ -177,7 +177,10 @@ impl Scenario {
                 json!({"stepName": name, "image": "busybox", "command": ["true"], "dependsOn": deps, "metadata": meta})
             })
             .collect();
-        json!({"containers": containers})
+        // A step may run twice its duration plus a minute before it times out, so a long
+        // step (a scenario that keeps workflows live) is not cut by the 60 s default.
+        let timeout = (self.step_duration.as_secs() * 2 + 60).max(60);
+        json!({"containers": containers, "maxStepTimeout": timeout})
     }
 }
 
@@ -250,6 +253,16 @@ mod tests {
             let sc = Scenario::from_yaml(&std::fs::read_to_string(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             assert_eq!(Some(sc.name.as_str()), p.file_stem().and_then(|s| s.to_str()), "the name is the file's");
         }
+    }
+
+    #[test]
+    fn a_step_outlives_its_duration_before_it_times_out() {
+        let long = Scenario::from_yaml("name: x\ncount: 1\nstepDuration: 2m\nshape: chain\nsteps: 1\n").unwrap();
+        assert_eq!(long.workflow_spec(0)["maxStepTimeout"], 300);
+        let short = Scenario::from_yaml("name: x\ncount: 1\n").unwrap();
+        assert_eq!(short.workflow_spec(0)["maxStepTimeout"], 62);
+        let spec: crate::api::workflow::WorkflowSpec = serde_json::from_value(long.workflow_spec(0)).unwrap();
+        assert_eq!(spec.max_step_timeout, 300);
     }
 
     #[test]
