@@ -304,7 +304,8 @@ async fn start(opts: &UpOptions, dir: &Path) -> Result<DevCluster> {
             "--allow-privileged=true".into(),
             "--max-requests-inflight=2000".into(),
             "--max-mutating-requests-inflight=1000".into(),
-            "--profiling=false".into(),
+            // The load-test harness profiles the API server (loopback, admin credentials only).
+            "--profiling=true".into(),
             "--v=0".into(),
         ]
         .into_iter()

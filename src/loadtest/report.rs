@@ -59,6 +59,15 @@ pub struct Bare {
     pub audit: Option<AuditWrites>,
     /// Seconds to delete the bare Jobs' namespaces before the operator's run.
     pub cleanup_s: f64,
+    /// A CPU profile of the API server during this run (written beside the report).
+    #[serde(skip, default)]
+    pub apiserver_profile: Option<Vec<u8>>,
+    /// CPU seconds of each control-plane process from the first create to the last Job done.
+    #[serde(default)]
+    pub control_plane_s: BTreeMap<String, f64>,
+    /// CPU seconds the whole machine was busy over the same window.
+    #[serde(default)]
+    pub machine_busy_s: f64,
     pub interrupted: bool,
 }
 
@@ -243,6 +252,9 @@ pub struct Results {
     pub end_times: Vec<f64>,
     #[serde(skip, default)]
     pub step_end_times: Vec<f64>,
+    /// A CPU profile of the API server with the operator at work (written beside the report).
+    #[serde(skip, default)]
+    pub apiserver_profile: Option<Vec<u8>>,
 }
 
 impl Results {
@@ -272,6 +284,7 @@ impl Results {
             dispatch_latencies: vec![],
             end_times: vec![],
             step_end_times: vec![],
+            apiserver_profile: None,
         }
     }
 
@@ -401,11 +414,35 @@ pub fn write(root: &Path, r: &Results, _others: &[&Results]) -> anyhow::Result<P
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(r)?)?;
     let plots = super::plots::run_plots(&dir, r);
-    std::fs::write(dir.join("report.md"), markdown(r, &plots))?;
+    let mut profiles = Vec::new();
+    for (name, data) in [("apiserver-bare", r.bare.as_ref().and_then(|b| b.apiserver_profile.as_ref())), ("apiserver-operator", r.apiserver_profile.as_ref())] {
+        if let Some(data) = data {
+            profiles.extend(write_profile(&dir, name, data));
+        }
+    }
+    std::fs::write(dir.join("report.md"), markdown(r, &plots, &profiles))?;
     Ok(dir)
 }
 
-fn markdown(r: &Results, plots: &[String]) -> String {
+/// Write a pprof profile as `<name>.pprof.gz` and, when Go is installed, its flat and
+/// cumulative top functions as `<name>.top.txt`; the files written.
+fn write_profile(dir: &Path, name: &str, data: &[u8]) -> Vec<String> {
+    let raw = format!("{name}.pprof.gz");
+    if std::fs::write(dir.join(&raw), data).is_err() {
+        return vec![];
+    }
+    let mut out = vec![raw.clone()];
+    let top = |extra: &[&str]| std::process::Command::new("go").args(["tool", "pprof", "-top", "-nodecount=40"]).args(extra).arg(dir.join(&raw)).output().ok().filter(|o| o.status.success());
+    if let (Some(flat), Some(cum)) = (top(&[]), top(&["-cum"])) {
+        let text = format!("# {name}: flat\n\n{}\n# {name}: cumulative\n\n{}", String::from_utf8_lossy(&flat.stdout), String::from_utf8_lossy(&cum.stdout));
+        if std::fs::write(dir.join(format!("{name}.top.txt")), text).is_ok() {
+            out.push(format!("{name}.top.txt"));
+        }
+    }
+    out
+}
+
+fn markdown(r: &Results, plots: &[String], profiles: &[String]) -> String {
     let sc = &r.scenario;
     let mut s = String::new();
     let _ = writeln!(s, "# Load test `{}`: {}\n", sc.name, r.started_at);
@@ -543,6 +580,8 @@ fn markdown(r: &Results, plots: &[String]) -> String {
             for (k, v) in rows {
                 let _ = writeln!(s, "| {k} | {v:.1} | {:.0} % |", v / cpu.machine_busy_s.max(1e-9) * 100.0);
             }
+            let others = cpu.machine_busy_s - cpu.control_plane_s.values().sum::<f64>() - cpu.total_s;
+            let _ = writeln!(s, "| everything else (the harness itself, the system, any other tenant) | {others:.1} | {:.0} % |", others / cpu.machine_busy_s.max(1e-9) * 100.0);
             let _ = writeln!(
                 s,
                 "| whole machine busy (everyone) | {:.1} of {:.1} available | {:.0} % |",
@@ -550,6 +589,21 @@ fn markdown(r: &Results, plots: &[String]) -> String {
                 cpu.window_s * r.machine.cpus as f64,
                 cpu.machine_busy_s / (cpu.window_s * r.machine.cpus as f64).max(1e-9) * 100.0
             );
+            if let Some(b) = r.bare.as_ref().filter(|b| !b.control_plane_s.is_empty() && b.done > 0 && r.steps_done > 0) {
+                let _ = writeln!(
+                    s,
+                    "\nWhat a step costs each component, against a bare Job of the ceiling run (CPU ms per step or Job; the difference is what the operator's requests, watches and Events add):\n\n| component | bare Job | shoal step | ratio |\n|---|---|---|---|"
+                );
+                let per = |v: f64, n: usize| v / n as f64 * 1000.0;
+                let mut names: Vec<&String> = cpu.control_plane_s.keys().collect();
+                names.sort_by(|a, b| cpu.control_plane_s[*b].total_cmp(&cpu.control_plane_s[*a]));
+                for k in names {
+                    let (bj, st) = (per(b.control_plane_s.get(k).copied().unwrap_or(0.0), b.done), per(cpu.control_plane_s[k], r.steps_done));
+                    let _ = writeln!(s, "| {k} | {bj:.1} | {st:.1} | {} |", if bj > 0.0 { format!("{:.2}", st / bj) } else { "n/a".into() });
+                }
+                let (bj, st) = (per(b.machine_busy_s, b.done), per(cpu.machine_busy_s, r.steps_done));
+                let _ = writeln!(s, "| whole machine | {bj:.1} | {st:.1} | {} |", if bj > 0.0 { format!("{:.2}", st / bj) } else { "n/a".into() });
+            }
         }
     }
 
@@ -589,6 +643,17 @@ fn markdown(r: &Results, plots: &[String]) -> String {
         let _ = writeln!(s, "\n## Plots\n");
         for p in plots {
             let _ = writeln!(s, "![{p}]({p})\n");
+        }
+    }
+    if !profiles.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## API server profiles\n\nCPU profiles of the kube-apiserver, {} s each, starting {} s into the bare-Job run and into the operator's run (`go tool pprof -top <file>` reads them):\n",
+            super::run::PROFILE.1,
+            super::run::PROFILE.0.as_secs()
+        );
+        for p in profiles {
+            let _ = writeln!(s, "- [{p}]({p})");
         }
     }
     let _ = writeln!(

@@ -184,6 +184,36 @@ pub fn progress(args: &Args, len: usize, what: &str) -> ProgressBar {
     pb
 }
 
+/// How long the API server's CPU is profiled in each phase of a run on the local control
+/// plane, starting this long after the phase begins.
+pub const PROFILE: (Duration, u32) = (Duration::from_secs(10), 20);
+
+/// A CPU profile of the API server (`/debug/pprof/profile`, gzipped protobuf for `go tool
+/// pprof`) taken `PROFILE.1` seconds from `PROFILE.0` after now; on the local control plane
+/// only (another cluster's API server is not ours to profile).
+fn profile_apiserver(target: &Target) -> Option<tokio::task::JoinHandle<Option<Vec<u8>>>> {
+    target.local.as_ref()?;
+    let client = target.client.clone();
+    Some(tokio::spawn(async move {
+        tokio::time::sleep(PROFILE.0).await;
+        let req = http::Request::get(format!("/debug/pprof/profile?seconds={}", PROFILE.1)).body(Vec::new()).ok()?;
+        let mut body = Box::pin(client.request_stream(req).await.map_err(|e| eprintln!("API server profile: {e}")).ok()?);
+        let mut buf = Vec::new();
+        futures::AsyncReadExt::read_to_end(&mut body, &mut buf).await.ok()?;
+        Some(buf)
+    }))
+}
+
+/// The profile `h` took, if it finished (it is not waited for past the phase's end).
+async fn profile_taken(h: Option<tokio::task::JoinHandle<Option<Vec<u8>>>>) -> Option<Vec<u8>> {
+    let h = h?;
+    if !h.is_finished() {
+        h.abort();
+        return None;
+    }
+    h.await.ok().flatten()
+}
+
 /// The bare-Job ceiling: `n` plain Jobs (same pod duration, same namespaces' count), no
 /// operator, all created at once; Jobs finished per second. Their namespaces are deleted
 /// afterwards, and the run waits until they are gone, so the operator's run starts clean.
@@ -196,6 +226,10 @@ async fn bare_ceiling(args: &Args, sc: &Scenario, target: &Target, run: &str, ob
     let totals_before = writes::request_totals(&target.client).await.unwrap_or_default();
     let audit_from = now_rfc3339();
     let pb = progress(args, n, "bare Jobs done");
+    let cp_pids = target.local.as_deref().map(procs::control_plane_pids).unwrap_or_default();
+    let cp_cpu = || -> BTreeMap<String, f64> { cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect() };
+    let (cp_before, busy_before) = (cp_cpu(), procs::machine_busy_s());
+    let profile = profile_apiserver(target);
     let t_start = obs.now();
     let delay = super::scenario::go_duration(sc.step_duration);
     let client = target.client.clone();
@@ -235,6 +269,8 @@ async fn bare_ceiling(args: &Args, sc: &Scenario, target: &Target, run: &str, ob
         }
     }
     pb.finish_and_clear();
+    let control_plane_s: BTreeMap<String, f64> = cp_cpu().into_iter().map(|(k, v)| (k.clone(), v - cp_before.get(&k).copied().unwrap_or(0.0))).collect();
+    let machine_busy_s = procs::machine_busy_s() - busy_before;
     let created = if creator.is_finished() {
         creator.await.unwrap_or(0)
     } else {
@@ -274,7 +310,10 @@ async fn bare_ceiling(args: &Args, sc: &Scenario, target: &Target, run: &str, ob
         writes_by_verb: writes::delta(&totals_before, &totals_after),
         audit,
         cleanup_s: t_clean.elapsed().as_secs_f64(),
+        control_plane_s,
+        machine_busy_s,
         interrupted,
+        apiserver_profile: profile_taken(profile).await,
     })
 }
 
@@ -313,6 +352,7 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
     let audit_from = now_rfc3339();
     let cp_before: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
     let busy_before = procs::machine_busy_s();
+    let profile = profile_apiserver(target);
     let t_load = obs.now();
 
     let creator = spawn_creator(sc, &target.client, &nss, &run, &obs);
@@ -368,6 +408,7 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
     let cpu_total = reps.as_ref().map(Replicas::total_cpu).unwrap_or(0.0);
     let cp_after: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
     let busy = procs::machine_busy_s() - busy_before;
+    let operator_profile = profile_taken(profile).await;
     let totals_after = writes::request_totals(&target.client).await.unwrap_or_default();
     let audit_to = now_rfc3339();
     let pages = match &reps {
@@ -413,6 +454,7 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
     r.fraction_of_ceiling = bare.as_ref().filter(|b| b.jobs_per_s > 0.0).map(|b| r.steps_per_s / b.jobs_per_s);
     r.bare = bare;
     r.series = series;
+    r.apiserver_profile = operator_profile;
     Ok(r)
 }
 
