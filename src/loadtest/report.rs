@@ -24,6 +24,10 @@ pub struct Machine {
     pub operator_binary: String,
     pub release_build: bool,
     pub local_control_plane: bool,
+    /// The `SHOAL_*` environment the replicas inherited (operator settings such as
+    /// `SHOAL_WORKERS`), other than the binary's path.
+    #[serde(default)]
+    pub operator_env: BTreeMap<String, String>,
 }
 
 impl Machine {
@@ -44,6 +48,7 @@ impl Machine {
             release_build: bin_s.contains("/release/"),
             operator_binary: bin_s,
             local_control_plane: local,
+            operator_env: std::env::vars().filter(|(k, _)| k.starts_with("SHOAL_") && k != "SHOAL_BIN").collect(),
         }
     }
 }
@@ -460,7 +465,11 @@ fn markdown(r: &Results, plots: &[String], profiles: &[String]) -> String {
         m.load_after[0],
         m.load_after[1],
         m.load_after[2],
-        if m.shared { " — **a shared machine: other work was running, so the timings and CPU figures carry its noise**" } else { "" },
+        if m.shared {
+            " — the load average before the run was above half the cores: other work was running, or a run had just ended (the 1-minute figure decays slowly); the CPU table's \"everything else\" row tells which"
+        } else {
+            ""
+        },
         m.operator_binary.rsplit('/').take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("/"),
         if m.release_build {
             "release"
@@ -471,6 +480,10 @@ fn markdown(r: &Results, plots: &[String], profiles: &[String]) -> String {
         },
         if m.local_control_plane { "A fresh local control plane (`shoal dev up`, audit log on) for this run." } else { "An existing cluster (KUBECONFIG)." }
     );
+    if !m.operator_env.is_empty() {
+        let env: Vec<String> = m.operator_env.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
+        let _ = writeln!(s, "Operator settings from the environment: {}.\n", env.join(", "));
+    }
     if r.interrupted || r.timed_out {
         let _ = writeln!(s, "**Partial run: {}.** The figures cover what was measured until then.\n", if r.interrupted { "stopped by Ctrl-C" } else { "timed out" });
     }
