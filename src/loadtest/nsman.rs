@@ -35,7 +35,7 @@ pub async fn run(args: &Args, sc: &Scenario, target: &Target) -> Result<Results>
     let totals_before = writes::request_totals(&client).await.unwrap_or_default();
     let audit_from = now_rfc3339();
     let busy_before = procs::machine_busy_s();
-    let cp_before: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
+    let cp_before = procs::cpu_by_name(&cp_pids);
     let t0 = Instant::now();
     // Due times start once all exist (creating them takes a while), spread over the window.
     let base = 60 + (sc.count / 100) as i64;
@@ -80,7 +80,7 @@ pub async fn run(args: &Args, sc: &Scenario, target: &Target) -> Result<Results>
         }
         let fired: BTreeSet<String> = rx.requests().into_iter().map(|r| r.path).collect();
         let replicas = reps.as_mut().map(|r| r.poll()).unwrap_or_default();
-        let cp: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
+        let cp = procs::cpu_by_name(&cp_pids);
         series.push(Sample {
             t: t0.elapsed().as_secs_f64(),
             created: 0,
@@ -111,7 +111,7 @@ pub async fn run(args: &Args, sc: &Scenario, target: &Target) -> Result<Results>
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu_total = reps.as_ref().map(Replicas::total_cpu).unwrap_or(0.0);
     let busy = procs::machine_busy_s() - busy_before;
-    let cp_after: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
+    let cp_after = procs::cpu_by_name(&cp_pids);
     let totals_after = writes::request_totals(&client).await.unwrap_or_default();
     let audit_to = now_rfc3339();
     let pages = match &reps {
@@ -184,7 +184,7 @@ pub async fn run(args: &Args, sc: &Scenario, target: &Target) -> Result<Results>
         idle_rate_s_per_s: 0.0,
         per_step_ms: (cpu_total - cpu_at_start) / fired.max(1.0) * 1000.0,
         per_step_ms_net_of_idle: f64::NAN,
-        control_plane_s: cp_after.iter().map(|(n, v)| (n.clone(), v - cp_before.get(n).copied().unwrap_or(0.0))).collect(),
+        control_plane_s: procs::cpu_delta(&cp_after, &cp_before),
         machine_busy_s: busy,
         window_s: elapsed,
         operator_dispatch_p50_le: None,

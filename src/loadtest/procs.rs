@@ -178,6 +178,16 @@ pub fn control_plane_pids(dir: &Path) -> BTreeMap<String, u32> {
     crate::dev::DevCluster::load(dir).map(|c| c.processes.iter().map(|p| (p.name.clone(), p.pid as u32)).collect()).unwrap_or_default()
 }
 
+/// CPU seconds so far of each process in `pids` (by name); exited ones are left out.
+pub fn cpu_by_name(pids: &BTreeMap<String, u32>) -> BTreeMap<String, f64> {
+    pids.iter().filter_map(|(n, p)| Some((n.clone(), sample(*p)?.cpu_s))).collect()
+}
+
+/// `after - before`, per name (a name missing before counts from 0).
+pub fn cpu_delta(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    after.iter().map(|(n, v)| (n.clone(), v - before.get(n).copied().unwrap_or(0.0))).collect()
+}
+
 /// The load average (1, 5, 15 minutes).
 pub fn loadavg() -> [f64; 3] {
     let s = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -193,4 +203,16 @@ pub fn machine_busy_s() -> f64 {
     // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
     let busy: f64 = v.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).sum();
     busy / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn cpu_delta_is_per_name_and_counts_new_names_from_zero() {
+        let before = BTreeMap::from([("etcd".to_string(), 1.5)]);
+        let after = BTreeMap::from([("etcd".to_string(), 4.0), ("kwok".to_string(), 2.0)]);
+        assert_eq!(super::cpu_delta(&after, &before), BTreeMap::from([("etcd".to_string(), 2.5), ("kwok".to_string(), 2.0)]));
+    }
 }

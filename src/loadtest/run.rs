@@ -1,7 +1,6 @@
 //! One scenario, start to end: the control plane, the bare-Job ceiling, the replicas, the
 //! load, the sampling (and chaos) loop, then the figures.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -227,8 +226,7 @@ async fn bare_ceiling(args: &Args, sc: &Scenario, target: &Target, run: &str, ob
     let audit_from = now_rfc3339();
     let pb = progress(args, n, "bare Jobs done");
     let cp_pids = target.local.as_deref().map(procs::control_plane_pids).unwrap_or_default();
-    let cp_cpu = || -> BTreeMap<String, f64> { cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect() };
-    let (cp_before, busy_before) = (cp_cpu(), procs::machine_busy_s());
+    let (cp_before, busy_before) = (procs::cpu_by_name(&cp_pids), procs::machine_busy_s());
     let profile = profile_apiserver(target);
     let t_start = obs.now();
     let delay = super::scenario::go_duration(sc.step_duration);
@@ -269,7 +267,7 @@ async fn bare_ceiling(args: &Args, sc: &Scenario, target: &Target, run: &str, ob
         }
     }
     pb.finish_and_clear();
-    let control_plane_s: BTreeMap<String, f64> = cp_cpu().into_iter().map(|(k, v)| (k.clone(), v - cp_before.get(&k).copied().unwrap_or(0.0))).collect();
+    let control_plane_s = procs::cpu_delta(&procs::cpu_by_name(&cp_pids), &cp_before);
     let machine_busy_s = procs::machine_busy_s() - busy_before;
     let created = if creator.is_finished() {
         creator.await.unwrap_or(0)
@@ -350,7 +348,7 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
 
     let totals_before = writes::request_totals(&target.client).await.unwrap_or_default();
     let audit_from = now_rfc3339();
-    let cp_before: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
+    let cp_before = procs::cpu_by_name(&cp_pids);
     let busy_before = procs::machine_busy_s();
     let profile = profile_apiserver(target);
     let t_load = obs.now();
@@ -376,7 +374,7 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
         };
         let t = obs.now() - t_load;
         let replicas = reps.as_mut().map(|r| r.poll()).unwrap_or_default();
-        let cp: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
+        let cp = procs::cpu_by_name(&cp_pids);
         series.push(Sample { t, created, ended, jobs_done, replicas: replicas.iter().map(|(n, c, m)| (n.clone(), (*c, *m))).collect(), control_plane_cpu: cp });
         pb.set_position(ended as u64);
         pb.set_message(format!("(created {created}, step Jobs done {jobs_done})"));
@@ -406,7 +404,7 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
     }
     let t_end = obs.now();
     let cpu_total = reps.as_ref().map(Replicas::total_cpu).unwrap_or(0.0);
-    let cp_after: BTreeMap<String, f64> = cp_pids.iter().filter_map(|(n, p)| Some((n.clone(), procs::sample(*p)?.cpu_s))).collect();
+    let cp_after = procs::cpu_by_name(&cp_pids);
     let busy = procs::machine_busy_s() - busy_before;
     let operator_profile = profile_taken(profile).await;
     let totals_after = writes::request_totals(&target.client).await.unwrap_or_default();
@@ -441,7 +439,7 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
         idle_rate_s_per_s: idle_rate,
         per_step_ms: (cpu_total - cpu_at_start) / steps_done.max(1.0) * 1000.0,
         per_step_ms_net_of_idle: ((cpu_total - cpu_at_start) - idle_rate * (t_end - t_load)).max(0.0) / steps_done.max(1.0) * 1000.0,
-        control_plane_s: cp_after.iter().map(|(n, c)| (n.clone(), c - cp_before.get(n).copied().unwrap_or(0.0))).collect(),
+        control_plane_s: procs::cpu_delta(&cp_after, &cp_before),
         machine_busy_s: busy,
         window_s: t_end - t_load,
         operator_dispatch_p50_le: crate::loadtest::report::histogram_quantile(&pages, "shoal_step_dispatch_latency_seconds", 0.5),
