@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::controllers::runtime::{Runtime, Settings, named};
+use crate::controllers::bare_pod::StepPod;
 use crate::controllers::step_job::StepJob;
 use crate::controllers::{activity, activity_worker, nsman, task, workflow};
 use crate::ha::{HaConfig, HaMetrics, Ownership, Synced};
@@ -51,6 +52,8 @@ pub struct RunConfig {
     pub resync: Duration,
     #[command(flatten)]
     pub ha: HaConfig,
+    #[command(flatten)]
+    pub workflow: workflow::WorkflowConfig,
     #[command(flatten)]
     pub nsman: crate::controllers::nsman::NsmanConfig,
     #[command(flatten)]
@@ -108,7 +111,17 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     registry.register_collector(Box::new(workflow::PhaseCollector { workflows: workflows.informer.clone() }));
     let jobs = rt.children::<_, StepJob>(&workflows, workflow::WORKFLOW_UID_LABEL, workflow::owner_key, workflow::job_change_matters);
     rt.label_children::<StepJob>(workflow::WORKFLOW_LABEL);
-    rt.run(workflows, workflow::State { jobs, metrics: crate::controllers::Metrics::new(&mut registry), pod_looks: Default::default() }, workflow::reconcile);
+    // Bare step pods (`executor: Pod`): a watch of only the pods that carry the executor label.
+    let pods = rt.children::<_, StepPod>(&workflows, crate::controllers::bare_pod::SELECTOR, workflow::pod_owner_key, crate::controllers::bare_pod::change_matters);
+    rt.label_children::<StepPod>(crate::controllers::bare_pod::SELECTOR);
+    let state = workflow::State {
+        jobs,
+        pods,
+        default_executor: cfg.workflow.default_executor,
+        metrics: crate::controllers::Metrics::new(&mut registry),
+        pod_looks: Default::default(),
+    };
+    rt.run(workflows, state, workflow::reconcile);
 
     // Activities, with their workers (a worker's state change wakes its Activity); workers,
     // with their Jobs. An Activity, its workers and their Jobs share the Activity's shard.

@@ -85,6 +85,13 @@ pub struct WorkflowSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail_fast: Option<bool>,
 
+    /// How each step attempt runs: `Job` (a Job per attempt, which runs one pod) or `Pod` (one
+    /// bare pod per attempt, which asks far less of the API server; see docs/workflow.md). When
+    /// unset, the operator's `--default-executor`. Changing it is a spec change: the workflow
+    /// starts again in the new mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<Executor>,
+
     /// The steps. Step names are unique (the list is a map keyed by `stepName`).
     #[schemars(length(min = 1, max = 200))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["stepName"]))]
@@ -96,7 +103,27 @@ pub struct WorkflowSpec {
     pub step_defaults: Option<StepPodSettings>,
 }
 
-/// One step: a container run to completion as a Job.
+/// What runs a step attempt.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema, clap::ValueEnum)]
+#[clap(rename_all = "PascalCase")]
+pub enum Executor {
+    /// A Job per attempt (seed 001): the Job controller runs the pod.
+    #[default]
+    Job,
+    /// A bare pod per attempt, created and watched by shoal itself.
+    Pod,
+}
+
+impl std::fmt::Display for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Executor::Job => "Job",
+            Executor::Pod => "Pod",
+        })
+    }
+}
+
+/// One step: a container run to completion as a Job or a pod (`spec.executor`).
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowStep {
@@ -238,13 +265,14 @@ pub enum StepPhase {
 pub struct StepStatus {
     pub step_name: String,
     pub phase: StepPhase,
-    /// Attempt number of the current (or last) Job, starting at 0.
+    /// Attempt number of the current (or last) Job or pod, starting at 0.
     #[serde(default)]
     pub attempt: i32,
-    /// Name of the current (or last) Job.
+    /// Name of the current (or last) attempt's Job, or its pod with the `Pod` executor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,
-    /// UID of the current (or last) Job; recorded once, so a Job is never created twice.
+    /// UID of the current (or last) attempt's Job or pod; recorded once, so an attempt is
+    /// never created twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_uid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -282,6 +310,10 @@ pub struct WorkflowStatus {
     /// Per-step state.
     #[serde(default)]
     pub steps: Vec<StepStatus>,
+    /// The executor this generation runs with: `spec.executor`, or the operator's default
+    /// when the run began (a later change of that default does not move a running workflow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<Executor>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default)]

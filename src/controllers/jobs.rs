@@ -36,7 +36,12 @@ pub fn owner_key(job: &StepJob, kind: &str) -> Option<(String, String)> {
 
 /// The message of a Job name taken by an object the owner does not own.
 pub fn foreign(job: &str, owner: &str) -> String {
-    format!("the Job name {job} is taken by an object this {owner} does not own; it was not adopted (delete it, or rename the {owner})")
+    foreign_named("Job", job, owner)
+}
+
+/// The message of a `what` (Job, Pod) name taken by an object the owner does not own.
+pub fn foreign_named(what: &str, name: &str, owner: &str) -> String {
+    format!("the {what} name {name} is taken by an object this {owner} does not own; it was not adopted (delete it, or rename the {owner})")
 }
 
 /// Only a Job's arrival, its finishing (or failing), a disrupted pod of it being replaced and
@@ -112,7 +117,7 @@ pub struct Shape<'a> {
 /// failure fails the Job at once, and retries are the owner's, so every attempt is visible),
 /// the deadline on the pod, and no API token unless asked for.
 pub fn build(shape: Shape<'_>, c: Container<'_>) -> Result<Job, Error> {
-    let pod = shape.pod;
+    let spec = pod_spec(shape.pod, shape.timeout_seconds, &c);
     let job = json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -127,32 +132,39 @@ pub fn build(shape: Shape<'_>, c: Container<'_>) -> Result<Job, Error> {
             "podFailurePolicy": step_pod::pod_failure_policy(),
             "template": {
                 "metadata": {"labels": shape.pod_labels, "annotations": shape.pod_annotations},
-                "spec": {
-                    "restartPolicy": "Never",
-                    // The timeout counts from the pod's start on a node, not the Job's.
-                    "activeDeadlineSeconds": step_pod::pod_deadline(shape.timeout_seconds),
-                    "serviceAccountName": pod.service_account_name,
-                    "automountServiceAccountToken": pod.automount_service_account_token.unwrap_or(false),
-                    "securityContext": pod.pod_security_context,
-                    "nodeSelector": pod.node_selector,
-                    "tolerations": pod.tolerations,
-                    "imagePullSecrets": pod.image_pull_secrets,
-                    "containers": [{
-                        "name": "main",
-                        "image": c.image,
-                        "command": c.command,
-                        "args": c.args,
-                        "env": c.env,
-                        "imagePullPolicy": c.image_pull_policy,
-                        "resources": pod.resources,
-                        "securityContext": pod.security_context,
-                        "terminationMessagePolicy": "FallbackToLogsOnError",
-                    }],
-                },
+                "spec": spec,
             },
         },
     });
     Ok(serde_json::from_value(job)?)
+}
+
+/// The pod spec of a step attempt, whether a Job runs it or shoal creates it bare: one
+/// container `main` that is never restarted, the step's timeout as the pod's
+/// `activeDeadlineSeconds` (counted from the pod's start on a node), no API token unless
+/// asked for, and the termination message falling back to the log tail on error.
+pub fn pod_spec(pod: &StepPodSettings, timeout_seconds: i64, c: &Container<'_>) -> serde_json::Value {
+    json!({
+        "restartPolicy": "Never",
+        "activeDeadlineSeconds": step_pod::pod_deadline(timeout_seconds),
+        "serviceAccountName": pod.service_account_name,
+        "automountServiceAccountToken": pod.automount_service_account_token.unwrap_or(false),
+        "securityContext": pod.pod_security_context,
+        "nodeSelector": pod.node_selector,
+        "tolerations": pod.tolerations,
+        "imagePullSecrets": pod.image_pull_secrets,
+        "containers": [{
+            "name": "main",
+            "image": c.image,
+            "command": c.command,
+            "args": c.args,
+            "env": c.env,
+            "imagePullPolicy": c.image_pull_policy,
+            "resources": pod.resources,
+            "securityContext": pod.security_context,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }],
+    })
 }
 
 /// A Job wrapping a user's whole pod template (a Task's run): the template as written, with
@@ -211,15 +223,27 @@ pub enum Created {
 /// Create `job` for the `kind` owner with `uid`, idempotently: a 409 is resolved by the
 /// existing Job's controller ownerReference.
 pub async fn create(api: &FencedApi<'_, Job>, read: &ReadApi<StepJob>, job: &Job, kind: &str, uid: &str) -> Result<Created, Error> {
-    let name = job.name_any();
-    match api.create_as::<StepJob>(job).await {
-        Ok(j) => Ok(Created::New(j.uid())),
+    create_owned(api, read, job, kind, uid).await
+}
+
+/// Create `obj` (a Job, or a step's bare pod) for the `kind` owner with `uid`, idempotently,
+/// reading the answer as the slim view `R`: a 409 is resolved by the existing object's
+/// controller ownerReference (ours: created before; anything else: never adopted).
+pub async fn create_owned<K, R>(api: &FencedApi<'_, K>, read: &ReadApi<R>, obj: &K, kind: &str, uid: &str) -> Result<Created, Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    R: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj.name_any();
+    let what = K::kind(&());
+    match api.create_as::<R>(obj).await {
+        Ok(o) => Ok(Created::New(o.uid())),
         Err(e) if e.code() == Some(409) => Ok(match read.get_opt(&name).await? {
-            Some(j) if owned_by(&j, kind, uid) => Created::Ours(j.uid()),
-            Some(_) => Created::Foreign(foreign(&name, &kind.to_lowercase())),
+            Some(o) if controller_owner(o.meta(), kind).is_some_and(|r| r.uid == uid) => Created::Ours(o.uid()),
+            Some(_) => Created::Foreign(foreign_named(&what, &name, &kind.to_lowercase())),
             None => Created::Gone,
         }),
-        Err(e) if e.code() == Some(422) => Ok(Created::Rejected(format!("Job rejected by the API server: {}", e.api_message().unwrap_or_default()))),
+        Err(e) if e.code() == Some(422) => Ok(Created::Rejected(format!("{what} rejected by the API server: {}", e.api_message().unwrap_or_default()))),
         Err(e) => Err(e.into()),
     }
 }

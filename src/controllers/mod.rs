@@ -5,6 +5,7 @@
 
 pub mod activity;
 pub mod activity_worker;
+pub mod bare_pod;
 mod context;
 pub mod ignitor;
 pub mod jobs;

@@ -47,7 +47,7 @@ struct SlimMeta {
     deletion_timestamp: Option<Time>,
 }
 
-fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+pub(crate) fn slim_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
     let m = SlimMeta::deserialize(d)?;
     Ok(ObjectMeta {
         name: m.name,

@@ -254,7 +254,7 @@ pub fn finished(job: &StepJob, base: JobState, pods: &[Pod], previous: Option<&s
     let pods = newest_first(pods);
     match base {
         JobState::Succeeded { .. } => {
-            let output = pods.iter().filter(|p| phase(p) == "Succeeded").find_map(|p| termination(p).and_then(|(_, t)| t.message.clone())).filter(|m| !m.is_empty());
+            let output = pods.iter().filter(|p| phase(p) == "Succeeded").find_map(|p| output(p));
             JobState::Succeeded { output }
         }
         JobState::Failed { reason, message } => {
@@ -280,6 +280,11 @@ pub fn finished(job: &StepJob, base: JobState, pods: &[Pod], previous: Option<&s
         }
         other => other,
     }
+}
+
+/// A finished pod's output: its main container's termination message, if not empty.
+pub fn output(p: &Pod) -> Option<String> {
+    termination(p).and_then(|(_, t)| t.message.clone()).filter(|m| !m.is_empty())
 }
 
 /// The main container's terminated state (or the first terminated one).

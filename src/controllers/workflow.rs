@@ -21,12 +21,13 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use super::bare_pod::{self, StepPod};
 use super::step_job::StepJob;
 use super::step_pod;
 use super::{Context, Error, Metrics, PhaseLabel, jobs};
 use crate::api::SHARD_LABEL;
 use crate::api::conditions::{self, reasons, types};
-use crate::api::workflow::{StepPhase, Workflow, WorkflowPhase, WorkflowStatus};
+use crate::api::workflow::{Executor, StepPhase, Workflow, WorkflowPhase, WorkflowStatus};
 use crate::core::{dag, plan};
 use crate::ha::{Action, Fence, FencedApi, WriteError, Writer};
 
@@ -50,10 +51,24 @@ fn user_labels(wf: &Workflow) -> BTreeMap<String, String> {
     wf.labels().iter().filter(|(k, _)| !k.starts_with("shoal.dev/")).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-/// What the Workflow controller keeps besides the workflows: its Job cache and its metrics.
+/// Settings of the Workflow controller (`shoal run`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkflowConfig {
+    /// How steps of workflows that do not set `spec.executor` run: `Job` (a Job per attempt)
+    /// or `Pod` (a bare pod per attempt; far fewer API writes, see docs/workflow.md).
+    #[arg(long, env = "SHOAL_DEFAULT_EXECUTOR", value_enum, ignore_case = true, default_value_t = Executor::Job)]
+    pub default_executor: Executor,
+}
+
+/// What the Workflow controller keeps besides the workflows: its Job and pod caches and its
+/// metrics.
 pub struct State {
-    /// Jobs of the shards this replica holds, indexed by their workflow.
+    /// Step Jobs of the shards this replica holds, indexed by their workflow.
     pub jobs: Arc<crate::ha::Informer<StepJob>>,
+    /// Bare step pods (`executor: Pod`) of the shards this replica holds, by their workflow.
+    pub pods: Arc<crate::ha::Informer<StepPod>>,
+    /// The executor of workflows that do not set one.
+    pub default_executor: Executor,
     pub metrics: Metrics,
     /// When this replica last read each active Job's pods.
     pub pod_looks: step_pod::PodLooks,
@@ -78,6 +93,24 @@ fn foreign(job: &str) -> String {
 }
 
 pub use jobs::change_matters as job_change_matters;
+
+/// The queue key of the workflow that owns a bare step pod.
+pub fn pod_owner_key(pod: &StepPod) -> Option<(String, String)> {
+    bare_pod::owner_key(pod, KIND)
+}
+
+/// The executor a workflow's current generation runs with: the one recorded for it, else (a
+/// workflow recorded before executors existed, already started) `Job`, else its spec's, else
+/// the operator's default. Fixed once recorded, so a changed default never moves a workflow
+/// that is running.
+pub fn executor_of(wf: &Workflow, default: Executor) -> Executor {
+    let generation = wf.metadata.generation.unwrap_or(0);
+    match wf.status.as_ref().filter(|s| s.observed_generation == Some(generation)) {
+        Some(st) if st.executor.is_some() => st.executor.unwrap_or_default(),
+        Some(st) if st.steps.iter().any(|s| s.job_name.is_some()) => Executor::Job,
+        _ => wf.spec.executor.unwrap_or(default),
+    }
+}
 
 fn job_state(job: &StepJob) -> plan::JobState {
     jobs::state(job)
@@ -105,20 +138,29 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     let generation = wf.metadata.generation.unwrap_or(0);
     let id = plan::WorkflowId { name: &name, uid, generation };
     let jobs_api: FencedApi<'_, Job> = w.api(ns);
+    let pods_api: FencedApi<'_, Pod> = w.api(ns);
     let mut status = wf.status.clone().unwrap_or_default();
     let spec_changed = status.observed_generation.is_some_and(|g| g != generation);
-    let my_jobs: Vec<Arc<StepJob>> = ctx.jobs.children_of(&(ns.to_string(), name.clone())).into_iter().filter(|j| owned_by(j, uid)).collect();
+    let exec = executor_of(wf, ctx.default_executor);
+    let key = (ns.to_string(), name.clone());
+    let my_jobs: Vec<Arc<StepJob>> = ctx.jobs.children_of(&key).into_iter().filter(|j| owned_by(j, uid)).collect();
+    let my_pods: Vec<Arc<StepPod>> = ctx.pods.children_of(&key).into_iter().filter(|p| bare_pod::owned_by(p, KIND, uid)).collect();
 
-    // Relabelling cascades to the Jobs (seed 001), whatever the phase.
+    // Relabelling cascades to the Jobs and pods (seed 001), whatever the phase.
     cascade_labels(wf, &my_jobs, &jobs_api).await?;
+    cascade_labels(wf, &my_pods, &pods_api).await?;
 
     let this_generation = generation.to_string();
     if spec_changed {
-        // A new spec: delete every Job of the old one, server-side by label, so Jobs not yet
-        // in this replica's cache (just created, or created before a takeover) go too; then
-        // start again from scratch.
+        // A new spec: delete every Job (or pod) of the old one, server-side by label, so those
+        // not yet in this replica's cache (just created, or created before a takeover) go
+        // too; then start again from scratch.
         let selector = format!("{WORKFLOW_UID_LABEL}={uid},{GENERATION_LABEL}!={this_generation}");
-        jobs_api.delete_collection(&background(), &ListParams::default().labels(&selector)).await?;
+        let lp = ListParams::default().labels(&selector);
+        match status.executor {
+            Some(Executor::Pod) => pods_api.delete_collection(&background(), &lp).await?,
+            _ => jobs_api.delete_collection(&background(), &lp).await?,
+        }
         status = WorkflowStatus { conditions: status.conditions, ..Default::default() };
     } else if matches!(status.workflow_status, Some(WorkflowPhase::Failed) | Some(WorkflowPhase::Completed)) {
         // Finished: nothing more to do (a Failed workflow is ignored, as in seed 001).
@@ -128,6 +170,9 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     // when the spec changed) is deleted as soon as it is seen.
     for j in my_jobs.iter().filter(|j| j.labels().get(GENERATION_LABEL) != Some(&this_generation)) {
         jobs_api.delete(&j.name_any(), &background()).await?;
+    }
+    for p in my_pods.iter().filter(|p| p.labels().get(GENERATION_LABEL) != Some(&this_generation)) {
+        pods_api.delete(&p.name_any(), &background()).await?;
     }
 
     let now = Timestamp::now();
@@ -145,6 +190,7 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
             progress: Some(format!("0/{}", wf.spec.containers.len())),
             observed_generation: Some(generation),
             conditions: conds,
+            executor: Some(exec),
             ..Default::default()
         };
         let (recorded, next) = write_status(wf, &new, w, ctx).await?;
@@ -154,13 +200,34 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         return Ok(next);
     }
 
-    // Observe the Jobs of the steps that are running (and, through step_pod, their pods).
+    // Observe the Jobs (and, through step_pod, their pods) or the bare pods of the steps
+    // that are running.
     let mut observed: HashMap<String, plan::JobState> = HashMap::new();
     let spec_bytes = serde_json::to_vec(&wf.spec).map(|v| v.len()).unwrap_or(0);
     let mut budget = step_pod::OutputBudget::new(spec_bytes, step_pod::recorded_outputs(&status.steps));
     let mut look_again: Option<std::time::Duration> = None;
     for st in status.steps.iter().filter(|s| s.phase == StepPhase::Running) {
         let Some(jn) = &st.job_name else { continue };
+        if exec == Executor::Pod {
+            let pod = match ctx.pods.get(&(ns.to_string(), jn.clone())) {
+                Some(p) => Some(p),
+                // Not in the cache: just created, or deleted. Ask the API server.
+                None => ctx.read::<StepPod>(ns).get_opt(jn).await?.map(Arc::new),
+            };
+            let state = match pod {
+                // A pod that vanished after its creation was confirmed failed the attempt.
+                None if st.job_uid.is_some() => plan::JobState::Failed { reason: bare_pod::POD_DELETED.into(), message: "its pod was deleted".into() },
+                None => plan::JobState::Gone,
+                Some(p) if !bare_pod::owned_by(&p, KIND, uid) => plan::JobState::Foreign { message: jobs::foreign_named("Pod", jn, "workflow") },
+                Some(p) => {
+                    let (state, again) = bare_pod::state(&p, st, now);
+                    look_again = [look_again, again].into_iter().flatten().min();
+                    budget.admit(state)
+                }
+            };
+            observed.insert(jn.clone(), state);
+            continue;
+        }
         let job = match ctx.jobs.get(&(ns.to_string(), jn.clone())) {
             Some(j) => Some(j),
             // Not in the cache: just created, or deleted. Ask the API server.
@@ -193,20 +260,28 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         let Some(step) = wf.spec.containers.iter().find(|s| s.step_name == c.step) else {
             continue;
         };
-        let job = build_job(wf, uid, step, c, generation, &outputs, ctx.own.shard_for(wf))?;
-        // Dispatch latency: from seeing the last dependency's Job finish to this create.
+        let shape = attempt_shape(wf, uid, step, c, generation, &outputs, ctx.own.shard_for(wf))?;
+        // Dispatch latency: from seeing the last dependency's Job (or pod) finish to this create.
         let deps_seen: Option<Instant> = step
             .depends_on
             .iter()
             .flatten()
             .filter_map(|d| {
                 let dep = p.steps.iter().find(|s| &s.step_name == d)?;
-                ctx.jobs.seen_at(&(ns.to_string(), dep.job_name.clone()?))
+                let key = (ns.to_string(), dep.job_name.clone()?);
+                match exec {
+                    Executor::Job => ctx.jobs.seen_at(&key),
+                    Executor::Pod => ctx.pods.seen_at(&key),
+                }
             })
             .max();
-        let jobs_api = &jobs_api;
+        let (jobs_api, pods_api) = (&jobs_api, &pods_api);
         pending.push(async move {
-            let created = match jobs::create(jobs_api, &ctx.read::<StepJob>(ns), &job, KIND, uid).await? {
+            let created = match exec {
+                Executor::Job => jobs::create(jobs_api, &ctx.read::<StepJob>(ns), &shape.job()?, KIND, uid).await?,
+                Executor::Pod => jobs::create_owned(pods_api, &ctx.read::<StepPod>(ns), &shape.pod()?, KIND, uid).await?,
+            };
+            let created = match created {
                 jobs::Created::New(job_uid) => {
                     ctx.metrics.jobs_created.inc();
                     Ok(job_uid)
@@ -232,9 +307,13 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
             Err(msg) => p.fail_step(&step, msg, fail_fast, now),
         }
     }
-    // Fail-fast: the Jobs of cancelled steps are deleted before the cancellation is recorded.
+    // Fail-fast: the Jobs (or pods) of cancelled steps are deleted before the cancellation is
+    // recorded.
     for j in &p.cancels {
-        jobs_api.delete(j, &background()).await?;
+        match exec {
+            Executor::Job => jobs_api.delete(j, &background()).await?,
+            Executor::Pod => pods_api.delete(j, &background()).await?,
+        }
     }
 
     // Record.
@@ -260,6 +339,7 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         steps: std::mem::take(&mut p.steps),
         observed_generation: Some(generation),
         conditions: conds,
+        executor: Some(exec),
     };
     let (recorded, next) = write_status(wf, &new, w, ctx).await?;
     // Events only for transitions this write recorded: a write refused with 409 (or a fence
@@ -267,9 +347,9 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     if recorded {
         for (reason, step, msg) in p.events {
             let warn = matches!(reason, "StepFailed" | "StepTimedOut" | "StepRetried" | "StepCancelled" | step_pod::CANNOT_START_EVENT);
-            // Related to the step's Job, so that Events of different steps (or attempts) with
-            // one reason are not folded into one series by the recorder.
-            let job = new.steps.iter().find(|s| s.step_name == step).and_then(|s| Some(job_ref(ns, s.job_name.clone()?, s.job_uid.clone())));
+            // Related to the step's Job (or pod), so that Events of different steps (or
+            // attempts) with one reason are not folded into one series by the recorder.
+            let job = new.steps.iter().find(|s| s.step_name == step).and_then(|s| Some(attempt_ref(exec, ns, s.job_name.clone()?, s.job_uid.clone())));
             w.event(if warn { EventType::Warning } else { EventType::Normal }, reason, msg, job).await;
         }
     }
@@ -279,8 +359,12 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     })
 }
 
-fn job_ref(ns: &str, name: String, uid: Option<String>) -> ObjectReference {
-    ObjectReference { api_version: Some("batch/v1".into()), kind: Some("Job".into()), namespace: Some(ns.to_string()), name: Some(name), uid, ..Default::default() }
+fn attempt_ref(exec: Executor, ns: &str, name: String, uid: Option<String>) -> ObjectReference {
+    let (api_version, kind) = match exec {
+        Executor::Job => ("batch/v1", "Job"),
+        Executor::Pod => ("v1", "Pod"),
+    };
+    ObjectReference { api_version: Some(api_version.into()), kind: Some(kind.into()), namespace: Some(ns.to_string()), name: Some(name), uid, ..Default::default() }
 }
 
 fn background() -> DeleteParams {
@@ -400,7 +484,49 @@ impl prometheus_client::collector::Collector for PhaseCollector {
     }
 }
 
-fn build_job(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>, shard: Option<u32>) -> Result<Job, Error> {
+/// Everything a step attempt is made of, whichever object runs it.
+struct Attempt {
+    name: String,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    pod_labels: BTreeMap<String, String>,
+    pod_annotations: BTreeMap<String, String>,
+    pod: crate::api::workflow::StepPodSettings,
+    timeout_seconds: i64,
+    image: String,
+    command: Option<Vec<String>>,
+    args: Option<Vec<String>>,
+    env: Vec<EnvVar>,
+}
+
+impl Attempt {
+    fn parts(&self) -> (jobs::Shape<'_>, jobs::Container<'_>) {
+        let shape = jobs::Shape {
+            name: &self.name,
+            labels: self.labels.clone(),
+            annotations: self.annotations.clone(),
+            owner: self.owner.clone(),
+            pod_labels: self.pod_labels.clone(),
+            pod_annotations: self.pod_annotations.clone(),
+            pod: &self.pod,
+            timeout_seconds: self.timeout_seconds,
+        };
+        (shape, jobs::Container { image: &self.image, command: self.command.as_deref(), args: self.args.as_deref(), env: &self.env, image_pull_policy: None })
+    }
+
+    fn job(&self) -> Result<Job, Error> {
+        let (shape, c) = self.parts();
+        jobs::build(shape, c)
+    }
+
+    fn pod(&self) -> Result<Pod, Error> {
+        let (shape, c) = self.parts();
+        bare_pod::build(shape, c)
+    }
+}
+
+fn attempt_shape(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>, shard: Option<u32>) -> Result<Attempt, Error> {
     let mut labels = user_labels(wf);
     let cascaded: Vec<String> = labels.keys().cloned().collect();
     // The shard of the workflow's UID, not its label: a label can be edited.
@@ -433,21 +559,29 @@ fn build_job(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep
     pod_labels.insert(ATTEMPT_LABEL.into(), c.attempt.to_string());
     let pod_annotations = step.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
     let owner = wf.controller_owner_ref(&()).ok_or_else(|| Error::Json(serde::de::Error::custom("workflow has no uid")))?;
-    let pod = crate::api::workflow::StepPodSettings::merged(wf.spec.step_defaults.as_ref(), &step.pod);
-    let shape = jobs::Shape {
-        name: &c.job_name,
+    Ok(Attempt {
+        name: c.job_name.clone(),
         labels,
         annotations: BTreeMap::from([(CASCADED_ANNOTATION.to_string(), cascaded.join(","))]),
         owner,
         pod_labels,
         pod_annotations,
-        pod: &pod,
+        pod: crate::api::workflow::StepPodSettings::merged(wf.spec.step_defaults.as_ref(), &step.pod),
         timeout_seconds: timeout,
-    };
-    jobs::build(shape, jobs::Container { image: &step.image, command: step.command.as_deref(), args: step.args.as_deref(), env: &env, image_pull_policy: None })
+        image: step.image.clone(),
+        command: step.command.clone(),
+        args: step.args.clone(),
+        env,
+    })
 }
 
-async fn cascade_labels(wf: &Workflow, jobs: &[Arc<StepJob>], api: &FencedApi<'_, Job>) -> Result<(), Error> {
+/// Copy the workflow's own labels onto its Jobs or pods (`C` is how the cache holds them, `K`
+/// how they are written), and remove the ones it no longer has.
+async fn cascade_labels<C, K>(wf: &Workflow, jobs: &[Arc<C>], api: &FencedApi<'_, K>) -> Result<(), Error>
+where
+    C: Resource,
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
     let want = user_labels(wf);
     for j in jobs {
         let previously: Vec<&str> = j.annotations().get(CASCADED_ANNOTATION).map(|s| s.split(',').filter(|x| !x.is_empty()).collect()).unwrap_or_default();

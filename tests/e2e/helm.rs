@@ -195,7 +195,7 @@ fn assert_namespace_manager_rules(docs: &[Value], role: &str, namespaces: (&str,
     let want = [
         ("shoal.dev", "namespacemanagers", grant(role, &[], &["get", "list", "patch", "watch"])),
         ("shoal.dev", "namespacemanagers/status", grant(role, &[], &["get", "patch"])),
-        ("", "pods", grant(role, &[], &["list"])),
+        ("", "pods", grant(role, &[], &["create", "delete", "deletecollection", "get", "list", "patch", "watch"])),
         ("apps", "deployments", grant(role, &[], &["list", "patch"])),
         ("apps", "statefulsets", grant(role, &[], &["list", "patch"])),
         ("events.k8s.io", "events", grant(role, &[], &["create", "patch"])),

@@ -208,6 +208,11 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
         expect(&client, &me, verb, group, resource, "default", !watch_namespace).await;
     }
     expect(&client, &me, "get", "apiextensions.k8s.io", "customresourcedefinitions=workflows.shoal.dev", "", true).await;
+    // Bare step pods (`executor: Pod`): the Workflow controller's pod rule.
+    for verb in ["get", "list", "watch", "create", "patch", "delete", "deletecollection"] {
+        expect(&client, &me, verb, "", "pods", &work, true).await;
+        expect(&client, &me, verb, "", "pods", "default", !watch_namespace).await;
+    }
     // The NamespaceManager controller's rules (it does not run here: granted, not exercised).
     let nsman = [
         ("get", "shoal.dev", "namespacemanagers"),
@@ -261,8 +266,9 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
     let denied = [
         ("get", "apiextensions.k8s.io", "customresourcedefinitions=widgets.example.com", ""),
         ("list", "apiextensions.k8s.io", "customresourcedefinitions", ""),
-        ("create", "", "pods", work.as_str()),
-        ("get", "", "pods", work.as_str()),
+        ("update", "", "pods", work.as_str()),
+        ("create", "", "pods/exec", work.as_str()),
+        ("create", "", "pods/eviction", work.as_str()),
         ("list", "", "namespaces", ""),
         ("watch", "", "namespaces", ""),
         ("create", "", "namespaces", ""),

@@ -23,16 +23,40 @@ pub(crate) fn step(name: &str, deps: &[&str]) -> Value {
     json!({"stepName": name, "image": "busybox", "command": ["true"], "dependsOn": deps})
 }
 
-/// The Jobs of workflow `name` in `ns`.
-async fn jobs_of(client: &Client, ns: &str, name: &str) -> Vec<Job> {
-    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
-    jobs.list(&ListParams::default().labels(&format!("shoal.dev/workflow={name}"))).await.unwrap().items
+/// The step attempts (name → labels) that `lp` selects in `ns`: Jobs with the `Job`
+/// executor, bare pods with the `Pod` executor. Asserts that the other kind has none.
+async fn attempts(client: &Client, ns: &str, lp: &ListParams, exec: &str) -> Vec<(String, std::collections::BTreeMap<String, String>, String)> {
+    let jobs: Vec<Job> = Api::<Job>::namespaced(client.clone(), ns).list(lp).await.unwrap().items;
+    let pods: Vec<Pod> = Api::<Pod>::namespaced(client.clone(), ns).list(lp).await.unwrap().items;
+    let bare: Vec<Pod> = pods.into_iter().filter(|p| p.labels().get("shoal.dev/executor").map(String::as_str) == Some("pod")).collect();
+    let of = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| (m.name.clone().unwrap(), m.labels.clone().unwrap_or_default(), m.uid.clone().unwrap());
+    match exec {
+        "Job" => {
+            assert!(bare.is_empty(), "no bare pod with the Job executor: {:?}", bare.iter().map(|p| p.name_any()).collect::<Vec<_>>());
+            jobs.iter().map(|j| of(&j.metadata)).collect()
+        }
+        _ => {
+            assert!(jobs.is_empty(), "no Job with the Pod executor: {:?}", jobs.iter().map(|j| j.name_any()).collect::<Vec<_>>());
+            bare.iter().map(|p| of(&p.metadata)).collect()
+        }
+    }
+}
+
+/// The step attempts of workflow `name` in `ns` (see [`attempts`]).
+async fn attempts_of(client: &Client, ns: &str, name: &str, exec: &str) -> Vec<String> {
+    attempts(client, ns, &ListParams::default().labels(&format!("shoal.dev/workflow={name}")), exec).await.into_iter().map(|a| a.0).collect()
 }
 
 pub(crate) async fn setup(client: &Client, prefix: &str) -> (String, Operator) {
+    setup_in(client, prefix, "Job").await
+}
+
+/// A fresh namespace and one replica whose default executor is `exec` (`Job` or `Pod`).
+pub(crate) async fn setup_in(client: &Client, prefix: &str, exec: &str) -> (String, Operator) {
     let ops = common::namespace(client, &format!("{prefix}-ops")).await;
     let work = common::namespace(client, prefix).await;
     let mut op = Operator::new(&ops, &work);
+    op.extra_args = vec!["--default-executor".into(), exec.into()];
     op.start("r1");
     (work, op)
 }
@@ -66,10 +90,9 @@ fn finished(w: &Workflow, s: &str) -> k8s_openapi::jiff::Timestamp {
     w.status.as_ref().unwrap().steps.iter().find(|x| x.step_name == s).unwrap().finished_at.clone().unwrap().0
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn diamond_and_wide_fan_out() {
+async fn diamond_and_wide_fan_out(exec: &'static str) {
     let client = common::client().await;
-    let (ns, _op) = setup(&client, "wf-dag").await;
+    let (ns, _op) = setup_in(&client, "wf-dag", exec).await;
     let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
     api.create(&PostParams::default(), &wf("diamond", json!({"containers": [step("a", &[]), step("b", &["a"]), step("c", &["a"]), step("d", &["b", "c"])]}))).await.unwrap();
     let mut fan = vec![step("root", &[])];
@@ -109,14 +132,14 @@ async fn diamond_and_wide_fan_out() {
     let first_finish = leaf_pods.iter().map(|p| ran(p).1).min().unwrap();
     let concurrent = leaf_pods.iter().filter(|p| ran(p).0 < first_finish).count();
     assert!(concurrent >= 25, "only {concurrent} leaf pods were running at once");
-    assert_eq!(jobs_of(&client, &ns, "fan").await.len(), 52);
+    assert_eq!(attempts_of(&client, &ns, "fan", exec).await.len(), 52);
+    assert_eq!(api.get("fan").await.unwrap().status.unwrap().executor.map(|e| e.to_string()).as_deref(), Some(exec));
     common::cleanup(&client, &ns).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn failures_fail_fast_and_cycles() {
+async fn failures_fail_fast_and_cycles(exec: &'static str) {
     let client = common::client().await;
-    let (ns, _op) = setup(&client, "wf-fail").await;
+    let (ns, _op) = setup_in(&client, "wf-fail", exec).await;
     let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
     let bad = json!({"stepName": "bad", "image": "busybox", "dependsOn": ["a"], "metadata": {"labels": {"kwok.shoal.dev/exit-code": "3"}}});
     api.create(&PostParams::default(), &wf("fast", json!({"containers": [step("a", &[]), bad.clone(), step("after-bad", &["bad"])]}))).await.unwrap();
@@ -152,23 +175,22 @@ async fn failures_fail_fast_and_cycles() {
     assert_eq!(step_phase(&s, "after-ok"), StepPhase::Succeeded, "failFast: false lets the other branch finish");
     assert_eq!(step_phase(&s, "after-bad"), StepPhase::Skipped);
 
-    // A Job the API server refuses fails its step with the server's reason, once.
+    // A Job (or pod) the API server refuses fails its step with the server's reason, once.
     let r = wait_phase(&api, "rejected", WorkflowPhase::Failed).await;
     let m = r.status.as_ref().unwrap().steps[0].message.clone().unwrap_or_default();
-    assert!(m.contains("Job rejected by the API server") && m.contains("A=B"), "{m}");
+    assert!(m.contains(&format!("{exec} rejected by the API server")) && m.contains("A=B"), "{m}");
 
     let c = wait_phase(&api, "cycle", WorkflowPhase::Failed).await;
     let cond = c.status.as_ref().unwrap().conditions.iter().find(|x| x.type_ == "Failed").unwrap().clone();
     assert_eq!(cond.reason, "InvalidSpec");
     assert!(cond.message.contains("dependency cycle") && cond.message.contains("a") && cond.message.contains("c"), "{}", cond.message);
-    assert!(jobs_of(&client, &ns, "cycle").await.is_empty(), "no Job for a cyclic workflow");
+    assert!(attempts_of(&client, &ns, "cycle", exec).await.is_empty(), "no Job or pod for a cyclic workflow");
     common::cleanup(&client, &ns).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn timeout_retry_and_outputs() {
+async fn timeout_retry_and_outputs(exec: &'static str) {
     let client = common::client().await;
-    let (ns, _op) = setup(&client, "wf-retry").await;
+    let (ns, _op) = setup_in(&client, "wf-retry", exec).await;
     let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
     api.create(
         &PostParams::default(),
@@ -212,8 +234,8 @@ async fn timeout_retry_and_outputs() {
     let f = wait_phase(&api, "flaky", WorkflowPhase::Completed).await;
     let st = &f.status.as_ref().unwrap().steps[0];
     assert_eq!(st.attempt, 1, "succeeded on the second attempt");
-    let names: HashSet<String> = jobs_of(&client, &ns, "flaky").await.iter().map(|j| j.name_any()).collect();
-    assert_eq!(names.len(), 2, "one Job per attempt: {names:?}");
+    let names: HashSet<String> = attempts_of(&client, &ns, "flaky", exec).await.into_iter().collect();
+    assert_eq!(names.len(), 2, "one {exec} per attempt: {names:?}");
 
     let p = wait_phase(&api, "pipe", WorkflowPhase::Completed).await;
     assert_eq!(p.status.as_ref().unwrap().steps[0].output.as_deref(), Some("{\"rows\": 42}"));
@@ -226,48 +248,52 @@ async fn timeout_retry_and_outputs() {
     common::cleanup(&client, &ns).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn relabel_delete_and_spec_update_cascade() {
+async fn relabel_delete_and_spec_update_cascade(exec: &'static str) {
     let client = common::client().await;
-    let (ns, _op) = setup(&client, "wf-cascade").await;
+    let (ns, _op) = setup_in(&client, "wf-cascade", exec).await;
     let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let slow = json!({"stepName": "a", "image": "busybox", "metadata": {"annotations": {"kwok.shoal.dev/delay": "60s"}}});
     api.create(&PostParams::default(), &wf("w", json!({"containers": [slow]}))).await.unwrap();
     let lp = ListParams::default().labels("shoal.dev/workflow=w");
-    eventually(T, "the Job", || async { (!jobs.list(&lp).await.ok()?.items.is_empty()).then_some(()) }).await;
+    let listed = |lp: ListParams| {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move { attempts(&client, &ns, &lp, exec).await }
+    };
+    eventually(T, "the Job or pod", || async { (!listed(lp.clone()).await.is_empty()).then_some(()) }).await;
 
     api.patch("w", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"team": "blue"}}}))).await.unwrap();
-    eventually(T, "label cascaded", || async { jobs.list(&lp).await.ok()?.items.iter().all(|j| j.labels().get("team").map(String::as_str) == Some("blue")).then_some(()) }).await;
+    eventually(T, "label cascaded", || async { listed(lp.clone()).await.iter().all(|j| j.1.get("team").map(String::as_str) == Some("blue")).then_some(()) }).await;
     api.patch("w", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(json!([{"op": "remove", "path": "/metadata/labels/team"}])).unwrap())).await.unwrap();
-    eventually(T, "label removal cascaded", || async { jobs.list(&lp).await.ok()?.items.iter().all(|j| !j.labels().contains_key("team")).then_some(()) }).await;
+    eventually(T, "label removal cascaded", || async { listed(lp.clone()).await.iter().all(|j| !j.1.contains_key("team")).then_some(()) }).await;
 
     // A spec update deletes the old spec's Jobs and starts again.
-    let old: Vec<String> = jobs.list(&lp).await.unwrap().items.iter().map(|j| j.name_any()).collect();
+    let old: Vec<String> = listed(lp.clone()).await.into_iter().map(|j| j.0).collect();
     api.patch("w", &PatchParams::default(), &Patch::Merge(json!({"spec": {"containers": [step("x", &[]), step("y", &["x"])]}}))).await.unwrap();
     let done = wait_phase(&api, "w", WorkflowPhase::Completed).await;
     let st = done.status.unwrap();
     assert_eq!(st.executed_steps, vec!["x".to_string(), "y".to_string()]);
     assert_eq!(st.observed_generation, done.metadata.generation);
     eventually(T, "old Jobs deleted", || async {
-        let now: HashSet<String> = jobs.list(&lp).await.ok()?.items.iter().map(|j| j.name_any()).collect();
+        let now: HashSet<String> = listed(lp.clone()).await.into_iter().map(|j| j.0).collect();
         old.iter().all(|o| !now.contains(o)).then_some(())
     })
     .await;
 
     // Deleting the workflow deletes its Jobs (ownerReferences + the garbage collector).
     api.delete("w", &DeleteParams::background()).await.unwrap();
-    eventually(T, "Jobs garbage-collected", || async { jobs.list(&lp).await.ok()?.items.is_empty().then_some(()) }).await;
+    eventually(T, "Jobs or pods garbage-collected", || async { listed(lp.clone()).await.is_empty().then_some(()) }).await;
     common::cleanup(&client, &ns).await;
 }
 
 /// 200 workflows of 5 steps, 3 replicas; optionally one replica is killed mid-run.
-async fn many_workflows(prefix: &str, kill_one: bool) {
+async fn many_workflows(prefix: &str, kill_one: bool, exec: &'static str) {
     let _turn = common::HEAVY.acquire().await.unwrap();
     let client = common::client().await;
     let ops = common::namespace(&client, &format!("{prefix}-ops")).await;
     let ns = common::namespace(&client, prefix).await;
     let mut op = Operator::new(&ops, &ns);
+    op.extra_args = vec!["--default-executor".into(), exec.into()];
     for r in ["r1", "r2", "r3"] {
         op.start(r);
     }
@@ -304,12 +330,11 @@ async fn many_workflows(prefix: &str, kill_one: bool) {
     .await;
     let elapsed = t0.elapsed();
     let wfs = api.list(&ListParams::default()).await.unwrap().items;
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-    let all_jobs = jobs.list(&ListParams::default()).await.unwrap().items;
+    let all_jobs = attempts(&client, &ns, &ListParams::default(), exec).await;
     let planned: usize = wfs.iter().map(|w| w.status.as_ref().unwrap().steps.iter().map(|s| s.attempt as usize + 1).sum::<usize>()).sum();
     assert_eq!(planned, 1000, "no retries were needed");
-    assert_eq!(all_jobs.len(), planned, "Jobs created == step attempts planned");
-    let by_name: HashMap<String, String> = all_jobs.iter().map(|j| (j.name_any(), j.uid().unwrap())).collect();
+    assert_eq!(all_jobs.len(), planned, "Jobs (or pods) created == step attempts planned");
+    let by_name: HashMap<String, String> = all_jobs.into_iter().map(|j| (j.0, j.2)).collect();
     for w in &wfs {
         for s in &w.status.as_ref().unwrap().steps {
             let jn = s.job_name.as_ref().unwrap();
@@ -335,7 +360,7 @@ async fn many_workflows(prefix: &str, kill_one: bool) {
     }
     let q = |q| operator::histogram_quantile(&pages, "shoal_step_dispatch_latency_seconds", q).unwrap_or(f64::NAN);
     eprintln!(
-        "{prefix}: 200 workflows x 5 steps, 3 replicas{}: {:.1}s; jobs created {created}, status writes {writes} ({:.2} per step, surviving replicas); dispatch latency p50 <= {}s, p99 <= {}s (bucket bounds)",
+        "{prefix}: 200 workflows x 5 steps, 3 replicas{}: {:.1}s; Jobs or pods created {created}, status writes {writes} ({:.2} per step, surviving replicas); dispatch latency p50 <= {}s, p99 <= {}s (bucket bounds)",
         if kill_one { ", one killed mid-run" } else { "" },
         elapsed.as_secs_f64(),
         (created + writes) / 1000.0,
@@ -351,20 +376,17 @@ async fn many_workflows(prefix: &str, kill_one: bool) {
     common::cleanup(&client, &ops).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn two_hundred_workflows_three_replicas() {
-    many_workflows("wf-load", false).await;
+async fn two_hundred_workflows_three_replicas(exec: &'static str) {
+    many_workflows(&format!("wf-load-{}", exec.to_lowercase()), false, exec).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn two_hundred_workflows_with_a_crash() {
-    many_workflows("wf-crash", true).await;
+async fn two_hundred_workflows_with_a_crash(exec: &'static str) {
+    many_workflows(&format!("wf-crash-{}", exec.to_lowercase()), true, exec).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn steps_run_with_their_pod_settings() {
+async fn steps_run_with_their_pod_settings(exec: &'static str) {
     let client = common::client().await;
-    let (ns, _op) = setup(&client, "wf-podset").await;
+    let (ns, _op) = setup_in(&client, "wf-podset", exec).await;
     let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
     api.create(
         &PostParams::default(),
@@ -413,3 +435,36 @@ async fn steps_run_with_their_pod_settings() {
     assert_eq!(custom.node_selector.as_ref().unwrap()["type"], "kwok", "other defaults still apply");
     common::cleanup(&client, &ns).await;
 }
+
+/// Every Workflow test above, once with each executor: the same assertions, with the step
+/// attempts as Jobs (`workflow::job::*`) and as bare pods (`workflow::pod::*`).
+macro_rules! in_both_executors {
+    ($($test:ident),* $(,)?) => {
+        mod job {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test("Job").await
+                }
+            )*
+        }
+        mod pod {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test("Pod").await
+                }
+            )*
+        }
+    };
+}
+
+in_both_executors!(
+    diamond_and_wide_fan_out,
+    failures_fail_fast_and_cycles,
+    timeout_retry_and_outputs,
+    relabel_delete_and_spec_update_cascade,
+    two_hundred_workflows_three_replicas,
+    two_hundred_workflows_with_a_crash,
+    steps_run_with_their_pod_settings,
+);

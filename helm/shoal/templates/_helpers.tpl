@@ -57,10 +57,13 @@ Grow this list when a controller lands, never ahead of it.
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]
 # A finished step's output is its pod's termination message; a NamespaceManager's
-# PODS_SUCCEED condition lists the pods it watches.
+# PODS_SUCCEED condition lists the pods it watches. With `executor: Pod` a step attempt is a
+# bare pod: watched per shard, read when not cached, created, labels cascaded and shard
+# labels fixed (patch), cancelled steps' pods deleted, an old spec's pods deleted
+# server-side by label (deletecollection).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]
 # Events about workflows and their steps, and about namespace managers (kube's Recorder:
 # create, then patch a series).
 - apiGroups: ["events.k8s.io"]
