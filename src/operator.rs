@@ -19,8 +19,8 @@ use kube::api::Api;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::controllers::runtime::{Runtime, Settings, named};
 use crate::controllers::bare_pod::StepPod;
+use crate::controllers::runtime::{Runtime, Settings, named};
 use crate::controllers::step_job::StepJob;
 use crate::controllers::{activity, activity_worker, nsman, task, workflow};
 use crate::ha::{HaConfig, HaMetrics, Ownership, Synced};
@@ -114,13 +114,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     // Bare step pods (`executor: Pod`): a watch of only the pods that carry the executor label.
     let pods = rt.children::<_, StepPod>(&workflows, crate::controllers::bare_pod::SELECTOR, workflow::pod_owner_key, crate::controllers::bare_pod::change_matters);
     rt.label_children::<StepPod>(crate::controllers::bare_pod::SELECTOR);
-    let state = workflow::State {
-        jobs,
-        pods,
-        default_executor: cfg.workflow.default_executor,
-        metrics: crate::controllers::Metrics::new(&mut registry),
-        pod_looks: Default::default(),
-    };
+    let state = workflow::State { jobs, pods, default_executor: cfg.workflow.default_executor, metrics: crate::controllers::Metrics::new(&mut registry), pod_looks: Default::default() };
     rt.run(workflows, state, workflow::reconcile);
 
     // Activities, with their workers (a worker's state change wakes its Activity); workers,

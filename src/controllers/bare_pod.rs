@@ -154,11 +154,14 @@ pub fn state(pod: &StepPod, step: &StepStatus, now: Timestamp) -> (JobState, Opt
         _ => {}
     }
     if pod.metadata.deletion_timestamp.is_some() {
-        // Deleted before it finished: by someone, by eviction through the API, or with its
-        // node. Its container is being stopped; the attempt has failed.
-        let why = pod.disruption().map(|d| format!(" ({d})")).unwrap_or_default();
-        let message = format!("its pod was deleted before it finished{why}");
-        return (JobState::Failed { reason: POD_DELETED.into(), message: truncate(&message, MAX_MESSAGE_BYTES) }, None);
+        // Deleted before it finished: evicted through the API, lost with its node (both mark
+        // the pod `DisruptionTarget`), or deleted by someone. Its container is being
+        // stopped; the attempt has failed.
+        let (reason, message) = match pod.disruption() {
+            Some(why) => (POD_DISRUPTED, format!("its pod was disrupted (evicted, preempted or lost with its node) and deleted: {why}")),
+            None => (POD_DELETED, "its pod was deleted before it finished".to_string()),
+        };
+        return (JobState::Failed { reason: reason.into(), message: truncate(&message, MAX_MESSAGE_BYTES) }, None);
     }
     let stuck_before = previous.is_some_and(|m| m.starts_with(CANNOT_START));
     let age = pod.metadata.creation_timestamp.as_ref().map(|t| Duration::try_from(now.duration_since(t.0)).unwrap_or_default()).unwrap_or_default();
@@ -284,15 +287,21 @@ mod tests {
 
     #[test]
     fn an_evicted_or_lost_pod_is_a_failed_attempt_that_says_so() {
-        let evicted = with_status(json!({"phase": "Failed", "reason": "Evicted", "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}]}));
+        let evicted = with_status(
+            json!({"phase": "Failed", "reason": "Evicted", "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}]}),
+        );
         let JobState::Failed { reason, message } = state(&evicted, &step(None), at(CREATED)).0 else { panic!() };
         assert_eq!(reason, POD_DISRUPTED);
         assert!(message.contains("EvictionByEvictionAPI"), "{message}");
-        let deleted = pod(json!({"metadata": {"name": "p", "creationTimestamp": CREATED, "deletionTimestamp": "2026-01-01T00:00:05Z"}, "status": {"phase": "Running",
+        let lost = pod(json!({"metadata": {"name": "p", "creationTimestamp": CREATED, "deletionTimestamp": "2026-01-01T00:00:05Z"}, "status": {"phase": "Running",
             "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}]}}));
+        let JobState::Failed { reason, message } = state(&lost, &step(None), at(CREATED)).0 else { panic!() };
+        assert_eq!(reason, POD_DISRUPTED);
+        assert!(message.contains("DeletionByTaintManager"), "{message}");
+        let deleted = pod(json!({"metadata": {"name": "p", "creationTimestamp": CREATED, "deletionTimestamp": "2026-01-01T00:00:05Z"}, "status": {"phase": "Running"}}));
         let JobState::Failed { reason, message } = state(&deleted, &step(None), at(CREATED)).0 else { panic!() };
         assert_eq!(reason, POD_DELETED);
-        assert!(message.contains("DeletionByTaintManager"), "{message}");
+        assert!(message.contains("deleted before it finished"), "{message}");
     }
 
     #[test]

@@ -526,7 +526,15 @@ impl Attempt {
     }
 }
 
-fn attempt_shape(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>, shard: Option<u32>) -> Result<Attempt, Error> {
+fn attempt_shape(
+    wf: &Workflow,
+    uid: &str,
+    step: &crate::api::workflow::WorkflowStep,
+    c: &plan::CreateJob,
+    generation: i64,
+    outputs: &HashMap<String, String>,
+    shard: Option<u32>,
+) -> Result<Attempt, Error> {
     let mut labels = user_labels(wf);
     let cascaded: Vec<String> = labels.keys().cloned().collect();
     // The shard of the workflow's UID, not its label: a label can be edited.

@@ -4,6 +4,7 @@
 
 mod activity;
 mod admission;
+mod bare_pods;
 mod cluster;
 mod common;
 mod crds;

@@ -25,7 +25,7 @@ use crate::common::{self, eventually};
 use crate::workflow::{T, setup, step_of, wait_phase_within, wf};
 
 /// The step's status once `pred` holds for it.
-async fn wait_step(api: &Api<Workflow>, name: &str, step: &str, what: &str, timeout: Duration, pred: impl Fn(&StepStatus) -> bool) -> StepStatus {
+pub(crate) async fn wait_step(api: &Api<Workflow>, name: &str, step: &str, what: &str, timeout: Duration, pred: impl Fn(&StepStatus) -> bool) -> StepStatus {
     eventually(timeout, what, || async {
         let w = api.get(name).await.ok()?;
         let s = w.status.as_ref()?.steps.iter().find(|s| s.step_name == step)?.clone();
@@ -59,13 +59,13 @@ async fn job(client: &Client, ns: &str, name: &str) -> Job {
 
 /// An RFC 3339 time `secs` from now: a kwok delay that every pod of a Job shares, so a
 /// replacement pod finishes when the first one would have.
-fn at(secs: i64) -> String {
+pub(crate) fn at(secs: i64) -> String {
     (Timestamp::now() + SignedDuration::from_secs(secs)).strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// Make every pod created in `ns` request (and be limited to) 100 CPUs, more than a shared
 /// kwok node has.
-async fn big_pods(client: &Client, ns: &str) {
+pub(crate) async fn big_pods(client: &Client, ns: &str) {
     let lr: LimitRange = serde_json::from_value(json!({
         "metadata": {"name": "big"},
         "spec": {"limits": [{"type": "Container", "default": {"cpu": "100"}, "defaultRequest": {"cpu": "100"}}]},
@@ -75,7 +75,7 @@ async fn big_pods(client: &Client, ns: &str) {
 }
 
 /// A kwok node with room for `pods` of our big pods, cordoned, once it is Ready.
-async fn big_node(client: &Client, name: &str, pods: u32) {
+pub(crate) async fn big_node(client: &Client, name: &str, pods: u32) {
     let node: Node = serde_json::from_value(json!({
         "metadata": {
             "name": name,
@@ -98,17 +98,17 @@ async fn big_node(client: &Client, name: &str, pods: u32) {
     .await;
 }
 
-async fn cordon(client: &Client, name: &str, on: bool) {
+pub(crate) async fn cordon(client: &Client, name: &str, on: bool) {
     let nodes: Api<Node> = Api::all(client.clone());
     nodes.patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"unschedulable": on}}))).await.unwrap();
 }
 
-async fn delete_node(client: &Client, name: &str) {
+pub(crate) async fn delete_node(client: &Client, name: &str) {
     let _ = Api::<Node>::all(client.clone()).delete(name, &DeleteParams::default()).await;
 }
 
 /// Events with `reason` about workflow `name`.
-async fn events(client: &Client, ns: &str, name: &str, reason: &str) -> Vec<Event> {
+pub(crate) async fn events(client: &Client, ns: &str, name: &str, reason: &str) -> Vec<Event> {
     let l = Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap();
     l.items.into_iter().filter(|e| e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)).collect()
 }
