@@ -114,7 +114,14 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     // Bare step pods (`executor: Pod`): a watch of only the pods that carry the executor label.
     let pods = rt.children::<_, StepPod>(&workflows, crate::controllers::bare_pod::SELECTOR, workflow::pod_owner_key, crate::controllers::bare_pod::change_matters);
     rt.label_children::<StepPod>(crate::controllers::bare_pod::SELECTOR);
-    let state = workflow::State { jobs, pods, default_executor: cfg.workflow.default_executor, metrics: crate::controllers::Metrics::new(&mut registry), pod_looks: Default::default() };
+    let state = workflow::State {
+        jobs,
+        pods,
+        default_executor: cfg.workflow.default_executor,
+        step_success_events: cfg.workflow.step_success_events,
+        metrics: crate::controllers::Metrics::new(&mut registry),
+        pod_looks: Default::default(),
+    };
     rt.run(workflows, state, workflow::reconcile);
 
     // Activities, with their workers (a worker's state change wakes its Activity); workers,

@@ -58,6 +58,11 @@ pub struct WorkflowConfig {
     /// or `Pod` (a bare pod per attempt; far fewer API writes, see docs/workflow.md).
     #[arg(long, env = "SHOAL_DEFAULT_EXECUTOR", value_enum, ignore_case = true, default_value_t = Executor::Job)]
     pub default_executor: Executor,
+    /// Also publish a `StepSucceeded` Event for every step that succeeds (off: one
+    /// `WorkflowCompleted` Event per workflow, and Warnings for steps that fail, retry, time
+    /// out, are cancelled or cannot start). Each Event is one more write to the API server.
+    #[arg(long, env = "SHOAL_STEP_SUCCESS_EVENTS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub step_success_events: bool,
 }
 
 /// What the Workflow controller keeps besides the workflows: its Job and pod caches and its
@@ -69,6 +74,8 @@ pub struct State {
     pub pods: Arc<crate::ha::Informer<StepPod>>,
     /// The executor of workflows that do not set one.
     pub default_executor: Executor,
+    /// Publish a `StepSucceeded` Event per succeeded step.
+    pub step_success_events: bool,
     pub metrics: Metrics,
     /// When this replica last read each active Job's pods.
     pub pod_looks: step_pod::PodLooks,
@@ -346,11 +353,22 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     // lost) is planned again from the newer version, and its Events with it.
     if recorded {
         for (reason, step, msg) in p.events {
+            if reason == "StepSucceeded" && !ctx.step_success_events {
+                continue;
+            }
             let warn = matches!(reason, "StepFailed" | "StepTimedOut" | "StepRetried" | "StepCancelled" | step_pod::CANNOT_START_EVENT);
             // Related to the step's Job (or pod), so that Events of different steps (or
             // attempts) with one reason are not folded into one series by the recorder.
             let job = new.steps.iter().find(|s| s.step_name == step).and_then(|s| Some(attempt_ref(exec, ns, s.job_name.clone()?, s.job_uid.clone())));
             w.event(if warn { EventType::Warning } else { EventType::Normal }, reason, msg, job).await;
+        }
+        // One Event when the workflow ends, whichever step ended it.
+        if phase_changed {
+            match p.phase {
+                WorkflowPhase::Completed => w.event(EventType::Normal, "WorkflowCompleted", p.message.clone(), None).await,
+                WorkflowPhase::Failed => w.event(EventType::Warning, "WorkflowFailed", p.message.clone(), None).await,
+                _ => {}
+            }
         }
     }
     Ok(match p.requeue_after {

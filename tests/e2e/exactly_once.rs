@@ -130,7 +130,11 @@ async fn fail_fast_cancels_running_steps() {
 #[tokio::test(flavor = "multi_thread")]
 async fn events_follow_recorded_transitions_only() {
     let client = common::client().await;
-    let (ns, _op) = setup(&client, "eo-events").await;
+    let ops = common::namespace(&client, "eo-events-ops").await;
+    let ns = common::namespace(&client, "eo-events").await;
+    let mut op = crate::operator::Operator::new(&ops, &ns);
+    op.extra_args = vec!["--step-success-events".into(), "true".into()];
+    op.start("r1");
     let api: Api<Workflow> = Api::namespaced(client.clone(), &ns);
     let steps: Vec<_> = (0..6).map(|i| if i == 0 { slow("s0", &[], "1s") } else { slow(&format!("s{i}"), &[&format!("s{}", i - 1)], "1s") }).collect();
     api.create(&PostParams::default(), &wf("churn", json!({"containers": steps}))).await.unwrap();

@@ -45,6 +45,7 @@ renewDeadline: 12s
 retryPeriod: 3s
 workers: 8
 defaultExecutor: Pod
+stepSuccessEvents: true
 resync: 10m
 logLevel: "info,kube=warn"
 logFormat: json
@@ -152,6 +153,7 @@ async fn lint_and_template_with_the_defaults_and_every_value_changed() {
         ("SHOAL_RETRY_PERIOD", "3s"),
         ("SHOAL_WORKERS", "8"),
         ("SHOAL_DEFAULT_EXECUTOR", "Pod"),
+        ("SHOAL_STEP_SUCCESS_EVENTS", "true"),
         ("SHOAL_RESYNC", "10m"),
         ("SHOAL_METRICS_ADDR", "0.0.0.0:9191"),
         ("RUST_LOG", "info,kube=warn"),
@@ -216,7 +218,7 @@ async fn lint_and_template_with_the_defaults_and_every_value_changed() {
 
 /// Bad values that `helm template` (and so `helm install`) refuses: the schema's, with the
 /// path of the value; and the chart's own checks of values that depend on each other.
-const BAD_VALUES: [(&[&str], &str); 23] = [
+const BAD_VALUES: [(&[&str], &str); 24] = [
     (&["--set", "replicaCount=-1"], "at '/replicaCount'"),
     (&["--set", "replicaCount=three"], "at '/replicaCount'"),
     (&["--set", "logFormat=xml"], "at '/logFormat'"),
@@ -228,6 +230,7 @@ const BAD_VALUES: [(&[&str], &str); 23] = [
     (&["--set", "leaseDuration=15 seconds"], "at '/leaseDuration'"),
     (&["--set", "workers=0"], "at '/workers'"),
     (&["--set", "defaultExecutor=Pods"], "at '/defaultExecutor'"),
+    (&["--set-string", "stepSuccessEvents=yes"], "at '/stepSuccessEvents'"),
     (&["--set", "metrics.port=70000"], "at '/metrics/port'"),
     (&["--set", "tracing.enabled=true"], "at '/tracing"),
     (&["--set", "tracing.enabled=true", "--set", "tracing.endpoint=jaeger:4317"], "at '/tracing/endpoint'"),

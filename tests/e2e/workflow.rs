@@ -134,6 +134,17 @@ async fn diamond_and_wide_fan_out(exec: &'static str) {
     assert!(concurrent >= 25, "only {concurrent} leaf pods were running at once");
     assert_eq!(attempts_of(&client, &ns, "fan", exec).await.len(), 52);
     assert_eq!(api.get("fan").await.unwrap().status.unwrap().executor.map(|e| e.to_string()).as_deref(), Some(exec));
+    // One Event when a workflow completes; no StepSucceeded Events unless asked for.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let about = |name: &'static str, reason: &'static str| {
+        let events = events.clone();
+        async move {
+            let l = events.list(&ListParams::default()).await.unwrap().items;
+            l.into_iter().filter(|e| e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)).count()
+        }
+    };
+    eventually(T, "a WorkflowCompleted Event on diamond", || async { (about("diamond", "WorkflowCompleted").await == 1).then_some(()) }).await;
+    assert_eq!(about("diamond", "StepSucceeded").await, 0);
     common::cleanup(&client, &ns).await;
 }
 
