@@ -132,7 +132,7 @@ async fn a_pod_deleted_by_someone_fails_its_step_saying_so() {
     let s = step_of(&failed, "work");
     assert_eq!((s.phase, s.attempt), (StepPhase::Failed, 0));
     let m = s.message.unwrap_or_default();
-    assert!(m.contains("deleted"), "{m}");
+    assert!(m.contains("its pod was deleted"), "{m}");
     common::cleanup(&client, &ns).await;
 }
 
