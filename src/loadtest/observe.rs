@@ -244,11 +244,11 @@ impl Observer {
     /// them, and watching them would add to what the Job executor's runs cost.
     pub fn spawn(&self, client: &Client) -> Vec<tokio::task::JoinHandle<()>> {
         let (a, b, c, d, e) = (self.clone(), self.clone(), self.clone(), self.clone(), self.clone());
-        let step_jobs = watch(Api::<Job>::all(client.clone()), WORKFLOW_LABEL, move |j| a.on_job(&j));
-        let step_pods = watch(Api::<Pod>::all(client.clone()), &format!("{EXECUTOR_LABEL}=pod"), move |p| b.on_pod(&p));
-        let bare_jobs = watch(Api::<Job>::all(client.clone()), BARE_LABEL, move |j| c.on_job(&j));
-        let bare_pods = watch(Api::<Pod>::all(client.clone()), BARE_LABEL, move |p| d.on_pod(&p));
-        let workflows = watch(Api::<DynamicObject>::all_with(client.clone(), &workflow_resource()), "", move |w| e.on_workflow(&w));
+        let step_jobs = watch(Api::<Job>::all(client.clone()), WORKFLOW_LABEL.into(), move |j| a.on_job(&j));
+        let step_pods = watch(Api::<Pod>::all(client.clone()), format!("{EXECUTOR_LABEL}=pod"), move |p| b.on_pod(&p));
+        let bare_jobs = watch(Api::<Job>::all(client.clone()), BARE_LABEL.into(), move |j| c.on_job(&j));
+        let bare_pods = watch(Api::<Pod>::all(client.clone()), BARE_LABEL.into(), move |p| d.on_pod(&p));
+        let workflows = watch(Api::<DynamicObject>::all_with(client.clone(), &workflow_resource()), String::new(), move |w| e.on_workflow(&w));
         vec![tokio::spawn(step_jobs), tokio::spawn(step_pods), tokio::spawn(bare_jobs), tokio::spawn(bare_pods), tokio::spawn(workflows)]
     }
 }
@@ -261,13 +261,13 @@ pub fn workflow_resource() -> ApiResource {
 
 /// Apply and delete events alike: an object deleted soon after it finished (garbage
 /// collection) still shows its last state.
-async fn watch<K, F>(api: Api<K>, labels: &str, mut f: F)
+async fn watch<K, F>(api: Api<K>, labels: String, mut f: F)
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     F: FnMut(K),
 {
     use kube::runtime::WatchStreamExt;
-    let cfg = watcher::Config::default().labels(labels).any_semantic();
+    let cfg = watcher::Config::default().labels(&labels).any_semantic();
     let mut s = std::pin::pin!(watcher(api, cfg).default_backoff());
     while let Some(ev) = s.next().await {
         if let Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o)) = ev {

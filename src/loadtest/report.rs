@@ -220,11 +220,12 @@ impl ExecutorSeen {
 
     /// A warning when the scenario asked for an executor the steps did not run under.
     pub fn mismatch(&self, asked: Option<Executor>) -> Option<String> {
-        let (wrong, what) = match asked? {
+        let asked = asked?;
+        let (wrong, what) = match asked {
             Executor::Pod => (self.step_jobs, "step Jobs"),
             Executor::Job => (self.step_pods, "step pods (Pod executor)"),
         };
-        (wrong > 0).then(|| format!("the scenario asks for executor {:?}, but {wrong} {what} ran: the operator ignored `spec.executor` (an API without the field prunes it)", asked?))
+        (wrong > 0).then(|| format!("the scenario asks for executor {asked:?}, but {wrong} {what} ran: the operator ignored `spec.executor` (an API without the field prunes it)"))
     }
 }
 
@@ -1130,7 +1131,82 @@ pub fn throughput_series(r: &Results) -> Vec<(f64, f64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{histogram_quantile, histogram_quantile_where, peak_live};
+    use std::collections::BTreeMap;
+
+    use super::{ExecutorSeen, Idle, Kept, Writes, histogram_quantile, histogram_quantile_where, peak_live, policy_keeps, thin};
+    use crate::loadtest::Scenario;
+    use crate::loadtest::scenario::Executor;
+    use crate::loadtest::writes::AuditWrites;
+
+    fn scenario(extra: &str) -> Scenario {
+        Scenario::from_yaml(&format!("name: x\ncount: 100\nfailureFraction: 0.1\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn what_garbage_collection_keeps() {
+        assert_eq!(policy_keeps(&scenario("")), None, "no policy in the scenario: nothing to expect");
+        let keeps = |spec: &str| policy_keeps(&scenario(&format!("workflowSpec: {spec}\n"))).unwrap();
+        // 100 five-step workflows, 10 failing at their last step.
+        assert_eq!(keeps("{podGC: {strategy: OnWorkflowSuccess}}"), Kept { workflows: 100, steps: 50 });
+        assert_eq!(keeps("{podGC: {strategy: OnPodSuccess}}"), Kept { workflows: 100, steps: 10 });
+        assert_eq!(keeps("{podGC: {strategy: OnPodCompletion}}"), Kept { workflows: 100, steps: 0 });
+        assert_eq!(keeps("{podGC: {strategy: OnWorkflowCompletion, deleteDelayDuration: 5s}}"), Kept { workflows: 100, steps: 0 });
+        assert_eq!(keeps("{podGC: {strategy: OnWorkflowSuccess}, ttlStrategy: {secondsAfterSuccess: 30}}"), Kept { workflows: 10, steps: 50 });
+        assert_eq!(keeps("{ttlStrategy: {secondsAfterFailure: 30}}"), Kept { workflows: 90, steps: 450 });
+        assert_eq!(keeps("{ttlStrategy: {secondsAfterCompletion: 0}}"), Kept { workflows: 0, steps: 0 });
+    }
+
+    #[test]
+    fn writes_per_step_count_every_client_and_split_the_harness_off() {
+        let totals = BTreeMap::from([("POST pods".to_string(), 100.0), ("PATCH pods/status".to_string(), 300.0), ("PUT leases".to_string(), 50.0), ("POST workflows".to_string(), 20.0)]);
+        let mut a = AuditWrites::default();
+        a.by_client.insert("loadtest".into(), BTreeMap::from([("create workflows".into(), 20)]));
+        a.by_client.insert("shoal".into(), BTreeMap::from([("create pods".into(), 100), ("patch workflows/status".into(), 120), ("create events".into(), 100), ("update leases".into(), 30)]));
+        a.by_client.insert("kwok".into(), BTreeMap::from([("patch pods/status".into(), 300)]));
+        let w = Writes::new(totals, Some(a), 100.0);
+        assert_eq!(w.all_clients_per_step, 4.7);
+        assert_eq!(w.all_clients_but_harness_per_step, Some(6.5));
+        assert_eq!(w.operator_per_step, Some(2.2), "without Events and Leases");
+        assert_eq!(w.operator_events_per_step, Some(1.0));
+        let none = Writes::new(BTreeMap::new(), None, 0.0);
+        assert_eq!((none.all_clients_per_step, none.operator_per_step), (0.0, None));
+    }
+
+    #[test]
+    fn idle_lease_writes_per_replica_net_of_the_other_clients() {
+        // 30 s: 120 Lease writes in all, the others write 1.5 a second, 3 replicas.
+        assert_eq!(Idle::per_replica(120.0, 30.0, Some(1.5), 3), Some(5.0 / 6.0));
+        assert_eq!(Idle::per_replica(120.0, 30.0, None, 3), None, "no baseline, no figure");
+        assert_eq!(Idle::per_replica(10.0, 30.0, Some(1.5), 3), Some(0.0), "never below zero");
+    }
+
+    #[test]
+    fn a_pruned_executor_is_told() {
+        let ran_as_jobs = ExecutorSeen { step_jobs: 5, step_pods: 0, status_executor: BTreeMap::new() };
+        assert!(ran_as_jobs.mismatch(Some(Executor::Pod)).unwrap().contains("5 step Jobs"));
+        assert_eq!(ran_as_jobs.mismatch(Some(Executor::Job)), None);
+        assert_eq!(ran_as_jobs.mismatch(None), None);
+        let ran_as_pods = ExecutorSeen { step_jobs: 0, step_pods: 5, status_executor: BTreeMap::new() };
+        assert_eq!(ran_as_pods.mismatch(Some(Executor::Pod)), None);
+    }
+
+    #[test]
+    fn thinning_keeps_the_ends() {
+        let v: Vec<usize> = (0..100).collect();
+        let t = thin(&v, 25);
+        assert_eq!((t.len(), *t[0], **t.last().unwrap()), (26, 0, 99));
+        assert_eq!(thin(&v[..3], 25).len(), 3);
+        assert!(thin::<usize>(&[], 5).is_empty());
+    }
+
+    #[test]
+    fn old_results_still_read() {
+        // A ceiling run and audit counts as reports wrote them before bare pods.
+        let bare: super::Bare = serde_json::from_value(serde_json::json!({"jobs": 10, "created": 10, "done": 10, "duration_s": 2.0, "jobs_per_s": 5.0,
+            "writes_by_verb": {}, "audit": {"by_client": {}, "jobs_created_twice": [], "operator_job_creates": 0, "operator_conflicts": 0}, "cleanup_s": 1.0, "interrupted": false}))
+        .unwrap();
+        assert_eq!((bare.kind, bare.objects, bare.per_s, bare.noun()), (Executor::Job, 10, 5.0, "Job"));
+    }
 
     #[test]
     fn quantiles_of_labelled_histograms_sum_the_matching_series_only() {

@@ -574,7 +574,7 @@ async fn settle(args: &Args, sc: &Scenario, client: &Client, run: &str, mut reps
     let every = Duration::from_secs(5).max(window / 40);
     let from = Snapshot::take(client).await;
     let cpu_from = reps.as_deref().map(Replicas::total_cpu).unwrap_or(0.0);
-    let pb = progress(args, window.as_secs(), "s of settling");
+    let pb = progress(args, window.as_secs() as usize, "s of settling");
     let mut samples = Vec::new();
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
@@ -612,12 +612,16 @@ async fn settle(args: &Args, sc: &Scenario, client: &Client, run: &str, mut reps
 /// API, from metadata-only lists.
 async fn left(client: &Client, run: &str) -> (usize, usize, usize) {
     let ours = format!("lt-{run}-w");
-    let count = |l: Result<kube::core::ObjectList<kube::core::PartialObjectMeta<_>>, kube::Error>| l.map(|l| l.items.iter().filter(|o| o.namespace().is_some_and(|n| n.starts_with(&ours))).count()).unwrap_or(0);
     let wf: Api<DynamicObject> = Api::all_with(client.clone(), &workflow_resource());
-    let workflows = count(wf.list_metadata(&ListParams::default().labels(&format!("{RUN_LABEL}={run}"))).await);
-    let jobs = count(Api::<Job>::all(client.clone()).list_metadata(&ListParams::default().labels(WORKFLOW_LABEL)).await);
-    let pods = count(Api::<Pod>::all(client.clone()).list_metadata(&ListParams::default().labels(WORKFLOW_UID_LABEL)).await);
+    let workflows = in_namespaces(wf.list_metadata(&ListParams::default().labels(&format!("{RUN_LABEL}={run}"))).await, &ours);
+    let jobs = in_namespaces(Api::<Job>::all(client.clone()).list_metadata(&ListParams::default().labels(WORKFLOW_LABEL)).await, &ours);
+    let pods = in_namespaces(Api::<Pod>::all(client.clone()).list_metadata(&ListParams::default().labels(WORKFLOW_UID_LABEL)).await, &ours);
     (workflows, jobs, pods)
+}
+
+/// Objects of a list in namespaces starting with `prefix` (0 if the list failed).
+fn in_namespaces<K: Clone>(l: kube::Result<kube::core::ObjectList<kube::core::PartialObjectMeta<K>>>, prefix: &str) -> usize {
+    l.map(|l| l.items.iter().filter(|o| o.metadata.namespace.as_deref().is_some_and(|n| n.starts_with(prefix))).count()).unwrap_or(0)
 }
 
 /// The workflow objects the harness creates: untyped, so spec fields this branch's API types
@@ -659,4 +663,32 @@ fn spawn_creator(sc: &Scenario, client: &Client, nss: &[String], run: &str, obs:
 /// The phase workflow `i` must end in.
 pub fn expected_phase(sc: &Scenario, i: usize) -> WorkflowPhase {
     if sc.fails(i) { WorkflowPhase::Failed } else { WorkflowPhase::Completed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_objects_carry_the_label_and_the_pods_delay() {
+        let pod: Pod = serde_json::from_value(bare_object(Executor::Pod, 7, "500ms")).unwrap();
+        assert_eq!(pod.metadata.name.as_deref(), Some("bare-000007"));
+        assert!(pod.metadata.labels.unwrap().contains_key(BARE_LABEL));
+        assert_eq!(pod.metadata.annotations.unwrap()[crate::dev::DELAY_ANNOTATION], "500ms");
+        assert_eq!(pod.spec.unwrap().restart_policy.as_deref(), Some("Never"));
+        let job: Job = serde_json::from_value(bare_object(Executor::Job, 7, "1s")).unwrap();
+        assert!(job.metadata.labels.unwrap().contains_key(BARE_LABEL));
+        let template = job.spec.unwrap().template;
+        assert_eq!(template.metadata.unwrap().annotations.unwrap()[crate::dev::DELAY_ANNOTATION], "1s");
+        assert!(template.spec.unwrap().containers[0].command.is_some());
+    }
+
+    #[test]
+    fn workflows_keep_spec_fields_the_api_types_lack() {
+        let sc = Scenario::from_yaml("name: x\ncount: 1\nexecutor: Pod\nworkflowSpec: {podGC: {strategy: OnPodSuccess}}\n").unwrap();
+        let wf: DynamicObject = serde_json::from_value(workflow_object("w00000", "r", sc.workflow_spec(0))).unwrap();
+        let sent = serde_json::to_value(&wf).unwrap();
+        assert_eq!((sent["spec"]["executor"].as_str(), sent["spec"]["podGC"]["strategy"].as_str()), (Some("Pod"), Some("OnPodSuccess")));
+        assert_eq!((sent["kind"].as_str(), sent["metadata"]["labels"][RUN_LABEL].as_str()), (Some("Workflow"), Some("r")));
+    }
 }

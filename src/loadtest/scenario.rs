@@ -363,6 +363,46 @@ mod tests {
     }
 
     #[test]
+    fn executor_extra_spec_fields_and_env() {
+        let sc = Scenario::from_yaml(
+            "name: x\ncount: 2\nexecutor: Pod\nworkflowSpec: {podGC: {strategy: OnWorkflowSuccess}, ttlStrategy: {secondsAfterSuccess: 30}, stepDefaults: {x: {y: 1}}}\nenv: {SHOAL_WORKERS: \"8\"}\nsettle: 1m\nidle: 10s\n",
+        )
+        .unwrap();
+        let spec = sc.workflow_spec(0);
+        assert_eq!(spec["executor"], "Pod");
+        assert_eq!(spec["podGC"]["strategy"], "OnWorkflowSuccess");
+        assert_eq!(spec["ttlStrategy"]["secondsAfterSuccess"], 30);
+        assert_eq!(spec["containers"].as_array().unwrap().len(), 5, "the scenario's own fields stay");
+        assert_eq!(sc.env["SHOAL_WORKERS"], "8");
+        assert_eq!((sc.settle, sc.idle), (Some(Duration::from_secs(60)), Duration::from_secs(10)));
+        let plain = Scenario::from_yaml("name: x\ncount: 1\n").unwrap();
+        assert!(plain.workflow_spec(0).get("executor").is_none(), "no executor: the operator's default");
+        assert_eq!((plain.settle, plain.idle), (None, Duration::from_secs(30)));
+        assert!(Scenario::from_yaml("name: x\ncount: 1\nexecutor: pod\n").is_err(), "Job or Pod, as the API spells them");
+        assert!(Scenario::from_yaml("name: x\ncount: 1\nworkflowSpec: {executor: Pod}\n").is_err(), "the executor has its own field");
+        assert!(Scenario::from_yaml("name: x\ncount: 1\nworkflowSpec: [1]\n").is_err());
+    }
+
+    #[test]
+    fn merge_is_key_by_key_for_maps_only() {
+        let mut base = json!({"a": {"b": 1, "c": [1, 2]}, "d": 1});
+        merge(&mut base, &json!({"a": {"c": [3], "e": null}, "f": {"g": 1}}));
+        assert_eq!(base, json!({"a": {"b": 1, "c": [3], "e": null}, "d": 1, "f": {"g": 1}}));
+    }
+
+    #[test]
+    fn the_ceiling_run_follows_the_executor_unless_set() {
+        let bare = |y: &str| Scenario::from_yaml(&format!("name: x\ncount: 1\n{y}")).unwrap().bare_run();
+        assert_eq!(bare(""), BareRun::Job);
+        assert_eq!(bare("executor: Job\n"), BareRun::Job);
+        assert_eq!(bare("executor: Pod\n"), BareRun::Pod);
+        assert_eq!(bare("executor: Pod\nbareJobs: false\n"), BareRun::None);
+        assert_eq!(bare("executor: Pod\nbare: job\n"), BareRun::Job);
+        assert_eq!(bare("bareJobs: false\nbare: pod\n"), BareRun::Pod);
+        assert_eq!(bare("bare: none\n"), BareRun::None);
+    }
+
+    #[test]
     fn durations_read_as_kwok_writes_them() {
         let sc = Scenario::from_yaml("name: x\ncount: 1\nstepDuration: 500ms\nchaos: {every: 10s}\n").unwrap();
         assert_eq!(go_duration(sc.step_duration), "500ms");
