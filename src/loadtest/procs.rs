@@ -90,7 +90,14 @@ impl Replicas {
         if let Some(ns) = &self.watch_namespace {
             cmd.args(["--watch-namespace", ns]);
         }
-        cmd.envs(&self.env).env("KUBECONFIG", &self.kubeconfig).env("RUST_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().with_context(|| format!("starting {} run", self.bin.display()))
+        cmd.envs(&self.env)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} run", self.bin.display()))
     }
 
     pub fn start(&mut self, name: &str) -> Result<()> {

@@ -364,7 +364,11 @@ impl Correctness {
         c.action_log_job_creates = creates.len();
         c.action_log_distinct_jobs = creates.iter().collect::<BTreeSet<_>>().len();
         c.lost.truncate(50);
-        c.ok = c.lost.is_empty() && c.wrong_phase.is_empty() && c.duplicate_jobs.is_empty() && c.uid_mismatch.is_empty() && c.audit_jobs_created_twice.is_empty()
+        c.ok = c.lost.is_empty()
+            && c.wrong_phase.is_empty()
+            && c.duplicate_jobs.is_empty()
+            && c.uid_mismatch.is_empty()
+            && c.audit_jobs_created_twice.is_empty()
             && c.audit_pods_created_twice.is_empty()
             && c.jobs_seen >= c.jobs_expected;
         c
@@ -881,23 +885,10 @@ fn scenario_extras(s: &mut String, r: &Results) {
 /// The replicas' upkeep while idle: CPU and Lease writes per replica.
 fn idle_section(s: &mut String, r: &Results) {
     let Some(i) = &r.idle else { return };
-    let _ = writeln!(
-        s,
-        "\n## Idle upkeep\n\nThe {} replica(s) idle for {:.0} s, holding every shard, before the load.\n\n| figure | value |\n|---|---|",
-        i.replicas, i.window_s
-    );
+    let _ = writeln!(s, "\n## Idle upkeep\n\nThe {} replica(s) idle for {:.0} s, holding every shard, before the load.\n\n| figure | value |\n|---|---|", i.replicas, i.window_s);
     let _ = writeln!(s, "| operator CPU, all replicas | {:.4} CPU-s/s |", i.cpu_s_per_s);
-    let _ = writeln!(
-        s,
-        "| **Lease writes a second per replica** (`apiserver_request_total`, less the other clients' rate) | {} |",
-        opt(i.lease_per_s_per_replica, 3)
-    );
-    let _ = writeln!(
-        s,
-        "| Lease writes over the window, every client (counter) | {:.0} ({:.2}/s) |",
-        i.lease_writes,
-        i.lease_writes / i.window_s.max(1e-9)
-    );
+    let _ = writeln!(s, "| **Lease writes a second per replica** (`apiserver_request_total`, less the other clients' rate) | {} |", opt(i.lease_per_s_per_replica, 3));
+    let _ = writeln!(s, "| Lease writes over the window, every client (counter) | {:.0} ({:.2}/s) |", i.lease_writes, i.lease_writes / i.window_s.max(1e-9));
     let _ = writeln!(
         s,
         "| the other clients' Lease writes (kube-controller-manager, kube-scheduler, the nodes' Leases; counter over the {:.0} s before the replicas started) | {} /s |",
@@ -1073,7 +1064,8 @@ pub fn write_comparison(root: &Path, rs: &[&Results]) -> anyhow::Result<PathBuf>
     let writes: Vec<&&Results> = rs.iter().filter(|r| r.writes.is_some()).collect();
     if !writes.is_empty() {
         let _ = writeln!(s, "\nWrites per completed step, every client, by resource (counter):\n");
-        let resources: BTreeSet<String> = writes.iter().flat_map(|r| super::writes::per_resource(r.writes.iter().flat_map(|w| w.apiserver_request_total.iter().map(|(k, v)| (k, *v)))).into_keys()).collect();
+        let resources: BTreeSet<String> =
+            writes.iter().flat_map(|r| super::writes::per_resource(r.writes.iter().flat_map(|w| w.apiserver_request_total.iter().map(|(k, v)| (k, *v)))).into_keys()).collect();
         let _ = writeln!(s, "| resource |{}\n|---|{}", writes.iter().map(|r| format!(" {} |", r.scenario.name)).collect::<String>(), "---|".repeat(writes.len()));
         let per_run: Vec<BTreeMap<String, f64>> = writes.iter().map(|r| super::writes::per_resource(r.writes.iter().flat_map(|w| w.apiserver_request_total.iter().map(|(k, v)| (k, *v))))).collect();
         for res in &resources {

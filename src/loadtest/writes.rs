@@ -196,7 +196,13 @@ apiserver_request_total{code=\"200\",component=\"apiserver\",dry_run=\"\",group=
 
     #[test]
     fn writes_per_resource_sum_verbs() {
-        let t = BTreeMap::from([("POST pods".to_string(), 10.0), ("PATCH pods/status".to_string(), 20.0), ("DELETE pods".to_string(), 5.0), ("PUT leases".to_string(), 7.0), ("PATCH leases".to_string(), 1.0)]);
+        let t = BTreeMap::from([
+            ("POST pods".to_string(), 10.0),
+            ("PATCH pods/status".to_string(), 20.0),
+            ("DELETE pods".to_string(), 5.0),
+            ("PUT leases".to_string(), 7.0),
+            ("PATCH leases".to_string(), 1.0),
+        ]);
         assert_eq!(per_resource(t.iter().map(|(k, v)| (k, *v))), BTreeMap::from([("leases".to_string(), 8.0), ("pods".to_string(), 15.0), ("pods/status".to_string(), 20.0)]));
         assert_eq!(lease_total(&t), 8.0);
         let a = BTreeMap::from([("create pods/binding".to_string(), 3u64)]);
