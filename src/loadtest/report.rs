@@ -278,7 +278,7 @@ pub struct Writes {
 impl Writes {
     pub fn new(totals: BTreeMap<String, f64>, audit: Option<AuditWrites>, steps: f64) -> Self {
         let s = steps.max(1.0);
-        let all: f64 = totals.values().sum();
+        let all = totals.values().fold(0.0, |a, v| a + v);
         let operator_per_step = audit.as_ref().map(|a| a.client_total("shoal", false) as f64 / s);
         let operator_events_per_step = audit.as_ref().map(|a| a.client_total("shoal", true) as f64 / s);
         let all_clients_but_harness_per_step = audit.as_ref().map(|a| (a.total() - a.per_client().get("loadtest").copied().unwrap_or(0)) as f64 / s);
@@ -860,14 +860,15 @@ fn scenario_extras(s: &mut String, r: &Results) {
         super::scenario::BareRun::Pod => "bare pods",
         super::scenario::BareRun::None => "none",
     };
-    let _ = writeln!(s, "Executor: {executor}. Ceiling run: {bare}.");
+    let mut line = format!("Executor: {executor}. Ceiling run: {bare}.");
     if let Some(extra) = &sc.workflow_spec {
-        let _ = writeln!(s, " Merged into every workflow's spec: `{extra}`.");
+        let _ = write!(line, " Merged into every workflow's spec: `{extra}`.");
     }
     if !sc.env.is_empty() {
         let env: Vec<String> = sc.env.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
-        let _ = writeln!(s, " The scenario's operator environment: {}.", env.join(", "));
+        let _ = write!(line, " The scenario's operator environment: {}.", env.join(", "));
     }
+    let _ = writeln!(s, "{line}");
     let e = &r.executor_seen;
     let status: Vec<String> = e.status_executor.iter().map(|(k, n)| format!("{k}: {n}")).collect();
     let _ = writeln!(
@@ -898,7 +899,7 @@ fn idle_section(s: &mut String, r: &Results) {
     if let Some(n) = i.audit_operator_lease_writes {
         let _ = writeln!(s, "| the operator's Lease writes (audit log, `shoal/…`) | {n}: {} per replica a second |", opt(i.audit_lease_per_s_per_replica, 3));
     }
-    let other: f64 = i.writes_by_verb.iter().filter(|(k, _)| !super::writes::is_lease(k)).map(|(_, v)| v).sum();
+    let other = i.writes_by_verb.iter().filter(|(k, _)| !super::writes::is_lease(k)).fold(0.0, |a, (_, v)| a + v);
     let _ = writeln!(s, "| other writes over the window, every client (counter) | {other:.0} |");
 }
 
@@ -1001,7 +1002,7 @@ fn settle_section(s: &mut String, r: &Results, plots: &[String]) {
             let _ = writeln!(s, "\nReplica RSS over the window: {}.", change.join(", "));
         }
     }
-    let total: f64 = st.writes_by_verb.values().sum();
+    let total = st.writes_by_verb.values().fold(0.0, |a, v| a + v);
     let _ = writeln!(s, "\nOver the window: {total:.0} writes, every client (counter); the operator's CPU {:.2} s.", st.operator_cpu_s);
     if !st.writes_by_verb.is_empty() {
         let _ = writeln!(s, "\n| verb resource | writes |\n|---|---|");

@@ -354,9 +354,13 @@ struct Snapshot {
 }
 
 impl Snapshot {
+    /// The moment is taken before the request: the API server reads its counter as the
+    /// request arrives, and a large metrics page can take a second to come back under load,
+    /// which would shift the audit log's window against the counter's.
     async fn take(client: &Client) -> Self {
+        let (at, rfc3339) = (Instant::now(), now_rfc3339());
         let totals = writes::request_totals(client).await.unwrap_or_default();
-        Self { at: Instant::now(), rfc3339: now_rfc3339(), totals }
+        Self { at, rfc3339, totals }
     }
 }
 
@@ -436,8 +440,8 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
     let (mut idle, idle_window) = measure_idle(sc, &target.client, reps.as_ref(), baseline).await;
     let cpu_at_start = reps.as_ref().map(Replicas::total_cpu).unwrap_or(0.0);
 
-    let totals_before = writes::request_totals(&target.client).await.unwrap_or_default();
     let audit_from = now_rfc3339();
+    let totals_before = writes::request_totals(&target.client).await.unwrap_or_default();
     let cp_before = procs::cpu_by_name(&cp_pids);
     let busy_before = procs::machine_busy_s();
     let profile = profile_apiserver(target);
@@ -497,8 +501,8 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
     let cp_after = procs::cpu_by_name(&cp_pids);
     let busy = procs::machine_busy_s() - busy_before;
     let operator_profile = profile_taken(profile).await;
-    let totals_after = writes::request_totals(&target.client).await.unwrap_or_default();
     let audit_to = now_rfc3339();
+    let totals_after = writes::request_totals(&target.client).await.unwrap_or_default();
     let pages = match &reps {
         Some(r) => r.pages().await,
         None => vec![],
