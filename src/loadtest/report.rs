@@ -152,7 +152,8 @@ pub struct SettleSample {
 pub struct Settle {
     pub window_s: f64,
     pub samples: Vec<SettleSample>,
-    /// What the scenario's `workflowSpec` garbage collection keeps once its delays passed.
+    /// What garbage collection (the scenario's `workflowSpec`, the operator's environment)
+    /// keeps once its delays have passed.
     pub expected: Option<Kept>,
     /// Every write over the window (the counter) and by client (audit log).
     pub writes_by_verb: BTreeMap<String, f64>,
@@ -168,33 +169,52 @@ pub struct Kept {
     pub steps: usize,
 }
 
-/// What `spec.podGC` and `spec.ttlStrategy` (from the scenario's `workflowSpec`) keep of the
-/// scenario's workflows once their delays have passed, if it sets either: a workflow deleted
-/// by its TTL takes its steps' objects with it; otherwise the pod GC strategy decides (a
-/// failing workflow fails at its last step, the others succeed). Operator-wide defaults
-/// (its environment) are not modelled.
-pub fn policy_keeps(sc: &Scenario) -> Option<Kept> {
-    let spec = sc.workflow_spec.as_ref()?;
-    let (gc, ttl) = (spec.get("podGC"), spec.get("ttlStrategy"));
-    if gc.is_none() && ttl.is_none() {
+/// The operator-wide garbage-collection defaults, by environment variable (the operator's
+/// `--pod-gc-*` and `--workflow-ttl-*` flags).
+pub const GC_ENV: [(&str, &str, &str); 5] = [
+    ("SHOAL_POD_GC_STRATEGY", "podGC", "strategy"),
+    ("SHOAL_POD_GC_KEEP_LAST", "podGC", "keepLast"),
+    ("SHOAL_WORKFLOW_TTL_AFTER_COMPLETION", "ttlStrategy", "secondsAfterCompletion"),
+    ("SHOAL_WORKFLOW_TTL_AFTER_SUCCESS", "ttlStrategy", "secondsAfterSuccess"),
+    ("SHOAL_WORKFLOW_TTL_AFTER_FAILURE", "ttlStrategy", "secondsAfterFailure"),
+];
+
+/// What garbage collection keeps of the scenario's workflows once its delays have passed, if
+/// anything sets it: `spec.podGC` and `spec.ttlStrategy` from the scenario's `workflowSpec`,
+/// each field left unset taken from the operator's environment `env` ([`GC_ENV`]). A
+/// workflow deleted by its TTL (`secondsAfterSuccess` if it completed, `secondsAfterFailure`
+/// if it failed, else `secondsAfterCompletion`) takes its steps' objects with it; otherwise
+/// the pod GC strategy decides which step objects go (a failing workflow fails at its last
+/// step, the others succeed), and `keepLast` keeps that many of them per workflow.
+pub fn policy_keeps(sc: &Scenario, env: &BTreeMap<String, String>) -> Option<Kept> {
+    let spec = sc.workflow_spec.clone().unwrap_or_default();
+    let field = |group: &str, key: &str| -> Option<String> {
+        match spec.get(group).and_then(|g| g.get(key)) {
+            Some(serde_json::Value::String(v)) => Some(v.clone()),
+            Some(v) if !v.is_null() => Some(v.to_string()),
+            _ => GC_ENV.iter().find(|(_, g, k)| *g == group && *k == key).and_then(|(e, _, _)| env.get(*e).cloned()),
+        }
+    };
+    if GC_ENV.iter().all(|(_, g, k)| field(g, k).is_none()) {
         return None;
     }
-    let ttl_set = |k: &str| ttl.and_then(|t| t.get(k)).is_some_and(|v| !v.is_null());
-    let strategy = gc.and_then(|g| g.get("strategy")).and_then(|s| s.as_str()).unwrap_or("");
+    let strategy = field("podGC", "strategy").unwrap_or_default();
+    let keep_last: usize = field("podGC", "keepLast").and_then(|v| v.parse().ok()).unwrap_or(0);
     let n = sc.steps_per_workflow();
     let mut kept = Kept::default();
     for i in 0..sc.count {
         let failed = sc.fails(i);
-        if ttl_set("secondsAfterCompletion") || ttl_set(if failed { "secondsAfterFailure" } else { "secondsAfterSuccess" }) {
+        if field("ttlStrategy", if failed { "secondsAfterFailure" } else { "secondsAfterSuccess" }).or_else(|| field("ttlStrategy", "secondsAfterCompletion")).is_some() {
             continue;
         }
-        kept.workflows += 1;
-        kept.steps += match strategy {
-            "OnPodCompletion" | "OnWorkflowCompletion" => 0,
-            "OnPodSuccess" => usize::from(failed),
-            "OnWorkflowSuccess" if !failed => 0,
-            _ => n,
+        let deleted = match strategy.as_str() {
+            "OnPodCompletion" | "OnWorkflowCompletion" => n,
+            "OnPodSuccess" => n - usize::from(failed),
+            "OnWorkflowSuccess" if !failed => n,
+            _ => 0,
         };
+        kept.workflows += 1;
+        kept.steps += n - deleted + keep_last.min(deleted);
     }
     Some(kept)
 }
@@ -988,7 +1008,7 @@ fn settle_section(s: &mut String, r: &Results, plots: &[String]) {
         let reached = st.samples.iter().find(|x| x.workflows == k.workflows && x.pods == k.steps).map(|x| format!("reached {:.0} s after the end", x.t));
         let _ = writeln!(
             s,
-            "\nWhat the scenario's garbage collection keeps once its delays have passed: {} workflows and the objects of {} steps (their pods, and their Jobs in Job mode); at the end of the window {} workflows and {} pods were left: {}.",
+            "\nWhat garbage collection (the workflows' `podGC` and `ttlStrategy`, the operator's defaults from its environment) keeps once its delays have passed: {} workflows and the objects of {} steps (their pods, and their Jobs in Job mode); at the end of the window {} workflows and {} pods were left: {}.",
             k.workflows,
             k.steps,
             last.map(|x| x.workflows).unwrap_or(0),
@@ -1137,8 +1157,9 @@ mod tests {
 
     #[test]
     fn what_garbage_collection_keeps() {
-        assert_eq!(policy_keeps(&scenario("")), None, "no policy in the scenario: nothing to expect");
-        let keeps = |spec: &str| policy_keeps(&scenario(&format!("workflowSpec: {spec}\n"))).unwrap();
+        let no_env = BTreeMap::new();
+        assert_eq!(policy_keeps(&scenario(""), &no_env), None, "no policy anywhere: nothing to expect");
+        let keeps = |spec: &str| policy_keeps(&scenario(&format!("workflowSpec: {spec}\n")), &no_env).unwrap();
         // 100 five-step workflows, 10 failing at their last step.
         assert_eq!(keeps("{podGC: {strategy: OnWorkflowSuccess}}"), Kept { workflows: 100, steps: 50 });
         assert_eq!(keeps("{podGC: {strategy: OnPodSuccess}}"), Kept { workflows: 100, steps: 10 });
@@ -1147,6 +1168,13 @@ mod tests {
         assert_eq!(keeps("{podGC: {strategy: OnWorkflowSuccess}, ttlStrategy: {secondsAfterSuccess: 30}}"), Kept { workflows: 10, steps: 50 });
         assert_eq!(keeps("{ttlStrategy: {secondsAfterFailure: 30}}"), Kept { workflows: 90, steps: 450 });
         assert_eq!(keeps("{ttlStrategy: {secondsAfterCompletion: 0}}"), Kept { workflows: 0, steps: 0 });
+        assert_eq!(keeps("{podGC: {strategy: Never}}"), Kept { workflows: 100, steps: 500 });
+        assert_eq!(keeps("{podGC: {strategy: OnPodCompletion, keepLast: 2}}"), Kept { workflows: 100, steps: 200 }, "two of each workflow's five");
+        // The operator's defaults fill what the spec leaves unset; the spec wins.
+        let env = BTreeMap::from([("SHOAL_POD_GC_STRATEGY".to_string(), "OnPodCompletion".to_string()), ("SHOAL_WORKFLOW_TTL_AFTER_FAILURE".to_string(), "1m".to_string())]);
+        assert_eq!(policy_keeps(&scenario(""), &env), Some(Kept { workflows: 90, steps: 0 }));
+        assert_eq!(policy_keeps(&scenario("workflowSpec: {podGC: {strategy: OnWorkflowSuccess}}\n"), &env), Some(Kept { workflows: 90, steps: 0 }));
+        assert_eq!(policy_keeps(&scenario("workflowSpec: {podGC: {strategy: Never}}\n"), &env), Some(Kept { workflows: 90, steps: 450 }));
     }
 
     #[test]

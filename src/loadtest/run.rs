@@ -45,7 +45,17 @@ impl Target {
         opts.audit = true;
         let c = crate::dev::up(&opts).await?;
         let client = client(&c.kubeconfig).await?;
-        Ok(Self { kubeconfig: c.kubeconfig, local: Some(dir), client })
+        let target = Self { kubeconfig: c.kubeconfig, local: Some(dir), client };
+        let bin = shoal_bin(args)?;
+        if bin != std::env::current_exe()? {
+            // The operator under test brings its own API: a build whose CRDs have fields this
+            // one's lack (spec.executor, spec.podGC, status.executor) would have them pruned.
+            if let Err(e) = apply_crds_of(&bin, &target.client).await {
+                target.stop(false);
+                return Err(e);
+            }
+        }
+        Ok(target)
     }
 
     /// Stop the local control plane and remove its files (unless kept).
@@ -63,6 +73,47 @@ impl Target {
     pub fn audit_log(&self) -> Option<PathBuf> {
         self.local.as_ref().map(|d| d.join("logs/audit.log"))
     }
+}
+
+/// Apply the CRDs that `bin crds` prints (server-side, forced) and wait until they serve.
+async fn apply_crds_of(bin: &Path, client: &Client) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    let out = tokio::process::Command::new(bin).arg("crds").output().await.with_context(|| format!("{} crds", bin.display()))?;
+    anyhow::ensure!(out.status.success(), "{} crds: {}", bin.display(), String::from_utf8_lossy(&out.stderr));
+    let crds = parse_crds(&String::from_utf8_lossy(&out.stdout))?;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in &crds {
+        api.patch(&crd.name_any(), &PatchParams::apply("shoal-loadtest").force(), &Patch::Apply(crd)).await.with_context(|| format!("applying CRD {}", crd.name_any()))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for crd in &crds {
+        loop {
+            let got = api.get(&crd.name_any()).await?;
+            let conds = got.status.and_then(|s| s.conditions).unwrap_or_default();
+            if conds.iter().any(|c| c.type_ == "Established" && c.status == "True") {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "CRD {} not established after 30 s", crd.name_any());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!("CRDs of {} applied ({})", bin.display(), crds.len());
+    Ok(())
+}
+
+/// The CRDs of a multi-document YAML stream (`shoal crds`).
+pub fn parse_crds(yaml: &str) -> Result<Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>> {
+    use serde::Deserialize;
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let v = serde_json::Value::deserialize(doc)?;
+        if !v.is_null() {
+            out.push(serde_json::from_value(v)?);
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "no CRDs in the output of `crds`");
+    Ok(out)
 }
 
 /// A client whose requests the audit log names as the harness's.
@@ -566,6 +617,13 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
     Ok(r)
 }
 
+/// The `SHOAL_*` environment the replicas run with: the harness's own, and the scenario's.
+fn operator_env(sc: &Scenario) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("SHOAL_")).collect();
+    env.extend(sc.env.clone());
+    env
+}
+
 /// Whether the harness starts the replicas (otherwise the cluster's operator runs them).
 fn starts_replicas(args: &Args) -> bool {
     !args.existing || args.start_replicas
@@ -604,7 +662,7 @@ async fn settle(args: &Args, sc: &Scenario, client: &Client, run: &str, mut reps
     let st = Settle {
         window_s: (to.at - from.at).as_secs_f64(),
         samples,
-        expected: super::report::policy_keeps(sc),
+        expected: super::report::policy_keeps(sc, &operator_env(sc)),
         writes_by_verb: writes::delta(&from.totals, &to.totals),
         audit: None,
         operator_cpu_s: reps.as_deref().map(Replicas::total_cpu).unwrap_or(0.0) - cpu_from,
@@ -685,6 +743,14 @@ mod tests {
         let template = job.spec.unwrap().template;
         assert_eq!(template.metadata.unwrap().annotations.unwrap()[crate::dev::DELAY_ANNOTATION], "1s");
         assert!(template.spec.unwrap().containers[0].command.is_some());
+    }
+
+    #[test]
+    fn crds_read_from_the_operators_own_stream() {
+        let crds = parse_crds(&crate::api::crds::all_yaml()).unwrap();
+        assert_eq!(crds.len(), crate::api::crds::all().len());
+        assert!(crds.iter().any(|c| c.name_any() == "workflows.shoal.dev"));
+        assert!(parse_crds("").is_err());
     }
 
     #[test]
