@@ -264,6 +264,7 @@ pub struct Cpu {
     pub total_s: f64,
     pub idle_rate_s_per_s: f64,
     pub per_step_ms: f64,
+    #[serde(deserialize_with = "super::stats::nan_if_null")]
     pub per_step_ms_net_of_idle: f64,
     /// CPU seconds of each control-plane process over the same window.
     pub control_plane_s: BTreeMap<String, f64>,
@@ -1044,7 +1045,7 @@ pub fn thin<T>(v: &[T], n: usize) -> Vec<&T> {
     let step = v.len().div_ceil(n.max(1)).max(1);
     let mut out: Vec<&T> = v.iter().step_by(step).collect();
     if let Some(last) = v.last()
-        && (v.len() - 1) % step != 0
+        && !(v.len() - 1).is_multiple_of(step)
     {
         out.push(last);
     }
