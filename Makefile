@@ -47,7 +47,7 @@ test: cluster build
 
 ## The standard load scenarios, one after another, each on a fresh local control plane with
 ## the operator's release build; reports in loadtest/reports/ (see loadtest/README.md).
-LOADTEST_SCENARIOS ?= diamond-1000-r1 diamond-1000-r2 diamond-1000-r3 diamond-1000-r3-chaos diamond-1000-r1-paced diamond-5000-r3 chain-10000-live-r3 nsman-ttl-10000-r1
+LOADTEST_SCENARIOS ?= diamond-1000-r1 diamond-1000-r2 diamond-1000-r3 diamond-1000-r3-chaos diamond-1000-r1-pod diamond-1000-r3-pod diamond-1000-r3-chaos-pod diamond-1000-r1-paced diamond-5000-r3 chain-10000-live-r3 nsman-ttl-10000-r1
 loadtest: cluster
 	$(CARGO) build --release --bin shoal
 	target/release/shoal loadtest $(LOADTEST_SCENARIOS)

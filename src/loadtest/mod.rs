@@ -51,9 +51,15 @@ pub struct Args {
     /// Override the scenario's namespace count.
     #[arg(long)]
     pub namespaces: Option<usize>,
-    /// Skip the bare-Job ceiling run.
+    /// Skip the ceiling run (bare Jobs or bare pods).
     #[arg(long)]
     pub no_bare: bool,
+    /// Override the scenario's ceiling run: job, pod or none.
+    #[arg(long, value_parser = ["job", "pod", "none"])]
+    pub bare: Option<String>,
+    /// Override the scenario's executor (`spec.executor` of every workflow): Job or Pod.
+    #[arg(long, value_parser = ["Job", "Pod"])]
+    pub executor: Option<String>,
     /// No progress bar (logs instead).
     #[arg(long)]
     pub quiet: bool,
@@ -73,6 +79,26 @@ pub fn load_scenario(s: &str) -> anyhow::Result<Scenario> {
     Scenario::from_yaml(&text)
 }
 
+/// The command line's overrides of a scenario's fields.
+pub fn apply_overrides(args: &Args, sc: &mut Scenario) -> anyhow::Result<()> {
+    if let Some(n) = args.count {
+        sc.count = n;
+    }
+    if let Some(n) = args.namespaces {
+        sc.namespaces = n;
+    }
+    if let Some(e) = &args.executor {
+        sc.executor = Some(serde_json::from_value(serde_json::json!(e))?);
+    }
+    if let Some(b) = &args.bare {
+        sc.bare = Some(serde_json::from_value(serde_json::json!(b))?);
+    }
+    if args.no_bare {
+        sc.bare = Some(scenario::BareRun::None);
+    }
+    sc.validate()
+}
+
 /// Run every scenario in turn and write the reports; returns the report directories.
 pub async fn main(args: Args) -> anyhow::Result<Vec<PathBuf>> {
     if args.compare {
@@ -85,15 +111,7 @@ pub async fn main(args: Args) -> anyhow::Result<Vec<PathBuf>> {
     let mut results = Vec::new();
     for s in &args.scenarios {
         let mut sc = load_scenario(s)?;
-        if let Some(n) = args.count {
-            sc.count = n;
-        }
-        if let Some(n) = args.namespaces {
-            sc.namespaces = n;
-        }
-        if args.no_bare {
-            sc.bare_jobs = false;
-        }
+        apply_overrides(&args, &mut sc)?;
         let r = run::run_scenario(&args, &sc).await?;
         let dir = report::write(&args.reports, &r, &[])?;
         eprintln!("report: {}", dir.join("report.md").display());

@@ -118,6 +118,16 @@ pub fn run_plots(dir: &Path, r: &Results) -> Vec<String> {
             .collect();
         keep(dir, "control-plane-cpu.png", lines(&dir.join("control-plane-cpu.png"), "Control-plane CPU per component", "seconds", "CPU cores", &cpu), &mut out);
     }
+    if let Some(st) = r.settle.as_ref().filter(|st| st.samples.len() > 1) {
+        let count = |f: fn(&super::report::SettleSample) -> usize| st.samples.iter().map(|x| (x.t, f(x) as f64)).collect::<Vec<_>>();
+        let objects = [("workflows".to_string(), count(|x| x.workflows)), ("Jobs".to_string(), count(|x| x.jobs)), ("pods".to_string(), count(|x| x.pods))];
+        keep(dir, "settle-objects.png", lines(&dir.join("settle-objects.png"), "The run's objects left after its end", "seconds after the last workflow ended", "objects", &objects), &mut out);
+        let names: std::collections::BTreeSet<String> = st.samples.iter().flat_map(|x| x.rss_mb.keys().cloned()).collect();
+        let mem: Vec<(String, Vec<(f64, f64)>)> = names.iter().map(|n| (n.clone(), st.samples.iter().filter_map(|x| Some((x.t, *x.rss_mb.get(n)?))).collect())).collect();
+        if !mem.is_empty() {
+            keep(dir, "settle-memory.png", lines(&dir.join("settle-memory.png"), "Operator RSS per replica after the run", "seconds after the last workflow ended", "MB", &mem), &mut out);
+        }
+    }
     out
 }
 
@@ -131,12 +141,12 @@ pub fn comparison_plots(dir: &Path, rs: &[&Results]) -> Vec<String> {
     let mut by_replicas: Vec<(f64, f64)> = rs.iter().filter(|r| r.scenario.chaos.is_none()).map(|r| (r.scenario.replicas as f64, r.steps_per_s)).collect();
     by_replicas.sort_by(|a, b| a.0.total_cmp(&b.0));
     if by_replicas.len() > 1 {
-        let ceiling: Vec<(f64, f64)> = rs.iter().filter(|r| r.scenario.chaos.is_none()).filter_map(|r| Some((r.scenario.replicas as f64, r.bare.as_ref()?.jobs_per_s))).collect();
+        let ceiling: Vec<(f64, f64)> = rs.iter().filter(|r| r.scenario.chaos.is_none()).filter_map(|r| Some((r.scenario.replicas as f64, r.bare.as_ref()?.per_s))).collect();
         let mut series = vec![("shoal steps/s".to_string(), by_replicas)];
         if !ceiling.is_empty() {
             let mut c = ceiling;
             c.sort_by(|a, b| a.0.total_cmp(&b.0));
-            series.push(("bare-Job ceiling, Jobs/s".to_string(), c));
+            series.push(("bare ceiling, Jobs or pods/s".to_string(), c));
         }
         let mut frac: Vec<(f64, f64)> = rs.iter().filter(|r| r.scenario.chaos.is_none()).filter_map(|r| Some((r.scenario.replicas as f64, r.fraction_of_ceiling? * 100.0))).collect();
         frac.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -144,7 +154,7 @@ pub fn comparison_plots(dir: &Path, rs: &[&Results]) -> Vec<String> {
             keep(
                 dir,
                 "fraction-vs-replicas.png",
-                lines(&dir.join("fraction-vs-replicas.png"), "Fraction of the bare-Job ceiling against replica count", "replicas", "% of the ceiling", &[("shoal".into(), frac)]),
+                lines(&dir.join("fraction-vs-replicas.png"), "Fraction of the bare ceiling against replica count", "replicas", "% of the ceiling", &[("shoal".into(), frac)]),
                 &mut out,
             );
         }

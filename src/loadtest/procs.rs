@@ -54,6 +54,8 @@ pub struct Replicas {
     /// Confine the replicas to one namespace (on a shared cluster).
     pub watch_namespace: Option<String>,
     pub dir: PathBuf,
+    /// Environment every replica gets on top of the harness's (the scenario's `env`).
+    pub env: BTreeMap<String, String>,
     pub list: Vec<Replica>,
 }
 
@@ -78,7 +80,7 @@ impl Replicas {
     }
 
     pub fn new(bin: PathBuf, kubeconfig: PathBuf, ops_ns: String, watch_namespace: Option<String>, dir: PathBuf) -> Self {
-        Self { bin, kubeconfig, ops_ns, watch_namespace, dir, list: vec![] }
+        Self { bin, kubeconfig, ops_ns, watch_namespace, dir, env: BTreeMap::new(), list: vec![] }
     }
 
     fn spawn(&self, name: &str, port: u16) -> Result<Child> {
@@ -88,7 +90,14 @@ impl Replicas {
         if let Some(ns) = &self.watch_namespace {
             cmd.args(["--watch-namespace", ns]);
         }
-        cmd.env("KUBECONFIG", &self.kubeconfig).env("RUST_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().with_context(|| format!("starting {} run", self.bin.display()))
+        cmd.envs(&self.env)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} run", self.bin.display()))
     }
 
     pub fn start(&mut self, name: &str) -> Result<()> {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Scenario;
 use super::observe::Observed;
+use super::scenario::Executor;
 use super::stats::{Quantiles, quantiles, rate_series};
 use super::writes::{AuditWrites, is_event};
 
@@ -53,27 +54,199 @@ impl Machine {
     }
 }
 
+/// The ceiling run: bare Jobs or bare pods, no operator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bare {
-    pub jobs: usize,
+    /// What was created (reports before bare pods existed hold Jobs).
+    #[serde(default = "job")]
+    pub kind: Executor,
+    #[serde(alias = "jobs")]
+    pub objects: usize,
     pub created: usize,
     pub done: usize,
     pub duration_s: f64,
-    pub jobs_per_s: f64,
+    /// Objects finished per second.
+    #[serde(alias = "jobs_per_s")]
+    pub per_s: f64,
     pub writes_by_verb: BTreeMap<String, f64>,
     pub audit: Option<AuditWrites>,
-    /// Seconds to delete the bare Jobs' namespaces before the operator's run.
+    /// Seconds to delete the bare objects' namespaces before the operator's run.
     pub cleanup_s: f64,
     /// A CPU profile of the API server during this run (written beside the report).
     #[serde(skip, default)]
     pub apiserver_profile: Option<Vec<u8>>,
-    /// CPU seconds of each control-plane process from the first create to the last Job done.
+    /// CPU seconds of each control-plane process from the first create to the last one done.
     #[serde(default)]
     pub control_plane_s: BTreeMap<String, f64>,
     /// CPU seconds the whole machine was busy over the same window.
     #[serde(default)]
     pub machine_busy_s: f64,
     pub interrupted: bool,
+}
+
+fn job() -> Executor {
+    Executor::Job
+}
+
+impl Bare {
+    /// "Job" or "pod", for the report's text.
+    pub fn noun(&self) -> &'static str {
+        match self.kind {
+            Executor::Job => "Job",
+            Executor::Pod => "pod",
+        }
+    }
+
+    /// Every client's writes per bare object (the API server's counter).
+    pub fn writes_per_object(&self) -> f64 {
+        self.writes_by_verb.values().sum::<f64>() / self.objects.max(1) as f64
+    }
+}
+
+/// The replicas idle, holding every shard, before the load: their upkeep.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Idle {
+    pub window_s: f64,
+    pub replicas: usize,
+    /// Operator CPU seconds per second, all replicas.
+    pub cpu_s_per_s: f64,
+    /// Every write over the window (the API server's counter, every client).
+    pub writes_by_verb: BTreeMap<String, f64>,
+    /// Lease writes over the window, every client (the counter).
+    pub lease_writes: f64,
+    /// Lease writes a second of the other clients (kube-controller-manager, kube-scheduler,
+    /// the nodes' Leases), from the counter between the run's start and the replicas' start.
+    pub baseline_lease_per_s: Option<f64>,
+    pub baseline_window_s: f64,
+    /// The counter's Lease writes a second over the window, less the baseline, per replica.
+    pub lease_per_s_per_replica: Option<f64>,
+    /// The operator's own Lease writes over the window (audit log, local control plane).
+    pub audit_operator_lease_writes: Option<u64>,
+    pub audit_lease_per_s_per_replica: Option<f64>,
+}
+
+impl Idle {
+    /// Lease writes a second per replica from the counter: the window's rate less the other
+    /// clients' rate, over the replicas.
+    pub fn per_replica(lease_writes: f64, window_s: f64, baseline_per_s: Option<f64>, replicas: usize) -> Option<f64> {
+        let base = baseline_per_s?;
+        (window_s > 0.0 && replicas > 0).then(|| ((lease_writes / window_s - base) / replicas as f64).max(0.0))
+    }
+}
+
+/// One sample of what is left after the run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SettleSample {
+    /// Seconds since the run's end (the last workflow's end).
+    pub t: f64,
+    pub workflows: usize,
+    pub jobs: usize,
+    pub pods: usize,
+    /// replica -> RSS MB now.
+    pub rss_mb: BTreeMap<String, f64>,
+}
+
+/// After the run: the run's objects left over time (garbage collection at work) and the
+/// replicas' memory.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Settle {
+    pub window_s: f64,
+    pub samples: Vec<SettleSample>,
+    /// What garbage collection (the scenario's `workflowSpec`, the operator's environment)
+    /// keeps once its delays have passed.
+    pub expected: Option<Kept>,
+    /// Every write over the window (the counter) and by client (audit log).
+    pub writes_by_verb: BTreeMap<String, f64>,
+    pub audit: Option<AuditWrites>,
+    /// Operator CPU seconds over the window, all replicas.
+    pub operator_cpu_s: f64,
+}
+
+/// Workflows and steps (their pods, and Jobs in Job mode) a garbage-collection policy keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kept {
+    pub workflows: usize,
+    pub steps: usize,
+}
+
+/// The operator-wide garbage-collection defaults, by environment variable (the operator's
+/// `--pod-gc-*` and `--workflow-ttl-*` flags).
+pub const GC_ENV: [(&str, &str, &str); 5] = [
+    ("SHOAL_POD_GC_STRATEGY", "podGC", "strategy"),
+    ("SHOAL_POD_GC_KEEP_LAST", "podGC", "keepLast"),
+    ("SHOAL_WORKFLOW_TTL_AFTER_COMPLETION", "ttlStrategy", "secondsAfterCompletion"),
+    ("SHOAL_WORKFLOW_TTL_AFTER_SUCCESS", "ttlStrategy", "secondsAfterSuccess"),
+    ("SHOAL_WORKFLOW_TTL_AFTER_FAILURE", "ttlStrategy", "secondsAfterFailure"),
+];
+
+/// What garbage collection keeps of the scenario's workflows once its delays have passed, if
+/// anything sets it: `spec.podGC` and `spec.ttlStrategy` from the scenario's `workflowSpec`,
+/// each field left unset taken from the operator's environment `env` ([`GC_ENV`]). A
+/// workflow deleted by its TTL (`secondsAfterSuccess` if it completed, `secondsAfterFailure`
+/// if it failed, else `secondsAfterCompletion`) takes its steps' objects with it; otherwise
+/// the pod GC strategy decides which step objects go (a failing workflow fails at its last
+/// step, the others succeed), and `keepLast` keeps that many of them per workflow.
+pub fn policy_keeps(sc: &Scenario, env: &BTreeMap<String, String>) -> Option<Kept> {
+    let spec = sc.workflow_spec.clone().unwrap_or_default();
+    let field = |group: &str, key: &str| -> Option<String> {
+        match spec.get(group).and_then(|g| g.get(key)) {
+            Some(serde_json::Value::String(v)) => Some(v.clone()),
+            Some(v) if !v.is_null() => Some(v.to_string()),
+            _ => GC_ENV.iter().find(|(_, g, k)| *g == group && *k == key).and_then(|(e, _, _)| env.get(*e).cloned()),
+        }
+    };
+    if GC_ENV.iter().all(|(_, g, k)| field(g, k).is_none()) {
+        return None;
+    }
+    let strategy = field("podGC", "strategy").unwrap_or_default();
+    let keep_last: usize = field("podGC", "keepLast").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let n = sc.steps_per_workflow();
+    let mut kept = Kept::default();
+    for i in 0..sc.count {
+        let failed = sc.fails(i);
+        if field("ttlStrategy", if failed { "secondsAfterFailure" } else { "secondsAfterSuccess" }).or_else(|| field("ttlStrategy", "secondsAfterCompletion")).is_some() {
+            continue;
+        }
+        let deleted = match strategy.as_str() {
+            "OnPodCompletion" | "OnWorkflowCompletion" => n,
+            "OnPodSuccess" => n - usize::from(failed),
+            "OnWorkflowSuccess" if !failed => n,
+            _ => 0,
+        };
+        kept.workflows += 1;
+        kept.steps += n - deleted + keep_last.min(deleted);
+    }
+    Some(kept)
+}
+
+/// Which executor the steps ran under, as seen.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExecutorSeen {
+    pub step_jobs: usize,
+    pub step_pods: usize,
+    /// `status.executor` -> workflows, where the operator records it.
+    pub status_executor: BTreeMap<String, usize>,
+}
+
+impl ExecutorSeen {
+    pub fn from_observed(st: &Observed) -> Self {
+        let (step_jobs, step_pods) = st.step_objects();
+        let mut status_executor = BTreeMap::new();
+        for e in st.workflows.values().filter_map(|w| w.executor.clone()) {
+            *status_executor.entry(e).or_insert(0) += 1;
+        }
+        Self { step_jobs, step_pods, status_executor }
+    }
+
+    /// A warning when the scenario asked for an executor the steps did not run under.
+    pub fn mismatch(&self, asked: Option<Executor>) -> Option<String> {
+        let asked = asked?;
+        let (wrong, what) = match asked {
+            Executor::Pod => (self.step_jobs, "step Jobs"),
+            Executor::Job => (self.step_pods, "step pods (Pod executor)"),
+        };
+        (wrong > 0).then(|| format!("the scenario asks for executor {asked:?}, but {wrong} {what} ran: the operator ignored `spec.executor` (an API without the field prunes it)"))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +264,7 @@ pub struct Cpu {
     pub total_s: f64,
     pub idle_rate_s_per_s: f64,
     pub per_step_ms: f64,
+    #[serde(deserialize_with = "super::stats::nan_if_null")]
     pub per_step_ms_net_of_idle: f64,
     /// CPU seconds of each control-plane process over the same window.
     pub control_plane_s: BTreeMap<String, f64>,
@@ -114,16 +288,22 @@ pub struct Writes {
     pub audit: Option<AuditWrites>,
     pub operator_per_step: Option<f64>,
     pub operator_events_per_step: Option<f64>,
+    /// Every write of every client (the API server's counter) per completed step: creates,
+    /// bindings, status updates, the operator's patches, Events, Leases, deletes.
     pub all_clients_per_step: f64,
+    /// The same from the audit log without the harness's own writes (its workflow creates).
+    #[serde(default)]
+    pub all_clients_but_harness_per_step: Option<f64>,
 }
 
 impl Writes {
     pub fn new(totals: BTreeMap<String, f64>, audit: Option<AuditWrites>, steps: f64) -> Self {
         let s = steps.max(1.0);
-        let all: f64 = totals.values().sum();
+        let all = totals.values().fold(0.0, |a, v| a + v);
         let operator_per_step = audit.as_ref().map(|a| a.client_total("shoal", false) as f64 / s);
         let operator_events_per_step = audit.as_ref().map(|a| a.client_total("shoal", true) as f64 / s);
-        Self { apiserver_request_total: totals, audit, operator_per_step, operator_events_per_step, all_clients_per_step: all / s }
+        let all_clients_but_harness_per_step = audit.as_ref().map(|a| (a.total() - a.per_client().get("loadtest").copied().unwrap_or(0)) as f64 / s);
+        Self { apiserver_request_total: totals, audit, operator_per_step, operator_events_per_step, all_clients_per_step: all / s, all_clients_but_harness_per_step }
     }
 }
 
@@ -135,15 +315,19 @@ pub struct Correctness {
     pub lost: Vec<String>,
     /// Ended in the wrong phase (a healthy one Failed, or a failing one Completed).
     pub wrong_phase: Vec<String>,
-    /// Step attempts with more than one Job UID seen: "ns/workflow/step#attempt".
+    /// Step attempts with more than one object (Jobs or pods) seen:
+    /// "ns/workflow/step@generation#attempt (n objects)".
     pub duplicate_jobs: Vec<String>,
-    /// Steps whose recorded Job UID is not a Job the watch saw for that step.
+    /// Steps whose recorded UID is not an object (Job or pod) the watch saw for that step.
     pub uid_mismatch: Vec<String>,
-    /// Jobs expected (every step of every ended workflow) and seen.
+    /// Step objects (Jobs or pods) expected (every step of every ended workflow) and seen.
     pub jobs_expected: usize,
     pub jobs_seen: usize,
     /// The audit log's count: Jobs the operator created (HTTP 201) twice under one name.
     pub audit_jobs_created_twice: Vec<String>,
+    /// ... and pods (the Pod executor's steps).
+    #[serde(default)]
+    pub audit_pods_created_twice: Vec<String>,
     /// Create attempts in the replicas' action logs (one recorded per fenced create; a
     /// repeat gets AlreadyExists and makes nothing).
     pub action_log_job_creates: usize,
@@ -180,32 +364,34 @@ impl Correctness {
                 c.wrong_phase.push(format!("{key} ({phase:?})"));
             }
             for (step, uid) in &w.recorded_uids {
-                let seen = st.step_uids.iter().any(|((n, wf, s, _), uids)| n == ns && wf == &name && s == step && uids.contains(uid));
+                let seen = st.step_uids.iter().any(|(k, uids)| &k.namespace == ns && k.workflow == name && &k.step == step && uids.contains(uid));
                 if !seen {
                     c.uid_mismatch.push(format!("{key}/{step}"));
                 }
             }
         }
-        for ((ns, wf, step, attempt), uids) in &st.step_uids {
-            c.jobs_seen += uids.len();
-            if uids.len() > 1 {
-                c.duplicate_jobs.push(format!("{ns}/{wf}/{step}#{attempt} ({} Jobs)", uids.len()));
-            }
-        }
-        c.duplicate_jobs.sort();
+        c.jobs_seen = st.step_uids.values().map(|u| u.len()).sum();
+        c.duplicate_jobs = st.duplicates();
         if let Some(a) = writes.and_then(|w| w.audit.as_ref()) {
             c.audit_jobs_created_twice = a.jobs_created_twice.clone();
+            c.audit_pods_created_twice = a.pods_created_twice.clone();
         }
         let creates: Vec<String> = actions
             .iter()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|v| v["action"].as_str().map(str::to_string))
-            .filter(|a| a.starts_with("create Job/"))
+            .filter(|a| a.starts_with("create Job/") || a.starts_with("create Pod/"))
             .collect();
         c.action_log_job_creates = creates.len();
         c.action_log_distinct_jobs = creates.iter().collect::<BTreeSet<_>>().len();
         c.lost.truncate(50);
-        c.ok = c.lost.is_empty() && c.wrong_phase.is_empty() && c.duplicate_jobs.is_empty() && c.uid_mismatch.is_empty() && c.audit_jobs_created_twice.is_empty() && c.jobs_seen >= c.jobs_expected;
+        c.ok = c.lost.is_empty()
+            && c.wrong_phase.is_empty()
+            && c.duplicate_jobs.is_empty()
+            && c.uid_mismatch.is_empty()
+            && c.audit_jobs_created_twice.is_empty()
+            && c.audit_pods_created_twice.is_empty()
+            && c.jobs_seen >= c.jobs_expected;
         c
     }
 }
@@ -245,6 +431,15 @@ pub struct Results {
     pub cpu: Option<Cpu>,
     pub writes: Option<Writes>,
     pub bare: Option<Bare>,
+    /// The replicas' upkeep before the load.
+    #[serde(default)]
+    pub idle: Option<Idle>,
+    /// What was left after the run, over time.
+    #[serde(default)]
+    pub settle: Option<Settle>,
+    /// The step objects the run saw: Jobs or pods.
+    #[serde(default)]
+    pub executor_seen: ExecutorSeen,
     pub correctness: Correctness,
     /// NamespaceManager runs: lateness of each firing past its due time.
     pub lateness_s: Option<Quantiles>,
@@ -282,6 +477,9 @@ impl Results {
             cpu: None,
             writes: None,
             bare: None,
+            idle: None,
+            settle: None,
+            executor_seen: ExecutorSeen::default(),
             correctness: Correctness::default(),
             lateness_s: None,
             series: vec![],
@@ -298,7 +496,7 @@ impl Results {
         let ended: Vec<(f64, f64)> = st.workflows.values().filter_map(|w| Some((w.created?, w.ended?))).collect();
         self.completion_latencies = ended.iter().map(|(c, e)| e - c).collect();
         self.end_times = ended.iter().map(|(_, e)| e - t_load).collect();
-        self.step_end_times = st.jobs.values().filter_map(|j| j.done).map(|d| d - t_load).collect();
+        self.step_end_times = st.steps.values().filter_map(|j| j.done).map(|d| d - t_load).collect();
         self.workflows_ended = ended.len();
         self.steps_done = self.step_end_times.len();
         let first = st.workflows.values().filter_map(|w| w.created).fold(f64::INFINITY, f64::min);
@@ -311,6 +509,12 @@ impl Results {
         self.dispatch_latencies = dispatch_latencies(sc, st);
         self.dispatch_latency_s = quantiles(&self.dispatch_latencies);
         self.peak_live_workflows = peak_live(st.workflows.values().filter_map(|w| Some((w.created?, w.ended))));
+        self.executor_seen = ExecutorSeen::from_observed(st);
+    }
+
+    /// The ceiling's objects a second, if there was a ceiling run.
+    pub fn ceiling_per_s(&self) -> Option<f64> {
+        self.bare.as_ref().map(|b| b.per_s).filter(|v| *v > 0.0)
     }
 }
 
@@ -328,17 +532,18 @@ pub fn peak_live(spans: impl Iterator<Item = (f64, Option<f64>)>) -> usize {
     peak as usize
 }
 
-/// For every step with dependencies: its Job's appearance minus the latest finish of the
-/// Jobs of its dependencies (first attempts; the steps of these scenarios never retry).
+/// For every step with dependencies: its Job's (or pod's) appearance minus the latest finish
+/// of the Jobs (or pods) of its dependencies (first attempts; the steps of these scenarios
+/// never retry).
 pub fn dispatch_latencies(sc: &Scenario, st: &Observed) -> Vec<f64> {
     let dag = sc.dag();
     let mut by_step: HashMap<(&str, &str, &str), (f64, Option<f64>)> = HashMap::new();
-    for ((ns, wf, step, attempt), uids) in &st.step_uids {
-        if attempt != "0" {
+    for (k, uids) in &st.step_uids {
+        if k.attempt != "0" {
             continue;
         }
-        if let Some(j) = uids.iter().filter_map(|u| st.jobs.get(u)).min_by(|a, b| a.added.total_cmp(&b.added)) {
-            by_step.insert((ns, wf, step), (j.added, j.done));
+        if let Some(j) = uids.iter().filter_map(|u| st.steps.get(u)).min_by(|a, b| a.added.total_cmp(&b.added)) {
+            by_step.insert((&k.namespace, &k.workflow, &k.step), (j.added, j.done));
         }
     }
     let mut out = Vec::new();
@@ -510,6 +715,7 @@ fn markdown(r: &Results, plots: &[String], profiles: &[String]) -> String {
             sc.replicas,
             sc.chaos.as_ref().map(|c| format!(", one replica kill -9ed every {} and started again", super::scenario::go_duration(c.every))).unwrap_or_default()
         );
+        scenario_extras(&mut s, r);
     }
 
     let c = &r.correctness;
@@ -524,13 +730,23 @@ fn markdown(r: &Results, plots: &[String], profiles: &[String]) -> String {
         let _ = writeln!(s, "| workflows ended / created | {} / {} |", c.ended, c.created);
         let _ = writeln!(s, "| lost (never ended) | {} |", c.lost.len());
         let _ = writeln!(s, "| ended in the wrong phase | {} |", c.wrong_phase.len());
-        let _ = writeln!(s, "| step attempts with two Jobs (watch, by UID) | {} |", c.duplicate_jobs.len());
+        let _ = writeln!(s, "| step attempts with two objects, Jobs or pods (watch, by UID) | {} |", c.duplicate_jobs.len());
         let _ = writeln!(s, "| Jobs created twice under one name (audit log, HTTP 201) | {} |", c.audit_jobs_created_twice.len());
-        let _ = writeln!(s, "| recorded Job UID not the step's Job | {} |", c.uid_mismatch.len());
-        let _ = writeln!(s, "| Jobs seen / expected | {} / {} |", c.jobs_seen, c.jobs_expected);
-        let _ = writeln!(s, "| fenced create attempts (action logs) / distinct Jobs | {} / {} |", c.action_log_job_creates, c.action_log_distinct_jobs);
+        let _ = writeln!(s, "| pods created twice under one name by the operator (audit log, HTTP 201) | {} |", c.audit_pods_created_twice.len());
+        let _ = writeln!(s, "| recorded UID not the step's Job or pod | {} |", c.uid_mismatch.len());
+        let e = &r.executor_seen;
+        let _ = writeln!(s, "| step objects seen / expected | {} / {} ({} Jobs, {} pods) |", c.jobs_seen, c.jobs_expected, e.step_jobs, e.step_pods);
+        let _ = writeln!(s, "| fenced create attempts (action logs) / distinct Jobs or pods | {} / {} |", c.action_log_job_creates, c.action_log_distinct_jobs);
     }
-    for (what, v) in [("lost", &c.lost), ("wrong phase", &c.wrong_phase), ("duplicates", &c.duplicate_jobs), ("uid mismatch", &c.uid_mismatch), ("two ids", &c.webhook_two_ids)] {
+    for (what, v) in [
+        ("lost", &c.lost),
+        ("wrong phase", &c.wrong_phase),
+        ("duplicates", &c.duplicate_jobs),
+        ("Jobs created twice", &c.audit_jobs_created_twice),
+        ("pods created twice", &c.audit_pods_created_twice),
+        ("uid mismatch", &c.uid_mismatch),
+        ("two ids", &c.webhook_two_ids),
+    ] {
         if !v.is_empty() {
             let _ = writeln!(s, "\n{what}: {}", v.iter().take(10).cloned().collect::<Vec<_>>().join(", "));
         }
@@ -552,7 +768,7 @@ fn markdown(r: &Results, plots: &[String], profiles: &[String]) -> String {
         let dl = &r.dispatch_latency_s;
         let _ = writeln!(
             s,
-            "| step dispatch latency p50 / p90 / p99 / max ({} dependent steps; dependency's Job Complete → dependent Job created, both as the harness's watch saw them) | {} / {} / {} / {} |",
+            "| step dispatch latency p50 / p90 / p99 / max ({} dependent steps; dependency's Job Complete or pod Succeeded → dependent Job or pod created, both as the harness's watch saw them) | {} / {} / {} / {} |",
             dl.n,
             ms(dl.p50),
             ms(dl.p90),
@@ -568,8 +784,9 @@ fn markdown(r: &Results, plots: &[String], profiles: &[String]) -> String {
         }
     }
     if let Some(b) = &r.bare {
-        let _ = writeln!(s, "| bare-Job ceiling (same control plane, no operator, {} Jobs at once) | {:.1} Jobs/s ({} done in {:.1} s) |", b.jobs, b.jobs_per_s, b.done, b.duration_s);
-        let _ = writeln!(s, "| shoal's steps/s as a fraction of the ceiling | {} |", r.fraction_of_ceiling.map(|f| format!("{:.0} %", f * 100.0)).unwrap_or_else(|| "n/a".into()));
+        let n = b.noun();
+        let _ = writeln!(s, "| bare-{n} ceiling (same control plane, no operator, {} {n}s at once) | {:.1} {n}s/s ({} done in {:.1} s) |", b.objects, b.per_s, b.done, b.duration_s);
+        let _ = writeln!(s, "| shoal's steps/s as a fraction of the bare-{n} ceiling | {} |", r.fraction_of_ceiling.map(|f| format!("{:.0} %", f * 100.0)).unwrap_or_else(|| "n/a".into()));
     }
 
     if let Some(cpu) = &r.cpu {
@@ -605,7 +822,8 @@ fn markdown(r: &Results, plots: &[String], profiles: &[String]) -> String {
             if let Some(b) = r.bare.as_ref().filter(|b| !b.control_plane_s.is_empty() && b.done > 0 && r.steps_done > 0) {
                 let _ = writeln!(
                     s,
-                    "\nWhat a step costs each component, against a bare Job of the ceiling run (CPU ms per step or Job; the difference is what the operator's requests, watches and Events add):\n\n| component | bare Job | shoal step | ratio |\n|---|---|---|---|"
+                    "\nWhat a step costs each component, against a bare {n} of the ceiling run (CPU ms per step or {n}; the difference is what the operator's requests, watches and Events add):\n\n| component | bare {n} | shoal step | ratio |\n|---|---|---|---|",
+                    n = b.noun()
                 );
                 let per = |v: f64, n: usize| v / n as f64 * 1000.0;
                 let mut names: Vec<&String> = cpu.control_plane_s.keys().collect();
@@ -620,41 +838,15 @@ fn markdown(r: &Results, plots: &[String], profiles: &[String]) -> String {
         }
     }
 
+    idle_section(&mut s, r);
     if let Some(w) = &r.writes {
-        let _ = writeln!(s, "\n## API writes\n");
-        if let Some(a) = &w.audit {
-            let _ = writeln!(
-                s,
-                "From the API server's audit log, by client (user agent). The operator: **{} writes per completed step** without Events and Leases, **{} Events per step**; {} writes answered 409. Its Lease upkeep is apart: {} Lease writes over {:.0} s ({:.1} a second for {} replica(s), whatever the load).\n",
-                opt(w.operator_per_step, 2),
-                opt(w.operator_events_per_step, 2),
-                a.operator_conflicts,
-                a.lease_writes("shoal"),
-                r.cpu.as_ref().map(|c| c.window_s).unwrap_or(r.duration_s),
-                a.lease_writes("shoal") as f64 / r.cpu.as_ref().map(|c| c.window_s).unwrap_or(r.duration_s).max(1e-9),
-                r.scenario.replicas
-            );
-            let _ = writeln!(s, "| client | verb resource | writes | per step |\n|---|---|---|---|");
-            let steps = r.steps_done.max(1) as f64;
-            for (client, m) in &a.by_client {
-                for (k, v) in m {
-                    let _ = writeln!(s, "| {client} | {k}{} | {v} | {:.2} |", if is_event(k) { " (Event)" } else { "" }, *v as f64 / steps);
-                }
-            }
-        }
-        let _ = writeln!(s, "\n`apiserver_request_total` over the run (every client), writes only: {:.2} per step.\n\n| verb resource | writes |\n|---|---|", w.all_clients_per_step);
-        for (k, v) in &w.apiserver_request_total {
-            let _ = writeln!(s, "| {k} | {v:.0} |");
-        }
-        if let Some(b) = &r.bare {
-            let total: f64 = b.writes_by_verb.values().sum();
-            let _ = writeln!(s, "\nThe bare-Job run, for comparison (no operator; the harness creates the Jobs): {:.2} writes per Job, every client.", total / b.jobs.max(1) as f64);
-        }
+        writes_section(&mut s, r, w);
     }
+    settle_section(&mut s, r, plots);
 
     if !plots.is_empty() {
         let _ = writeln!(s, "\n## Plots\n");
-        for p in plots {
+        for p in plots.iter().filter(|p| !p.starts_with("settle")) {
             let _ = writeln!(s, "![{p}]({p})\n");
         }
     }
@@ -671,9 +863,193 @@ fn markdown(r: &Results, plots: &[String], profiles: &[String]) -> String {
     }
     let _ = writeln!(
         s,
-        "\n## Method\n\nThe harness (`shoal loadtest`) watches every step Job and workflow itself and times them on one clock: a workflow's completion latency runs from just before its create to the watch event with its final phase; a step's dispatch latency from the watch event that shows its dependency's Job `Complete` to the one that shows its own Job. Operator CPU is user + system time from `/proc/<pid>/stat` of the replicas it started (a killed replica's CPU is read just before the kill), peak RSS is `VmHWM`. Writes come from the API server: `apiserver_request_total` for every client, and the audit log (metadata of every write) to tell the operator's writes (`User-Agent: shoal/…`) from the rest. Duplicates: every Job UID the watch saw per (namespace, workflow, step, attempt); the audit log's 201 creates per Job name; the replicas' fenced action logs. `results.json` holds every figure."
+        "\n## Method\n\nThe harness (`shoal loadtest`) watches every step Job, every step pod of the Pod executor (label `shoal.dev/executor=pod`) and every workflow itself and times them on one clock: a workflow's completion latency runs from just before its create to the watch event with its final phase; a step's dispatch latency from the watch event that shows its dependency's Job `Complete` (or pod `Succeeded`) to the one that shows its own Job (or pod). Operator CPU is user + system time from `/proc/<pid>/stat` of the replicas it started (a killed replica's CPU is read just before the kill), peak RSS is `VmHWM`. Writes come from the API server: `apiserver_request_total` for every client, and the audit log (metadata of every write) to tell the operator's writes (`User-Agent: shoal/…`) from the rest. Duplicates: every Job or pod UID the watch saw per (namespace, workflow, workflow UID, step, generation, attempt); the audit log's 201 creates per Job name and per pod name the operator created; the replicas' fenced action logs. `results.json` holds every figure."
     );
     s
+}
+
+/// The scenario's executor, ceiling run, extra workflow spec fields and operator environment,
+/// and a warning when the steps did not run under the executor asked for.
+fn scenario_extras(s: &mut String, r: &Results) {
+    let sc = &r.scenario;
+    let executor = match sc.executor {
+        Some(e) => format!("`spec.executor: {e:?}` on every workflow"),
+        None => "no `spec.executor` (the operator's default)".into(),
+    };
+    let bare = match sc.bare_run() {
+        super::scenario::BareRun::Job => "bare Jobs",
+        super::scenario::BareRun::Pod => "bare pods",
+        super::scenario::BareRun::None => "none",
+    };
+    let mut line = format!("Executor: {executor}. Ceiling run: {bare}.");
+    if let Some(extra) = &sc.workflow_spec {
+        let _ = write!(line, " Merged into every workflow's spec: `{extra}`.");
+    }
+    if !sc.env.is_empty() {
+        let env: Vec<String> = sc.env.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
+        let _ = write!(line, " The scenario's operator environment: {}.", env.join(", "));
+    }
+    let _ = writeln!(s, "{line}");
+    let e = &r.executor_seen;
+    let status: Vec<String> = e.status_executor.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    let _ = writeln!(
+        s,
+        "\nThe steps ran as {} Jobs and {} pods (the Pod executor's); `status.executor` of the ended workflows: {}.\n",
+        e.step_jobs,
+        e.step_pods,
+        if status.is_empty() { "not recorded".into() } else { status.join(", ") }
+    );
+    if let Some(w) = e.mismatch(sc.executor) {
+        let _ = writeln!(s, "**Warning: {w}.**\n");
+    }
+}
+
+/// The replicas' upkeep while idle: CPU and Lease writes per replica.
+fn idle_section(s: &mut String, r: &Results) {
+    let Some(i) = &r.idle else { return };
+    let _ = writeln!(s, "\n## Idle upkeep\n\nThe {} replica(s) idle for {:.0} s, holding every shard, before the load.\n\n| figure | value |\n|---|---|", i.replicas, i.window_s);
+    let _ = writeln!(s, "| operator CPU, all replicas | {:.4} CPU-s/s |", i.cpu_s_per_s);
+    let _ = writeln!(s, "| **Lease writes a second per replica** (`apiserver_request_total`, less the other clients' rate) | {} |", opt(i.lease_per_s_per_replica, 3));
+    let _ = writeln!(s, "| Lease writes over the window, every client (counter) | {:.0} ({:.2}/s) |", i.lease_writes, i.lease_writes / i.window_s.max(1e-9));
+    let _ = writeln!(
+        s,
+        "| the other clients' Lease writes (kube-controller-manager, kube-scheduler, the nodes' Leases; counter over the {:.0} s before the replicas started) | {} /s |",
+        i.baseline_window_s,
+        opt(i.baseline_lease_per_s, 2)
+    );
+    if let Some(n) = i.audit_operator_lease_writes {
+        let _ = writeln!(s, "| the operator's Lease writes (audit log, `shoal/…`) | {n}: {} per replica a second |", opt(i.audit_lease_per_s_per_replica, 3));
+    }
+    let other = i.writes_by_verb.iter().filter(|(k, _)| !super::writes::is_lease(k)).fold(0.0, |a, (_, v)| a + v);
+    let _ = writeln!(s, "| other writes over the window, every client (counter) | {other:.0} |");
+}
+
+/// Writes per completed step, every client, by client and by resource; the operator's part;
+/// the ceiling's writes per object beside them.
+fn writes_section(s: &mut String, r: &Results, w: &Writes) {
+    let steps = r.steps_done.max(1) as f64;
+    let _ = writeln!(
+        s,
+        "\n## API writes\n\n**{:.2} writes per completed step, every client** (the API server's `apiserver_request_total`, all write verbs, from the first create to the end, over {} completed steps): object creates, bindings, kubelet (kwok) status updates, the Job controller's writes, the operator's patches, Events, every client's Lease upkeep over the window, and the harness's own workflow creates; {} without the harness's writes (audit log).\n",
+        w.all_clients_per_step,
+        r.steps_done,
+        opt(w.all_clients_but_harness_per_step, 2)
+    );
+    if let Some(a) = &w.audit {
+        let _ = writeln!(s, "By client (audit log, user agent):\n\n| client | writes | per step |\n|---|---|---|");
+        for (client, n) in a.per_client() {
+            let _ = writeln!(s, "| {client} | {n} | {:.2} |", n as f64 / steps);
+        }
+        let _ = writeln!(s, "| every client | {} | {:.2} |\n", a.total(), a.total() as f64 / steps);
+    }
+    let _ = writeln!(s, "By resource (counter, every client, verbs summed):\n\n| resource | writes | per step |\n|---|---|---|");
+    for (res, n) in super::writes::per_resource(w.apiserver_request_total.iter().map(|(k, v)| (k, *v))) {
+        let _ = writeln!(s, "| {res} | {n:.0} | {:.2} |", n / steps);
+    }
+    if let Some(a) = &w.audit {
+        let window = r.cpu.as_ref().map(|c| c.window_s).unwrap_or(r.duration_s).max(1e-9);
+        let _ = writeln!(
+            s,
+            "\nThe operator: **{} writes per completed step** without Events and Leases, **{} Events per step**; {} writes answered 409. Its Lease upkeep is apart: {} Lease writes over {:.0} s ({:.1} a second for {} replica(s), whatever the load).\n",
+            opt(w.operator_per_step, 2),
+            opt(w.operator_events_per_step, 2),
+            a.operator_conflicts,
+            a.lease_writes("shoal"),
+            window,
+            a.lease_writes("shoal") as f64 / window,
+            r.scenario.replicas
+        );
+        let _ = writeln!(s, "| client | verb resource | writes | per step |\n|---|---|---|---|");
+        for (client, m) in &a.by_client {
+            for (k, v) in m {
+                let _ = writeln!(s, "| {client} | {k}{} | {v} | {:.2} |", if is_event(k) { " (Event)" } else { "" }, *v as f64 / steps);
+            }
+        }
+    }
+    let _ = writeln!(s, "\n`apiserver_request_total` over the run (every client), writes only:\n\n| verb resource | writes |\n|---|---|");
+    for (k, v) in &w.apiserver_request_total {
+        let _ = writeln!(s, "| {k} | {v:.0} |");
+    }
+    if let Some(b) = &r.bare {
+        let n = b.noun();
+        let per = b.objects.max(1) as f64;
+        let _ = writeln!(
+            s,
+            "\nThe bare-{n} run, for comparison (no operator; the harness creates the {n}s): **{:.2} writes per {n}, every client** (counter).\n\n| resource | writes | per {n} |\n|---|---|---|",
+            b.writes_per_object()
+        );
+        for (res, v) in super::writes::per_resource(b.writes_by_verb.iter().map(|(k, v)| (k, *v))) {
+            let _ = writeln!(s, "| {res} | {v:.0} | {:.2} |", v / per);
+        }
+        if let Some(a) = &b.audit {
+            let _ = writeln!(s, "\n| client | writes | per {n} |\n|---|---|---|");
+            for (client, v) in a.per_client() {
+                let _ = writeln!(s, "| {client} | {v} | {:.2} |", v as f64 / per);
+            }
+        }
+    }
+}
+
+/// What was left after the run, over time: workflows, Jobs, pods, the replicas' RSS.
+fn settle_section(s: &mut String, r: &Results, plots: &[String]) {
+    let Some(st) = &r.settle else { return };
+    let _ = writeln!(
+        s,
+        "\n## After the run: what is left\n\nFor {:.0} s after the last workflow ended, the run's workflows, Jobs and pods still in the API (lists) and each replica's RSS:\n",
+        st.window_s
+    );
+    let names: Vec<String> = st.samples.iter().flat_map(|x| x.rss_mb.keys().cloned()).collect::<BTreeSet<_>>().into_iter().collect();
+    let _ = writeln!(s, "| s after the end | workflows | Jobs | pods |{}\n|---|---|---|---|{}", names.iter().map(|n| format!(" RSS {n} |")).collect::<String>(), "---|".repeat(names.len()));
+    for x in thin(&st.samples, 25) {
+        let rss: String = names.iter().map(|n| format!(" {} |", x.rss_mb.get(n).map(|v| format!("{v:.0} MB")).unwrap_or_else(|| "–".into()))).collect();
+        let _ = writeln!(s, "| {:.0} | {} | {} | {} |{rss}", x.t, x.workflows, x.jobs, x.pods);
+    }
+    if let Some(k) = &st.expected {
+        let last = st.samples.last();
+        let reached = st.samples.iter().find(|x| x.workflows == k.workflows && x.pods == k.steps).map(|x| format!("reached {:.0} s after the end", x.t));
+        let _ = writeln!(
+            s,
+            "\nWhat garbage collection (the workflows' `podGC` and `ttlStrategy`, the operator's defaults from its environment) keeps once its delays have passed: {} workflows and the objects of {} steps (their pods, and their Jobs in Job mode); at the end of the window {} workflows and {} pods were left: {}.",
+            k.workflows,
+            k.steps,
+            last.map(|x| x.workflows).unwrap_or(0),
+            last.map(|x| x.pods).unwrap_or(0),
+            reached.unwrap_or_else(|| "**not reached** within the window".into())
+        );
+    }
+    if let (Some(first), Some(last)) = (st.samples.first(), st.samples.last()) {
+        let change: Vec<String> = names.iter().filter_map(|n| Some(format!("{n} {:.0} → {:.0} MB", first.rss_mb.get(n)?, last.rss_mb.get(n)?))).collect();
+        if !change.is_empty() {
+            let _ = writeln!(s, "\nReplica RSS over the window: {}.", change.join(", "));
+        }
+    }
+    let total = st.writes_by_verb.values().fold(0.0, |a, v| a + v);
+    let _ = writeln!(s, "\nOver the window: {total:.0} writes, every client (counter); the operator's CPU {:.2} s.", st.operator_cpu_s);
+    if !st.writes_by_verb.is_empty() {
+        let _ = writeln!(s, "\n| verb resource | writes |\n|---|---|");
+        for (k, v) in &st.writes_by_verb {
+            let _ = writeln!(s, "| {k} | {v:.0} |");
+        }
+    }
+    if let Some(a) = &st.audit {
+        let by: Vec<String> = a.per_client().iter().map(|(c, n)| format!("{c} {n}")).collect();
+        let _ = writeln!(s, "\nBy client (audit log): {}.", by.join(", "));
+    }
+    for p in plots.iter().filter(|p| p.starts_with("settle")) {
+        let _ = writeln!(s, "\n![{p}]({p})");
+    }
+}
+
+/// At most `n` of `v`, evenly spaced, the last one always kept.
+pub fn thin<T>(v: &[T], n: usize) -> Vec<&T> {
+    let step = v.len().div_ceil(n.max(1)).max(1);
+    let mut out: Vec<&T> = v.iter().step_by(step).collect();
+    if let Some(last) = v.last()
+        && !(v.len() - 1).is_multiple_of(step)
+    {
+        out.push(last);
+    }
+    out
 }
 
 /// Throughput against replica count, and every run side by side.
@@ -682,35 +1058,83 @@ pub fn write_comparison(root: &Path, rs: &[&Results]) -> anyhow::Result<PathBuf>
     let dir = date_dir(root, "comparison", &first);
     std::fs::create_dir_all(&dir)?;
     let mut s = String::from(
-        "# Load test comparison\n\nEach run on a fresh local control plane, one after another.\n\n| run | replicas | duration | workflows/min | steps/s | fraction of bare ceiling | completion p99 | dispatch p99 | CPU ms/step | operator writes/step | correct | load avg before → after |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "# Load test comparison\n\nEach run on a fresh local control plane, one after another. The fraction is of the run's own ceiling (bare Jobs or bare pods, as the ceiling column says); writes per step count every client (`apiserver_request_total`); idle Lease writes are per replica and second.\n\n| run | replicas | executor (steps seen as) | duration | workflows/min | steps/s | bare ceiling | fraction of bare ceiling | completion p99 | dispatch p99 | CPU ms/step | writes/step, every client | operator writes/step | idle Lease writes/s per replica | correct | load avg before → after |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rs {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.1} s | {:.0} | {:.1} | {} | {:.1} s | {} | {} | {} | {} | {:.2} → {:.2} |",
+            "| {} | {} | {} | {:.1} s | {:.0} | {:.1} | {} | {} | {:.1} s | {} | {} | {} | {} | {} | {} | {:.2} → {:.2} |",
             r.scenario.name,
             r.scenario.replicas,
+            executor_cell(r),
             r.duration_s,
             r.workflows_per_min,
             r.steps_per_s,
+            r.bare.as_ref().map(|b| format!("{:.1} {}s/s", b.per_s, b.noun())).unwrap_or_else(|| "n/a".into()),
             r.fraction_of_ceiling.map(|f| format!("{:.0} %", f * 100.0)).unwrap_or_else(|| "n/a".into()),
             r.completion_latency_s.p99,
             ms(r.dispatch_latency_s.p99),
             r.cpu.as_ref().map(|c| format!("{:.2}", c.per_step_ms)).unwrap_or_else(|| "n/a".into()),
+            r.writes.as_ref().map(|w| format!("{:.2}", w.all_clients_per_step)).unwrap_or_else(|| "n/a".into()),
             opt(r.writes.as_ref().and_then(|w| w.operator_per_step), 2),
+            opt(r.idle.as_ref().and_then(|i| i.audit_lease_per_s_per_replica.or(i.lease_per_s_per_replica)), 2),
             if r.correctness.ok { "yes" } else { "**no**" },
             r.machine.load_before[0],
             r.machine.load_after[0]
         );
     }
+    let writes: Vec<&&Results> = rs.iter().filter(|r| r.writes.is_some()).collect();
+    if !writes.is_empty() {
+        let _ = writeln!(s, "\nWrites per completed step, every client, by resource (counter):\n");
+        let resources: BTreeSet<String> =
+            writes.iter().flat_map(|r| super::writes::per_resource(r.writes.iter().flat_map(|w| w.apiserver_request_total.iter().map(|(k, v)| (k, *v)))).into_keys()).collect();
+        let _ = writeln!(s, "| resource |{}\n|---|{}", writes.iter().map(|r| format!(" {} |", r.scenario.name)).collect::<String>(), "---|".repeat(writes.len()));
+        let per_run: Vec<BTreeMap<String, f64>> = writes.iter().map(|r| super::writes::per_resource(r.writes.iter().flat_map(|w| w.apiserver_request_total.iter().map(|(k, v)| (k, *v))))).collect();
+        for res in &resources {
+            let cells: String = writes.iter().zip(&per_run).map(|(r, m)| format!(" {:.2} |", m.get(res).copied().unwrap_or(0.0) / r.steps_done.max(1) as f64)).collect();
+            let _ = writeln!(s, "| {res} |{cells}");
+        }
+        let clients: BTreeSet<String> = writes.iter().filter_map(|r| r.writes.as_ref()?.audit.as_ref()).flat_map(|a| a.by_client.keys().cloned()).collect();
+        if !clients.is_empty() {
+            let _ = writeln!(s, "\nBy client (audit log):\n\n| client |{}\n|---|{}", writes.iter().map(|r| format!(" {} |", r.scenario.name)).collect::<String>(), "---|".repeat(writes.len()));
+            for c in &clients {
+                let cells: String = writes
+                    .iter()
+                    .map(|r| match r.writes.as_ref().and_then(|w| w.audit.as_ref()) {
+                        Some(a) => format!(" {:.2} |", a.per_client().get(c).copied().unwrap_or(0) as f64 / r.steps_done.max(1) as f64),
+                        None => " n/a |".into(),
+                    })
+                    .collect();
+                let _ = writeln!(s, "| {c} |{cells}");
+            }
+        }
+    }
     let plots = super::plots::comparison_plots(&dir, rs);
     for p in plots {
         let _ = writeln!(s, "\n![{p}]({p})");
     }
-    let summary: Vec<serde_json::Value> = rs.iter().map(|r| serde_json::json!({"scenario": r.scenario.name, "replicas": r.scenario.replicas, "steps_per_s": r.steps_per_s, "workflows_per_min": r.workflows_per_min, "duration_s": r.duration_s, "correct": r.correctness.ok})).collect();
+    let summary: Vec<serde_json::Value> = rs
+        .iter()
+        .map(|r| {
+            serde_json::json!({"scenario": r.scenario.name, "replicas": r.scenario.replicas, "executor": r.scenario.executor, "steps_per_s": r.steps_per_s, "workflows_per_min": r.workflows_per_min,
+                "duration_s": r.duration_s, "fraction_of_ceiling": r.fraction_of_ceiling, "writes_per_step_all_clients": r.writes.as_ref().map(|w| w.all_clients_per_step), "correct": r.correctness.ok})
+        })
+        .collect();
     std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&summary)?)?;
     std::fs::write(dir.join("report.md"), s)?;
     Ok(dir)
+}
+
+/// The executor a run asked for, and what its steps ran as.
+fn executor_cell(r: &Results) -> String {
+    let asked = r.scenario.executor.map(|e| format!("{e:?}")).unwrap_or_else(|| "default".into());
+    let e = &r.executor_seen;
+    match (e.step_jobs, e.step_pods) {
+        (0, 0) => asked,
+        (_, 0) => format!("{asked} (Jobs)"),
+        (0, _) => format!("{asked} (pods)"),
+        (j, p) => format!("{asked} ({j} Jobs, {p} pods)"),
+    }
 }
 
 /// Completions per second over time, in 5 s buckets.
@@ -721,7 +1145,90 @@ pub fn throughput_series(r: &Results) -> Vec<(f64, f64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{histogram_quantile, histogram_quantile_where, peak_live};
+    use std::collections::BTreeMap;
+
+    use super::{ExecutorSeen, Idle, Kept, Writes, histogram_quantile, histogram_quantile_where, peak_live, policy_keeps, thin};
+    use crate::loadtest::Scenario;
+    use crate::loadtest::scenario::Executor;
+    use crate::loadtest::writes::AuditWrites;
+
+    fn scenario(extra: &str) -> Scenario {
+        Scenario::from_yaml(&format!("name: x\ncount: 100\nfailureFraction: 0.1\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn what_garbage_collection_keeps() {
+        let no_env = BTreeMap::new();
+        assert_eq!(policy_keeps(&scenario(""), &no_env), None, "no policy anywhere: nothing to expect");
+        let keeps = |spec: &str| policy_keeps(&scenario(&format!("workflowSpec: {spec}\n")), &no_env).unwrap();
+        // 100 five-step workflows, 10 failing at their last step.
+        assert_eq!(keeps("{podGC: {strategy: OnWorkflowSuccess}}"), Kept { workflows: 100, steps: 50 });
+        assert_eq!(keeps("{podGC: {strategy: OnPodSuccess}}"), Kept { workflows: 100, steps: 10 });
+        assert_eq!(keeps("{podGC: {strategy: OnPodCompletion}}"), Kept { workflows: 100, steps: 0 });
+        assert_eq!(keeps("{podGC: {strategy: OnWorkflowCompletion, deleteDelayDuration: 5s}}"), Kept { workflows: 100, steps: 0 });
+        assert_eq!(keeps("{podGC: {strategy: OnWorkflowSuccess}, ttlStrategy: {secondsAfterSuccess: 30}}"), Kept { workflows: 10, steps: 50 });
+        assert_eq!(keeps("{ttlStrategy: {secondsAfterFailure: 30}}"), Kept { workflows: 90, steps: 450 });
+        assert_eq!(keeps("{ttlStrategy: {secondsAfterCompletion: 0}}"), Kept { workflows: 0, steps: 0 });
+        assert_eq!(keeps("{podGC: {strategy: Never}}"), Kept { workflows: 100, steps: 500 });
+        assert_eq!(keeps("{podGC: {strategy: OnPodCompletion, keepLast: 2}}"), Kept { workflows: 100, steps: 200 }, "two of each workflow's five");
+        // The operator's defaults fill what the spec leaves unset; the spec wins.
+        let env = BTreeMap::from([("SHOAL_POD_GC_STRATEGY".to_string(), "OnPodCompletion".to_string()), ("SHOAL_WORKFLOW_TTL_AFTER_FAILURE".to_string(), "1m".to_string())]);
+        assert_eq!(policy_keeps(&scenario(""), &env), Some(Kept { workflows: 90, steps: 0 }));
+        assert_eq!(policy_keeps(&scenario("workflowSpec: {podGC: {strategy: OnWorkflowSuccess}}\n"), &env), Some(Kept { workflows: 90, steps: 0 }));
+        assert_eq!(policy_keeps(&scenario("workflowSpec: {podGC: {strategy: Never}}\n"), &env), Some(Kept { workflows: 90, steps: 450 }));
+    }
+
+    #[test]
+    fn writes_per_step_count_every_client_and_split_the_harness_off() {
+        let totals = BTreeMap::from([("POST pods".to_string(), 100.0), ("PATCH pods/status".to_string(), 300.0), ("PUT leases".to_string(), 50.0), ("POST workflows".to_string(), 20.0)]);
+        let mut a = AuditWrites::default();
+        a.by_client.insert("loadtest".into(), BTreeMap::from([("create workflows".into(), 20)]));
+        a.by_client.insert("shoal".into(), BTreeMap::from([("create pods".into(), 100), ("patch workflows/status".into(), 120), ("create events".into(), 100), ("update leases".into(), 30)]));
+        a.by_client.insert("kwok".into(), BTreeMap::from([("patch pods/status".into(), 300)]));
+        let w = Writes::new(totals, Some(a), 100.0);
+        assert_eq!(w.all_clients_per_step, 4.7);
+        assert_eq!(w.all_clients_but_harness_per_step, Some(6.5));
+        assert_eq!(w.operator_per_step, Some(2.2), "without Events and Leases");
+        assert_eq!(w.operator_events_per_step, Some(1.0));
+        let none = Writes::new(BTreeMap::new(), None, 0.0);
+        assert_eq!((none.all_clients_per_step, none.operator_per_step), (0.0, None));
+    }
+
+    #[test]
+    fn idle_lease_writes_per_replica_net_of_the_other_clients() {
+        // 30 s: 120 Lease writes in all, the others write 1.5 a second, 3 replicas.
+        assert_eq!(Idle::per_replica(120.0, 30.0, Some(1.5), 3), Some(5.0 / 6.0));
+        assert_eq!(Idle::per_replica(120.0, 30.0, None, 3), None, "no baseline, no figure");
+        assert_eq!(Idle::per_replica(10.0, 30.0, Some(1.5), 3), Some(0.0), "never below zero");
+    }
+
+    #[test]
+    fn a_pruned_executor_is_told() {
+        let ran_as_jobs = ExecutorSeen { step_jobs: 5, step_pods: 0, status_executor: BTreeMap::new() };
+        assert!(ran_as_jobs.mismatch(Some(Executor::Pod)).unwrap().contains("5 step Jobs"));
+        assert_eq!(ran_as_jobs.mismatch(Some(Executor::Job)), None);
+        assert_eq!(ran_as_jobs.mismatch(None), None);
+        let ran_as_pods = ExecutorSeen { step_jobs: 0, step_pods: 5, status_executor: BTreeMap::new() };
+        assert_eq!(ran_as_pods.mismatch(Some(Executor::Pod)), None);
+    }
+
+    #[test]
+    fn thinning_keeps_the_ends() {
+        let v: Vec<usize> = (0..100).collect();
+        let t = thin(&v, 25);
+        assert_eq!((t.len(), *t[0], **t.last().unwrap()), (26, 0, 99));
+        assert_eq!(thin(&v[..3], 25).len(), 3);
+        assert!(thin::<usize>(&[], 5).is_empty());
+    }
+
+    #[test]
+    fn old_results_still_read() {
+        // A ceiling run and audit counts as reports wrote them before bare pods.
+        let bare: super::Bare = serde_json::from_value(serde_json::json!({"jobs": 10, "created": 10, "done": 10, "duration_s": 2.0, "jobs_per_s": 5.0,
+            "writes_by_verb": {}, "audit": {"by_client": {}, "jobs_created_twice": [], "operator_job_creates": 0, "operator_conflicts": 0}, "cleanup_s": 1.0, "interrupted": false}))
+        .unwrap();
+        assert_eq!((bare.kind, bare.objects, bare.per_s, bare.noun()), (Executor::Job, 10, 5.0, "Job"));
+    }
 
     #[test]
     fn quantiles_of_labelled_histograms_sum_the_matching_series_only() {

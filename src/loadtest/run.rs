@@ -1,6 +1,7 @@
 //! One scenario, start to end: the control plane, the bare-Job ceiling, the replicas, the
 //! load, the sampling (and chaos) loop, then the figures.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -8,17 +9,18 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use super::observe::{BARE_LABEL, Observer};
+use super::observe::{BARE_LABEL, Observer, workflow_resource};
 use super::procs::{self, Replicas};
-use super::report::{Bare, Correctness, Cpu, Machine, ReplicaFigures, Results, Sample, Writes};
+use super::report::{Bare, Correctness, Cpu, Idle, Machine, ReplicaFigures, Results, Sample, Settle, SettleSample, Writes};
+use super::scenario::{BareRun, Executor};
 use super::{Args, Scenario, writes};
-use crate::api::Workflow;
 use crate::api::workflow::WorkflowPhase;
+use crate::controllers::workflow::{WORKFLOW_LABEL, WORKFLOW_UID_LABEL};
 
 /// Label on every namespace and object the harness creates.
 pub const RUN_LABEL: &str = "loadtest.shoal.dev/run";
@@ -43,7 +45,17 @@ impl Target {
         opts.audit = true;
         let c = crate::dev::up(&opts).await?;
         let client = client(&c.kubeconfig).await?;
-        Ok(Self { kubeconfig: c.kubeconfig, local: Some(dir), client })
+        let target = Self { kubeconfig: c.kubeconfig, local: Some(dir), client };
+        let bin = shoal_bin(args)?;
+        if bin != std::env::current_exe()? {
+            // The operator under test brings its own API: a build whose CRDs have fields this
+            // one's lack (spec.executor, spec.podGC, status.executor) would have them pruned.
+            if let Err(e) = apply_crds_of(&bin, &target.client).await {
+                target.stop(false);
+                return Err(e);
+            }
+        }
+        Ok(target)
     }
 
     /// Stop the local control plane and remove its files (unless kept).
@@ -61,6 +73,47 @@ impl Target {
     pub fn audit_log(&self) -> Option<PathBuf> {
         self.local.as_ref().map(|d| d.join("logs/audit.log"))
     }
+}
+
+/// Apply the CRDs that `bin crds` prints (server-side, forced) and wait until they serve.
+async fn apply_crds_of(bin: &Path, client: &Client) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    let out = tokio::process::Command::new(bin).arg("crds").output().await.with_context(|| format!("{} crds", bin.display()))?;
+    anyhow::ensure!(out.status.success(), "{} crds: {}", bin.display(), String::from_utf8_lossy(&out.stderr));
+    let crds = parse_crds(&String::from_utf8_lossy(&out.stdout))?;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in &crds {
+        api.patch(&crd.name_any(), &PatchParams::apply("shoal-loadtest").force(), &Patch::Apply(crd)).await.with_context(|| format!("applying CRD {}", crd.name_any()))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for crd in &crds {
+        loop {
+            let got = api.get(&crd.name_any()).await?;
+            let conds = got.status.and_then(|s| s.conditions).unwrap_or_default();
+            if conds.iter().any(|c| c.type_ == "Established" && c.status == "True") {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "CRD {} not established after 30 s", crd.name_any());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!("CRDs of {} applied ({})", bin.display(), crds.len());
+    Ok(())
+}
+
+/// The CRDs of a multi-document YAML stream (`shoal crds`).
+pub fn parse_crds(yaml: &str) -> Result<Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>> {
+    use serde::Deserialize;
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let v = serde_json::Value::deserialize(doc)?;
+        if !v.is_null() {
+            out.push(serde_json::from_value(v)?);
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "no CRDs in the output of `crds`");
+    Ok(out)
 }
 
 /// A client whose requests the audit log names as the harness's.
@@ -141,6 +194,9 @@ pub async fn run_scenario(args: &Args, sc: &Scenario) -> Result<Results> {
     let mut r = result?;
     r.started_at = started_at;
     r.machine = Machine::here(load_before, procs::loadavg(), &shoal_bin(args)?, target.local.is_some());
+    if starts_replicas(args) {
+        r.machine.operator_env.extend(sc.env.clone());
+    }
     Ok(r)
 }
 
@@ -150,7 +206,10 @@ pub fn namespace_names(prefix: &str, n: usize) -> Vec<String> {
 }
 
 pub async fn start_replicas(args: &Args, sc: &Scenario, target: &Target, run: &str, watch_ns: Option<String>) -> Result<Option<Replicas>> {
-    if args.existing && !args.start_replicas {
+    if !starts_replicas(args) {
+        if !sc.env.is_empty() {
+            eprintln!("the scenario's env is not applied: the cluster's own operator runs the workflows");
+        }
         return Ok(None);
     }
     let ops = format!("lt-{run}-ops");
@@ -158,6 +217,7 @@ pub async fn start_replicas(args: &Args, sc: &Scenario, target: &Target, run: &s
     let dir = std::env::temp_dir().join(format!("shoal-loadtest-{run}-replicas"));
     std::fs::create_dir_all(&dir)?;
     let mut reps = Replicas::new(shoal_bin(args)?, target.kubeconfig.clone(), ops, watch_ns, dir);
+    reps.env = sc.env.clone();
     for i in 1..=sc.replicas {
         reps.start(&format!("r{i}"))?;
     }
@@ -213,40 +273,61 @@ async fn profile_taken(h: Option<tokio::task::JoinHandle<Option<Vec<u8>>>>) -> O
     h.await.ok().flatten()
 }
 
-/// The bare-Job ceiling: `n` plain Jobs (same pod duration, same namespaces' count), no
-/// operator, all created at once; Jobs finished per second. Their namespaces are deleted
+/// A bare Job or bare pod of the ceiling run: the step's pod (same image, command and kwok
+/// delay) with nothing of the operator's around it.
+pub fn bare_object(kind: Executor, i: usize, delay: &str) -> serde_json::Value {
+    let name = format!("bare-{i:06}");
+    let annotations = json!({crate::dev::DELAY_ANNOTATION: delay});
+    let pod_spec = json!({"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox", "command": ["true"]}]});
+    match kind {
+        Executor::Job => json!({
+            "apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "labels": {BARE_LABEL: "true"}},
+            "spec": {"backoffLimit": 0, "template": {"metadata": {"annotations": annotations}, "spec": pod_spec}}
+        }),
+        Executor::Pod => json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {BARE_LABEL: "true"}, "annotations": annotations},
+            "spec": pod_spec
+        }),
+    }
+}
+
+fn bare_resource(kind: Executor) -> ApiResource {
+    match kind {
+        Executor::Job => ApiResource::erase::<Job>(&()),
+        Executor::Pod => ApiResource::erase::<Pod>(&()),
+    }
+}
+
+/// The ceiling: `n` bare Jobs or bare pods (same pod duration, same namespaces' count), no
+/// operator, all created at once; objects finished per second. Their namespaces are deleted
 /// afterwards, and the run waits until they are gone, so the operator's run starts clean.
-async fn bare_ceiling(args: &Args, sc: &Scenario, target: &Target, run: &str, obs: &Observer) -> Result<Bare> {
+async fn bare_ceiling(args: &Args, sc: &Scenario, kind: Executor, target: &Target, run: &str, obs: &Observer) -> Result<Bare> {
     let n = sc.count * sc.steps_per_workflow();
+    let noun = match kind {
+        Executor::Job => "Jobs",
+        Executor::Pod => "pods",
+    };
     let nss = namespace_names(&format!("lt-{run}-b"), sc.namespaces);
     for ns in &nss {
         create_namespace(&target.client, ns, run).await?;
     }
     let totals_before = writes::request_totals(&target.client).await.unwrap_or_default();
     let audit_from = now_rfc3339();
-    let pb = progress(args, n, "bare Jobs done");
+    let pb = progress(args, n, &format!("bare {noun} done"));
     let cp_pids = target.local.as_deref().map(procs::control_plane_pids).unwrap_or_default();
     let (cp_before, busy_before) = (procs::cpu_by_name(&cp_pids), procs::machine_busy_s());
     let profile = profile_apiserver(target);
     let t_start = obs.now();
     let delay = super::scenario::go_duration(sc.step_duration);
-    let client = target.client.clone();
-    let nss2 = nss.clone();
+    let (client, nss2, ar) = (target.client.clone(), nss.clone(), bare_resource(kind));
     let creator = tokio::spawn(async move {
         futures::stream::iter(0..n)
             .map(|i| {
-                let api: Api<Job> = Api::namespaced(client.clone(), &nss2[i % nss2.len()]);
-                let delay = delay.clone();
-                async move {
-                    let job: Job = serde_json::from_value(json!({
-                        "metadata": {"name": format!("bare-{i:06}"), "labels": {BARE_LABEL: "true"}},
-                        "spec": {"backoffLimit": 0, "template": {
-                            "metadata": {"annotations": {crate::dev::DELAY_ANNOTATION: delay}},
-                            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox", "command": ["true"]}]}}}
-                    }))
-                    .expect("a Job");
-                    create_retrying(&api, &job).await
-                }
+                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &nss2[i % nss2.len()], &ar);
+                let obj: DynamicObject = serde_json::from_value(bare_object(kind, i, &delay)).expect("a bare object");
+                async move { create_retrying(&api, &obj).await }
             })
             .buffer_unordered(32)
             .filter(|ok| futures::future::ready(*ok))
@@ -283,7 +364,7 @@ async fn bare_ceiling(args: &Args, sc: &Scenario, target: &Target, run: &str, ob
     tokio::time::sleep(Duration::from_secs(3)).await;
     let audit = target.audit_log().and_then(|p| writes::read_audit(&p, &audit_from, &now_rfc3339()).ok());
     let duration = last - t_start;
-    eprintln!("bare Jobs: {done}/{n} done in {duration:.1} s ({:.1} Jobs/s)", done as f64 / duration.max(1e-9));
+    eprintln!("bare {noun}: {done}/{n} done in {duration:.1} s ({:.1} {noun}/s)", done as f64 / duration.max(1e-9));
     // Clean ground for the operator's run.
     let t_clean = Instant::now();
     let api: Api<Namespace> = Api::all(target.client.clone());
@@ -300,11 +381,12 @@ async fn bare_ceiling(args: &Args, sc: &Scenario, target: &Target, run: &str, ob
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     Ok(Bare {
-        jobs: n,
+        kind,
+        objects: n,
         created,
         done,
         duration_s: duration,
-        jobs_per_s: done as f64 / duration.max(1e-9),
+        per_s: done as f64 / duration.max(1e-9),
         writes_by_verb: writes::delta(&totals_before, &totals_after),
         audit,
         cleanup_s: t_clean.elapsed().as_secs_f64(),
@@ -315,13 +397,75 @@ async fn bare_ceiling(args: &Args, sc: &Scenario, target: &Target, run: &str, ob
     })
 }
 
+/// The API server's write counter at one moment.
+struct Snapshot {
+    at: Instant,
+    rfc3339: String,
+    totals: BTreeMap<String, f64>,
+}
+
+impl Snapshot {
+    /// The moment is taken before the request: the API server reads its counter as the
+    /// request arrives, and a large metrics page can take a second to come back under load,
+    /// which would shift the audit log's window against the counter's.
+    async fn take(client: &Client) -> Self {
+        let (at, rfc3339) = (Instant::now(), now_rfc3339());
+        let totals = writes::request_totals(client).await.unwrap_or_default();
+        Self { at, rfc3339, totals }
+    }
+}
+
+/// The other clients' Lease writes a second, from `since` (the run's start) to now, waiting
+/// until at least `window` has passed: nothing of the operator runs yet.
+async fn lease_baseline(client: &Client, since: &Snapshot, window: Duration) -> (f64, f64) {
+    let waited = since.at.elapsed();
+    if waited < window {
+        tokio::time::sleep(window - waited).await;
+    }
+    let now = Snapshot::take(client).await;
+    let secs = (now.at - since.at).as_secs_f64();
+    (writes::lease_total(&writes::delta(&since.totals, &now.totals)) / secs.max(1e-9), secs)
+}
+
+/// The replicas idle for the scenario's `idle`, holding every shard: their CPU and the API
+/// server's writes (the operator's Lease writes from the audit log are added at the end).
+async fn measure_idle(sc: &Scenario, client: &Client, reps: Option<&Replicas>, baseline: Option<(f64, f64)>) -> (Idle, (String, String)) {
+    let from = Snapshot::take(client).await;
+    let cpu_from = reps.map(Replicas::total_cpu).unwrap_or(0.0);
+    tokio::time::sleep(sc.idle).await;
+    let cpu_to = reps.map(Replicas::total_cpu).unwrap_or(0.0);
+    let to = Snapshot::take(client).await;
+    let window_s = (to.at - from.at).as_secs_f64();
+    let writes_by_verb = writes::delta(&from.totals, &to.totals);
+    let lease_writes = writes::lease_total(&writes_by_verb);
+    let replicas = reps.map(|r| r.list.len()).unwrap_or(sc.replicas);
+    let idle = Idle {
+        window_s,
+        replicas,
+        cpu_s_per_s: (cpu_to - cpu_from) / window_s.max(1e-9),
+        lease_per_s_per_replica: Idle::per_replica(lease_writes, window_s, baseline.map(|b| b.0), replicas),
+        writes_by_verb,
+        lease_writes,
+        baseline_lease_per_s: baseline.map(|b| b.0),
+        baseline_window_s: baseline.map(|b| b.1).unwrap_or(0.0),
+        audit_operator_lease_writes: None,
+        audit_lease_per_s_per_replica: None,
+    };
+    (idle, (from.rfc3339, to.rfc3339))
+}
+
 async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Results> {
     let run = format!("{:06x}", rand32() & 0xff_ffff);
     let obs = Observer::new(format!("lt-{run}-"));
     let watches = obs.spawn(&target.client);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let run_start = Snapshot::take(&target.client).await;
 
-    let bare = if sc.bare_jobs { Some(bare_ceiling(args, sc, target, &run, &obs).await?) } else { None };
+    let bare = match sc.bare_run() {
+        BareRun::Job => Some(bare_ceiling(args, sc, Executor::Job, target, &run, &obs).await?),
+        BareRun::Pod => Some(bare_ceiling(args, sc, Executor::Pod, target, &run, &obs).await?),
+        BareRun::None => None,
+    };
     if bare.as_ref().is_some_and(|b| b.interrupted) {
         for w in &watches {
             w.abort();
@@ -337,17 +481,18 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
         create_namespace(&target.client, ns, &run).await?;
     }
     let watch_ns = (args.existing && sc.namespaces == 1).then(|| nss[0].clone());
+    // The other clients' Lease writes, before any replica of ours runs (an operator already
+    // running on an existing cluster would be in it: no baseline then).
+    let baseline = if starts_replicas(args) { Some(lease_baseline(&target.client, &run_start, sc.idle).await) } else { None };
     let mut reps = start_replicas(args, sc, target, &run, watch_ns).await?;
     let cp_pids = target.local.as_deref().map(procs::control_plane_pids).unwrap_or_default();
 
-    // Idle CPU of the replicas for 5 s (Lease upkeep), so the work's own share can be told.
-    let idle_from = reps.as_ref().map(Replicas::total_cpu).unwrap_or(0.0);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The replicas' upkeep, so the work's own share can be told.
+    let (mut idle, idle_window) = measure_idle(sc, &target.client, reps.as_ref(), baseline).await;
     let cpu_at_start = reps.as_ref().map(Replicas::total_cpu).unwrap_or(0.0);
-    let idle_rate = (cpu_at_start - idle_from) / 5.0;
 
-    let totals_before = writes::request_totals(&target.client).await.unwrap_or_default();
     let audit_from = now_rfc3339();
+    let totals_before = writes::request_totals(&target.client).await.unwrap_or_default();
     let cp_before = procs::cpu_by_name(&cp_pids);
     let busy_before = procs::machine_busy_s();
     let profile = profile_apiserver(target);
@@ -370,16 +515,16 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
         }
         let (ended, created, jobs_done) = {
             let s = obs.state.lock().map_err(|_| anyhow::anyhow!("observer lock"))?;
-            (s.workflows.values().filter(|w| w.ended.is_some()).count(), s.workflows.values().filter(|w| w.created.is_some()).count(), s.jobs.values().filter(|j| j.done.is_some()).count())
+            (s.workflows.values().filter(|w| w.ended.is_some()).count(), s.workflows.values().filter(|w| w.created.is_some()).count(), s.steps.values().filter(|j| j.done.is_some()).count())
         };
         let t = obs.now() - t_load;
         let replicas = reps.as_mut().map(|r| r.poll()).unwrap_or_default();
         let cp = procs::cpu_by_name(&cp_pids);
         series.push(Sample { t, created, ended, jobs_done, replicas: replicas.iter().map(|(n, c, m)| (n.clone(), (*c, *m))).collect(), control_plane_cpu: cp });
         pb.set_position(ended as u64);
-        pb.set_message(format!("(created {created}, step Jobs done {jobs_done})"));
+        pb.set_message(format!("(created {created}, steps done {jobs_done})"));
         if args.quiet && series.len() % 10 == 0 {
-            eprintln!("{t:.0}s: created {created}, ended {ended}/{}, step Jobs done {jobs_done}", sc.count);
+            eprintln!("{t:.0}s: created {created}, ended {ended}/{}, steps done {jobs_done}", sc.count);
         }
         if interrupted || (ended >= sc.count && creator.is_finished()) {
             break;
@@ -407,14 +552,18 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
     let cp_after = procs::cpu_by_name(&cp_pids);
     let busy = procs::machine_busy_s() - busy_before;
     let operator_profile = profile_taken(profile).await;
-    let totals_after = writes::request_totals(&target.client).await.unwrap_or_default();
     let audit_to = now_rfc3339();
+    let totals_after = writes::request_totals(&target.client).await.unwrap_or_default();
     let pages = match &reps {
         Some(r) => r.pages().await,
         None => vec![],
     };
     let actions = reps.as_ref().map(Replicas::action_logs).unwrap_or_default();
     let replica_figs: Vec<ReplicaFigures> = reps.as_mut().map(Replicas::figures).unwrap_or_default();
+    let settled = match sc.settle {
+        Some(window) if !interrupted => Some(settle(args, sc, &target.client, &run, reps.as_mut(), window).await),
+        _ => None,
+    };
     // Stop the operator before reading the audit log: its batches are flushed within a second.
     let replica_dir = reps.as_ref().map(|r| r.dir.clone());
     drop(reps);
@@ -422,7 +571,17 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
         w.abort();
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let audit = target.audit_log().and_then(|p| writes::read_audit(&p, &audit_from, &audit_to).ok());
+    let audit_of = |from: &str, to: &str| target.audit_log().and_then(|p| writes::read_audit(&p, from, to).ok());
+    let audit = audit_of(&audit_from, &audit_to);
+    if let Some(a) = audit_of(&idle_window.0, &idle_window.1) {
+        let n = a.lease_writes("shoal");
+        idle.audit_operator_lease_writes = Some(n);
+        idle.audit_lease_per_s_per_replica = Some(n as f64 / idle.window_s.max(1e-9) / idle.replicas.max(1) as f64);
+    }
+    let settled = settled.map(|(mut st, window)| {
+        st.audit = audit_of(&window.0, &window.1);
+        st
+    });
     if let Some(d) = replica_dir {
         let _ = std::fs::remove_dir_all(d);
     }
@@ -436,9 +595,9 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
     r.cpu = Some(Cpu {
         replicas: replica_figs,
         total_s: cpu_total - cpu_at_start,
-        idle_rate_s_per_s: idle_rate,
+        idle_rate_s_per_s: idle.cpu_s_per_s,
         per_step_ms: (cpu_total - cpu_at_start) / steps_done.max(1.0) * 1000.0,
-        per_step_ms_net_of_idle: ((cpu_total - cpu_at_start) - idle_rate * (t_end - t_load)).max(0.0) / steps_done.max(1.0) * 1000.0,
+        per_step_ms_net_of_idle: ((cpu_total - cpu_at_start) - idle.cpu_s_per_s * (t_end - t_load)).max(0.0) / steps_done.max(1.0) * 1000.0,
         control_plane_s: procs::cpu_delta(&cp_after, &cp_before),
         machine_busy_s: busy,
         window_s: t_end - t_load,
@@ -449,16 +608,94 @@ async fn run_workflows(args: &Args, sc: &Scenario, target: &Target) -> Result<Re
     r.writes = Some(Writes::new(writes::delta(&totals_before, &totals_after), audit, steps_done));
     r.correctness = Correctness::check(sc, &state, r.writes.as_ref(), &actions, &nss);
     cleanup_namespaces(target, &run).await;
-    r.fraction_of_ceiling = bare.as_ref().filter(|b| b.jobs_per_s > 0.0).map(|b| r.steps_per_s / b.jobs_per_s);
+    r.fraction_of_ceiling = bare.as_ref().map(|b| b.per_s).filter(|v| *v > 0.0).map(|v| r.steps_per_s / v);
     r.bare = bare;
+    r.idle = Some(idle);
+    r.settle = settled;
     r.series = series;
     r.apiserver_profile = operator_profile;
     Ok(r)
 }
 
+/// The `SHOAL_*` environment the replicas run with: the harness's own, and the scenario's.
+fn operator_env(sc: &Scenario) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("SHOAL_")).collect();
+    env.extend(sc.env.clone());
+    env
+}
+
+/// Whether the harness starts the replicas (otherwise the cluster's operator runs them).
+fn starts_replicas(args: &Args) -> bool {
+    !args.existing || args.start_replicas
+}
+
+/// After the run: every few seconds for `window`, the run's workflows, Jobs and pods still in
+/// the API and each replica's RSS; with the writes and the operator's CPU over the window
+/// (the window's bounds are returned for the audit log, read once the replicas stop).
+async fn settle(args: &Args, sc: &Scenario, client: &Client, run: &str, mut reps: Option<&mut Replicas>, window: Duration) -> (Settle, (String, String)) {
+    let every = Duration::from_secs(5).max(window / 40);
+    let from = Snapshot::take(client).await;
+    let cpu_from = reps.as_deref().map(Replicas::total_cpu).unwrap_or(0.0);
+    let pb = progress(args, window.as_secs() as usize, "s of settling");
+    let mut samples = Vec::new();
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    loop {
+        let t = from.at.elapsed().as_secs_f64();
+        let (workflows, jobs, pods) = left(client, run).await;
+        let rss_mb = reps.as_deref_mut().map(|r| r.poll()).unwrap_or_default().into_iter().map(|(n, _, rss)| (n, rss)).collect();
+        samples.push(SettleSample { t, workflows, jobs, pods, rss_mb });
+        pb.set_position(t as u64);
+        pb.set_message(format!("(left: {workflows} workflows, {jobs} Jobs, {pods} pods)"));
+        if args.quiet {
+            eprintln!("settling {t:.0}s: left {workflows} workflows, {jobs} Jobs, {pods} pods");
+        }
+        if from.at.elapsed() >= window {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every.min(window.saturating_sub(from.at.elapsed()))) => {}
+            _ = &mut ctrl_c => break,
+        }
+    }
+    pb.finish_and_clear();
+    let to = Snapshot::take(client).await;
+    let st = Settle {
+        window_s: (to.at - from.at).as_secs_f64(),
+        samples,
+        expected: super::report::policy_keeps(sc, &operator_env(sc)),
+        writes_by_verb: writes::delta(&from.totals, &to.totals),
+        audit: None,
+        operator_cpu_s: reps.as_deref().map(Replicas::total_cpu).unwrap_or(0.0) - cpu_from,
+    };
+    (st, (from.rfc3339, to.rfc3339))
+}
+
+/// The run's workflows, step Jobs and step pods (a Job's or the Pod executor's) still in the
+/// API, from metadata-only lists.
+async fn left(client: &Client, run: &str) -> (usize, usize, usize) {
+    let ours = format!("lt-{run}-w");
+    let wf: Api<DynamicObject> = Api::all_with(client.clone(), &workflow_resource());
+    let workflows = in_namespaces(wf.list_metadata(&ListParams::default().labels(&format!("{RUN_LABEL}={run}"))).await, &ours);
+    let jobs = in_namespaces(Api::<Job>::all(client.clone()).list_metadata(&ListParams::default().labels(WORKFLOW_LABEL)).await, &ours);
+    let pods = in_namespaces(Api::<Pod>::all(client.clone()).list_metadata(&ListParams::default().labels(WORKFLOW_UID_LABEL)).await, &ours);
+    (workflows, jobs, pods)
+}
+
+/// Objects of a list in namespaces starting with `prefix` (0 if the list failed).
+fn in_namespaces<K: Clone>(l: kube::Result<kube::core::ObjectList<kube::core::PartialObjectMeta<K>>>, prefix: &str) -> usize {
+    l.map(|l| l.items.iter().filter(|o| o.metadata.namespace.as_deref().is_some_and(|n| n.starts_with(prefix))).count()).unwrap_or(0)
+}
+
+/// The workflow objects the harness creates: untyped, so spec fields this branch's API types
+/// lack (`executor`, `podGC`, …) reach the API server.
+pub fn workflow_object(name: &str, run: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": name, "labels": {RUN_LABEL: run}}, "spec": spec})
+}
+
 /// Create the workflows, all at once (32 in flight) or at the scenario's rate.
 fn spawn_creator(sc: &Scenario, client: &Client, nss: &[String], run: &str, obs: &Observer) -> tokio::task::JoinHandle<usize> {
     let (sc, client, nss, run, obs) = (sc.clone(), client.clone(), nss.to_vec(), run.to_string(), obs.clone());
+    let ar = workflow_resource();
     tokio::spawn(async move {
         let start = tokio::time::Instant::now();
         futures::stream::iter(0..sc.count)
@@ -466,14 +703,14 @@ fn spawn_creator(sc: &Scenario, client: &Client, nss: &[String], run: &str, obs:
                 let (client, ns, obs, run) = (client.clone(), nss[i % nss.len()].clone(), obs.clone(), run.clone());
                 let spec = sc.workflow_spec(i);
                 let at = (sc.arrival_rate > 0.0).then(|| start + Duration::from_secs_f64(i as f64 / sc.arrival_rate));
+                let ar = ar.clone();
                 async move {
                     if let Some(at) = at {
                         tokio::time::sleep_until(at).await;
                     }
                     let name = format!("w{i:05}");
-                    let wf: Workflow = serde_json::from_value(json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": name, "labels": {RUN_LABEL: run}}, "spec": spec}))
-                        .expect("a workflow");
-                    let api: Api<Workflow> = Api::namespaced(client, &ns);
+                    let wf: DynamicObject = serde_json::from_value(workflow_object(&name, &run, spec)).expect("a workflow");
+                    let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &ar);
                     obs.created(&ns, &name);
                     create_retrying(&api, &wf).await
                 }
@@ -488,4 +725,40 @@ fn spawn_creator(sc: &Scenario, client: &Client, nss: &[String], run: &str, obs:
 /// The phase workflow `i` must end in.
 pub fn expected_phase(sc: &Scenario, i: usize) -> WorkflowPhase {
     if sc.fails(i) { WorkflowPhase::Failed } else { WorkflowPhase::Completed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_objects_carry_the_label_and_the_pods_delay() {
+        let pod: Pod = serde_json::from_value(bare_object(Executor::Pod, 7, "500ms")).unwrap();
+        assert_eq!(pod.metadata.name.as_deref(), Some("bare-000007"));
+        assert!(pod.metadata.labels.unwrap().contains_key(BARE_LABEL));
+        assert_eq!(pod.metadata.annotations.unwrap()[crate::dev::DELAY_ANNOTATION], "500ms");
+        assert_eq!(pod.spec.unwrap().restart_policy.as_deref(), Some("Never"));
+        let job: Job = serde_json::from_value(bare_object(Executor::Job, 7, "1s")).unwrap();
+        assert!(job.metadata.labels.unwrap().contains_key(BARE_LABEL));
+        let template = job.spec.unwrap().template;
+        assert_eq!(template.metadata.unwrap().annotations.unwrap()[crate::dev::DELAY_ANNOTATION], "1s");
+        assert!(template.spec.unwrap().containers[0].command.is_some());
+    }
+
+    #[test]
+    fn crds_read_from_the_operators_own_stream() {
+        let crds = parse_crds(&crate::api::crds::all_yaml()).unwrap();
+        assert_eq!(crds.len(), crate::api::crds::all().len());
+        assert!(crds.iter().any(|c| c.name_any() == "workflows.shoal.dev"));
+        assert!(parse_crds("").is_err());
+    }
+
+    #[test]
+    fn workflows_keep_spec_fields_the_api_types_lack() {
+        let sc = Scenario::from_yaml("name: x\ncount: 1\nexecutor: Pod\nworkflowSpec: {podGC: {strategy: OnPodSuccess}}\n").unwrap();
+        let wf: DynamicObject = serde_json::from_value(workflow_object("w00000", "r", sc.workflow_spec(0))).unwrap();
+        let sent = serde_json::to_value(&wf).unwrap();
+        assert_eq!((sent["spec"]["executor"].as_str(), sent["spec"]["podGC"]["strategy"].as_str()), (Some("Pod"), Some("OnPodSuccess")));
+        assert_eq!((sent["kind"].as_str(), sent["metadata"]["labels"][RUN_LABEL].as_str()), (Some("Workflow"), Some("r")));
+    }
 }

@@ -1,6 +1,7 @@
 //! A load scenario (one YAML file in `loadtest/scenarios/`) and the objects it makes: pure
 //! functions from the scenario to workflow specs, with no client.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,23 @@ pub enum Shape {
     Fanout,
     /// Each step depends on up to two earlier steps, chosen by a seeded generator.
     Random,
+}
+
+/// How the operator runs each step attempt (`spec.executor`): one Job, or one bare pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Executor {
+    Job,
+    Pod,
+}
+
+/// The ceiling run before the operator's: the same number of bare Jobs or bare pods, with no
+/// operator, on the same control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareRun {
+    Job,
+    Pod,
+    None,
 }
 
 /// Kill -9 one replica (round robin) every `every`, and start it again at once.
@@ -72,9 +90,31 @@ pub struct Scenario {
     /// Namespaces the objects are spread over.
     #[serde(default = "fifty")]
     pub namespaces: usize,
-    /// Also time the same number of bare Jobs, with no operator, on the same control plane.
+    /// `spec.executor` of every workflow; unset leaves it to the operator's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<Executor>,
+    /// The ceiling run: bare Jobs, bare pods or none; unset follows the executor (pods for
+    /// Pod, Jobs otherwise). See [`Scenario::bare_run`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bare: Option<BareRun>,
+    /// The older switch for the ceiling run: `false` is `bare: none`.
     #[serde(default = "yes")]
     pub bare_jobs: bool,
+    /// Further fields merged into every workflow's spec (e.g. `podGC`, `ttlStrategy`); objects
+    /// merge key by key, anything else replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_spec: Option<Value>,
+    /// Environment of the replicas the harness starts (operator settings, `SHOAL_*`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// How long the replicas idle, holding every shard, before the load: their CPU and Lease
+    /// writes then are the upkeep.
+    #[serde(default = "thirty_seconds", with = "humantime")]
+    pub idle: Duration,
+    /// After the last workflow ends, keep sampling the objects left and the replicas' memory
+    /// this long (garbage collection at work); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_opt")]
+    pub settle: Option<Duration>,
     /// Give up waiting after this long.
     #[serde(default = "twenty_minutes", with = "humantime")]
     pub timeout: Duration,
@@ -104,6 +144,9 @@ fn one_second() -> Duration {
 fn one_minute() -> Duration {
     Duration::from_secs(60)
 }
+fn thirty_seconds() -> Duration {
+    Duration::from_secs(30)
+}
 fn twenty_minutes() -> Duration {
     Duration::from_secs(1200)
 }
@@ -121,6 +164,24 @@ mod humantime {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         crate::ha::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod humantime_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&super::go_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::ha::parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
     }
 }
 
@@ -142,7 +203,24 @@ impl Scenario {
         anyhow::ensure!(self.namespaces > 0, "namespaces must be positive");
         anyhow::ensure!((0.0..=1.0).contains(&self.failure_fraction), "failureFraction is a fraction");
         anyhow::ensure!(self.steps > 0 || self.shape == Shape::Fanout, "steps must be positive");
+        if let Some(extra) = &self.workflow_spec {
+            let obj = extra.as_object().ok_or_else(|| anyhow::anyhow!("workflowSpec must be a map of spec fields"))?;
+            for owned in ["containers", "maxStepTimeout", "executor"] {
+                anyhow::ensure!(!obj.contains_key(owned), "workflowSpec must not set {owned}: the scenario's own fields make it");
+            }
+        }
         Ok(())
+    }
+
+    /// Which ceiling run precedes the operator's: `bare` if set; none if `bareJobs: false`;
+    /// otherwise bare pods for the Pod executor and bare Jobs for the rest.
+    pub fn bare_run(&self) -> BareRun {
+        match (self.bare, self.bare_jobs, self.executor) {
+            (Some(b), _, _) => b,
+            (None, false, _) => BareRun::None,
+            (None, true, Some(Executor::Pod)) => BareRun::Pod,
+            (None, true, _) => BareRun::Job,
+        }
     }
 
     /// The steps of every workflow, as (name, dependencies).
@@ -180,7 +258,26 @@ impl Scenario {
         // A step may run twice its duration plus a minute before it times out, so a long
         // step (a scenario that keeps workflows live) is not cut by the 60 s default.
         let timeout = (self.step_duration.as_secs() * 2 + 60).max(60);
-        json!({"containers": containers, "maxStepTimeout": timeout})
+        let mut spec = json!({"containers": containers, "maxStepTimeout": timeout});
+        if let Some(e) = self.executor {
+            spec["executor"] = json!(e);
+        }
+        if let Some(extra) = &self.workflow_spec {
+            merge(&mut spec, extra);
+        }
+        spec
+    }
+}
+
+/// Merge `extra` into `base`: maps key by key, recursively; any other value replaces.
+pub fn merge(base: &mut Value, extra: &Value) {
+    match (base, extra) {
+        (Value::Object(b), Value::Object(e)) => {
+            for (k, v) in e {
+                merge(b.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (b, e) => *b = e.clone(),
     }
 }
 
@@ -263,6 +360,46 @@ mod tests {
         assert_eq!(short.workflow_spec(0)["maxStepTimeout"], 62);
         let spec: crate::api::workflow::WorkflowSpec = serde_json::from_value(long.workflow_spec(0)).unwrap();
         assert_eq!(spec.max_step_timeout, 300);
+    }
+
+    #[test]
+    fn executor_extra_spec_fields_and_env() {
+        let sc = Scenario::from_yaml(
+            "name: x\ncount: 2\nexecutor: Pod\nworkflowSpec: {podGC: {strategy: OnWorkflowSuccess}, ttlStrategy: {secondsAfterSuccess: 30}, stepDefaults: {x: {y: 1}}}\nenv: {SHOAL_WORKERS: \"8\"}\nsettle: 1m\nidle: 10s\n",
+        )
+        .unwrap();
+        let spec = sc.workflow_spec(0);
+        assert_eq!(spec["executor"], "Pod");
+        assert_eq!(spec["podGC"]["strategy"], "OnWorkflowSuccess");
+        assert_eq!(spec["ttlStrategy"]["secondsAfterSuccess"], 30);
+        assert_eq!(spec["containers"].as_array().unwrap().len(), 5, "the scenario's own fields stay");
+        assert_eq!(sc.env["SHOAL_WORKERS"], "8");
+        assert_eq!((sc.settle, sc.idle), (Some(Duration::from_secs(60)), Duration::from_secs(10)));
+        let plain = Scenario::from_yaml("name: x\ncount: 1\n").unwrap();
+        assert!(plain.workflow_spec(0).get("executor").is_none(), "no executor: the operator's default");
+        assert_eq!((plain.settle, plain.idle), (None, Duration::from_secs(30)));
+        assert!(Scenario::from_yaml("name: x\ncount: 1\nexecutor: pod\n").is_err(), "Job or Pod, as the API spells them");
+        assert!(Scenario::from_yaml("name: x\ncount: 1\nworkflowSpec: {executor: Pod}\n").is_err(), "the executor has its own field");
+        assert!(Scenario::from_yaml("name: x\ncount: 1\nworkflowSpec: [1]\n").is_err());
+    }
+
+    #[test]
+    fn merge_is_key_by_key_for_maps_only() {
+        let mut base = json!({"a": {"b": 1, "c": [1, 2]}, "d": 1});
+        merge(&mut base, &json!({"a": {"c": [3], "e": null}, "f": {"g": 1}}));
+        assert_eq!(base, json!({"a": {"b": 1, "c": [3], "e": null}, "d": 1, "f": {"g": 1}}));
+    }
+
+    #[test]
+    fn the_ceiling_run_follows_the_executor_unless_set() {
+        let bare = |y: &str| Scenario::from_yaml(&format!("name: x\ncount: 1\n{y}")).unwrap().bare_run();
+        assert_eq!(bare(""), BareRun::Job);
+        assert_eq!(bare("executor: Job\n"), BareRun::Job);
+        assert_eq!(bare("executor: Pod\n"), BareRun::Pod);
+        assert_eq!(bare("executor: Pod\nbareJobs: false\n"), BareRun::None);
+        assert_eq!(bare("executor: Pod\nbare: job\n"), BareRun::Job);
+        assert_eq!(bare("bareJobs: false\nbare: pod\n"), BareRun::Pod);
+        assert_eq!(bare("bare: none\n"), BareRun::None);
     }
 
     #[test]

@@ -5,10 +5,19 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Quantiles {
     pub n: usize,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p50: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p90: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p99: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub max: f64,
+}
+
+/// A figure that JSON wrote as `null` because it was NaN (no values) reads back as NaN.
+pub fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Nearest-rank quantile of sorted values.
@@ -53,6 +62,12 @@ pub fn rate_series(times: &[f64], width: f64, end: f64) -> Vec<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_quantiles_survive_json() {
+        let back: Quantiles = serde_json::from_str(&serde_json::to_string(&quantiles(&[])).unwrap()).unwrap();
+        assert!(back.p50.is_nan() && back.max.is_nan() && back.n == 0);
+    }
 
     #[test]
     fn nearest_rank() {

@@ -48,6 +48,12 @@ pub struct AuditWrites {
     pub jobs_created_twice: Vec<String>,
     /// Jobs the operator created (201).
     pub operator_job_creates: u64,
+    /// Pod names the operator created (201) more than once (the Pod executor's steps).
+    #[serde(default)]
+    pub pods_created_twice: Vec<String>,
+    /// Pods the operator created (201).
+    #[serde(default)]
+    pub operator_pod_creates: u64,
     /// Operator writes refused with 409 (conflict or AlreadyExists).
     pub operator_conflicts: u64,
 }
@@ -62,6 +68,34 @@ impl AuditWrites {
     pub fn lease_writes(&self, client: &str) -> u64 {
         self.by_client.get(client).map(|m| m.iter().filter(|(k, _)| is_lease(k)).map(|(_, v)| *v).sum()).unwrap_or(0)
     }
+
+    /// Every write of each client, whatever it wrote.
+    pub fn per_client(&self) -> BTreeMap<String, u64> {
+        self.by_client.iter().map(|(c, m)| (c.clone(), m.values().sum())).collect()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.by_client.values().flat_map(|m| m.values()).sum()
+    }
+}
+
+/// The resource (with its subresource) of a "verb resource[/sub]" key.
+pub fn resource_of(key: &str) -> &str {
+    key.split_whitespace().nth(1).unwrap_or("")
+}
+
+/// Writes summed over verbs, per resource[/sub], from ("verb resource[/sub]", n).
+pub fn per_resource<'a>(by_key: impl IntoIterator<Item = (&'a String, f64)>) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (k, v) in by_key {
+        *out.entry(resource_of(k).to_string()).or_insert(0.0) += v;
+    }
+    out
+}
+
+/// Lease writes (every verb) in "VERB resource" -> n.
+pub fn lease_total(by_key: &BTreeMap<String, f64>) -> f64 {
+    by_key.iter().filter(|(k, _)| is_lease(k)).map(|(_, v)| v).sum()
 }
 
 pub fn is_event(key: &str) -> bool {
@@ -104,6 +138,7 @@ pub fn read_audit(path: &Path, from: &str, to: &str) -> anyhow::Result<AuditWrit
     use std::io::BufRead;
     let mut out = AuditWrites::default();
     let mut creates: HashMap<String, u32> = HashMap::new();
+    let mut pod_creates: HashMap<String, u32> = HashMap::new();
     let lines = audit_files(path)?.into_iter().map(std::fs::File::open).collect::<Result<Vec<_>, _>>()?.into_iter().flat_map(|f| std::io::BufReader::new(f).lines());
     for line in lines {
         let Ok(line) = line else { continue };
@@ -129,11 +164,17 @@ pub fn read_audit(path: &Path, from: &str, to: &str) -> anyhow::Result<AuditWrit
                 out.operator_job_creates += 1;
                 *creates.entry(format!("{}/{}", obj["namespace"].as_str().unwrap_or(""), obj["name"].as_str().unwrap_or(""))).or_default() += 1;
             }
+            if verb == "create" && res == "pods" && obj["subresource"].is_null() && code == 201 {
+                out.operator_pod_creates += 1;
+                *pod_creates.entry(format!("{}/{}", obj["namespace"].as_str().unwrap_or(""), obj["name"].as_str().unwrap_or(""))).or_default() += 1;
+            }
         }
         *out.by_client.entry(client).or_default().entry(key).or_default() += 1;
     }
     out.jobs_created_twice = creates.into_iter().filter(|(_, n)| *n > 1).map(|(k, _)| k).collect();
     out.jobs_created_twice.sort();
+    out.pods_created_twice = pod_creates.into_iter().filter(|(_, n)| *n > 1).map(|(k, _)| k).collect();
+    out.pods_created_twice.sort();
     Ok(out)
 }
 
@@ -151,6 +192,21 @@ apiserver_request_total{code=\"200\",component=\"apiserver\",dry_run=\"\",group=
         assert_eq!(t.get("POST jobs"), Some(&12.0));
         assert_eq!(t.get("PATCH workflows/status"), Some(&7.0));
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn writes_per_resource_sum_verbs() {
+        let t = BTreeMap::from([
+            ("POST pods".to_string(), 10.0),
+            ("PATCH pods/status".to_string(), 20.0),
+            ("DELETE pods".to_string(), 5.0),
+            ("PUT leases".to_string(), 7.0),
+            ("PATCH leases".to_string(), 1.0),
+        ]);
+        assert_eq!(per_resource(t.iter().map(|(k, v)| (k, *v))), BTreeMap::from([("leases".to_string(), 8.0), ("pods".to_string(), 15.0), ("pods/status".to_string(), 20.0)]));
+        assert_eq!(lease_total(&t), 8.0);
+        let a = BTreeMap::from([("create pods/binding".to_string(), 3u64)]);
+        assert_eq!(per_resource(a.iter().map(|(k, v)| (k, *v as f64)))["pods/binding"], 3.0);
     }
 
     #[test]
@@ -177,6 +233,10 @@ apiserver_request_total{code=\"200\",component=\"apiserver\",dry_run=\"\",group=
             ev("2026-01-01T00:00:03.000000Z", "shoal/0.1.0", "create", "jobs", "b", 201),
             ev("2026-01-01T00:00:04.000000Z", "shoal/0.1.0", "create", "jobs", "b", 201),
             ev("2026-01-01T00:00:05.000000Z", "kwok/v0", "patch", "pods", "p", 200),
+            ev("2026-01-01T00:00:05.100000Z", "shoal/0.1.0", "create", "pods", "q", 201),
+            ev("2026-01-01T00:00:05.200000Z", "shoal/0.1.0", "create", "pods", "q", 201),
+            ev("2026-01-01T00:00:05.300000Z", "shoal/0.1.0", "create", "pods", "r", 201),
+            ev("2026-01-01T00:00:05.400000Z", "kube-controller-manager/v1", "create", "pods", "r", 201),
             ev("2026-01-01T00:00:09.000000Z", "shoal/0.1.0", "create", "jobs", "c", 201),
         ];
         std::fs::write(&p, lines.join("\n")).unwrap();
@@ -185,6 +245,10 @@ apiserver_request_total{code=\"200\",component=\"apiserver\",dry_run=\"\",group=
         assert_eq!(a.jobs_created_twice, vec!["n/b".to_string()]);
         assert_eq!(a.operator_conflicts, 1);
         assert_eq!(a.by_client["kwok"]["patch pods"], 1);
+        assert_eq!(a.operator_pod_creates, 3);
+        assert_eq!(a.pods_created_twice, vec!["n/q".to_string()], "another client's create of the same name is not the operator's");
+        assert_eq!(a.per_client(), BTreeMap::from([("kube-controller-manager".into(), 1), ("kwok".into(), 1), ("shoal".into(), 7)]));
+        assert_eq!(a.total(), 9);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -29,6 +29,8 @@ async fn quick_scenario_is_correct() {
         count: None,
         namespaces: None,
         no_bare: true,
+        bare: None,
+        executor: None,
         quiet: true,
         keep: false,
         compare: false,
