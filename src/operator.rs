@@ -19,8 +19,8 @@ use kube::api::Api;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::controllers::runtime::{Runtime, Settings, named};
 use crate::controllers::bare_pod::StepPod;
+use crate::controllers::runtime::{Runtime, Settings, named};
 use crate::controllers::step_job::StepJob;
 use crate::controllers::{activity, activity_worker, nsman, task, workflow};
 use crate::ha::{HaConfig, HaMetrics, Ownership, Synced};
@@ -118,6 +118,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         jobs,
         pods,
         default_executor: cfg.workflow.default_executor,
+        gc: cfg.workflow.gc_defaults(),
         metrics: crate::controllers::Metrics::new(&mut registry),
         pod_looks: Default::default(),
     };

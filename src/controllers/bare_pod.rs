@@ -284,7 +284,9 @@ mod tests {
 
     #[test]
     fn an_evicted_or_lost_pod_is_a_failed_attempt_that_says_so() {
-        let evicted = with_status(json!({"phase": "Failed", "reason": "Evicted", "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}]}));
+        let evicted = with_status(
+            json!({"phase": "Failed", "reason": "Evicted", "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}]}),
+        );
         let JobState::Failed { reason, message } = state(&evicted, &step(None), at(CREATED)).0 else { panic!() };
         assert_eq!(reason, POD_DISRUPTED);
         assert!(message.contains("EvictionByEvictionAPI"), "{message}");

@@ -24,11 +24,12 @@ use serde_json::json;
 use super::bare_pod::{self, StepPod};
 use super::step_job::StepJob;
 use super::step_pod;
+use super::workflow_gc::{self, Outcome};
 use super::{Context, Error, Metrics, PhaseLabel, jobs};
 use crate::api::SHARD_LABEL;
 use crate::api::conditions::{self, reasons, types};
 use crate::api::workflow::{Executor, StepPhase, Workflow, WorkflowPhase, WorkflowStatus};
-use crate::core::{dag, plan};
+use crate::core::{dag, gc, plan};
 use crate::ha::{Action, Fence, FencedApi, WriteError, Writer};
 
 /// The workflow's name (cut with a hash suffix when longer than 63 characters).
@@ -58,6 +59,41 @@ pub struct WorkflowConfig {
     /// or `Pod` (a bare pod per attempt; far fewer API writes, see docs/workflow.md).
     #[arg(long, env = "SHOAL_DEFAULT_EXECUTOR", value_enum, ignore_case = true, default_value_t = Executor::Job)]
     pub default_executor: Executor,
+    /// Garbage collection of step objects (Jobs, or pods with the Pod executor) for workflows
+    /// that do not set `spec.podGC.strategy`: Never, OnPodCompletion, OnPodSuccess,
+    /// OnWorkflowCompletion or OnWorkflowSuccess. Unset: keep them (see docs/workflow.md).
+    #[arg(long, env = "SHOAL_POD_GC_STRATEGY", value_parser = gc::parse_strategy_flag)]
+    pub pod_gc_strategy: Option<gc::Strategy>,
+    /// `spec.podGC.deleteDelayDuration` for workflows that do not set it: a Go duration (30s,
+    /// 10m, 1h30m) or seconds. Unset: 0.
+    #[arg(long, env = "SHOAL_POD_GC_DELAY", value_parser = gc::parse_duration_flag)]
+    pub pod_gc_delay: Option<std::time::Duration>,
+    /// `spec.podGC.keepLast` for workflows that do not set it. Unset: 0.
+    #[arg(long, env = "SHOAL_POD_GC_KEEP_LAST")]
+    pub pod_gc_keep_last: Option<usize>,
+    /// Delete a finished workflow this long after it finished (`spec.ttlStrategy
+    /// .secondsAfterCompletion` for workflows that do not set it): a Go duration or seconds.
+    /// Unset: keep it. Applies to workflows that finished before it was set, too.
+    #[arg(long, env = "SHOAL_WORKFLOW_TTL_AFTER_COMPLETION", value_parser = gc::parse_duration_flag)]
+    pub workflow_ttl_after_completion: Option<std::time::Duration>,
+    /// The same for completed workflows (`secondsAfterSuccess`); wins over the one above.
+    #[arg(long, env = "SHOAL_WORKFLOW_TTL_AFTER_SUCCESS", value_parser = gc::parse_duration_flag)]
+    pub workflow_ttl_after_success: Option<std::time::Duration>,
+    /// The same for failed workflows (`secondsAfterFailure`); wins over the one above.
+    #[arg(long, env = "SHOAL_WORKFLOW_TTL_AFTER_FAILURE", value_parser = gc::parse_duration_flag)]
+    pub workflow_ttl_after_failure: Option<std::time::Duration>,
+}
+
+impl WorkflowConfig {
+    /// The garbage collection defaults these settings give.
+    pub fn gc_defaults(&self) -> gc::Defaults {
+        gc::Defaults {
+            strategy: self.pod_gc_strategy,
+            delay: self.pod_gc_delay,
+            keep_last: self.pod_gc_keep_last,
+            ttl: gc::Ttl { after_completion: self.workflow_ttl_after_completion, after_success: self.workflow_ttl_after_success, after_failure: self.workflow_ttl_after_failure },
+        }
+    }
 }
 
 /// What the Workflow controller keeps besides the workflows: its Job and pod caches and its
@@ -69,6 +105,8 @@ pub struct State {
     pub pods: Arc<crate::ha::Informer<StepPod>>,
     /// The executor of workflows that do not set one.
     pub default_executor: Executor,
+    /// Garbage collection for the fields a workflow's `podGC` and `ttlStrategy` leave unset.
+    pub gc: gc::Defaults,
     pub metrics: Metrics,
     /// When this replica last read each active Job's pods.
     pub pod_looks: step_pod::PodLooks,
@@ -151,6 +189,9 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     cascade_labels(wf, &my_pods, &pods_api).await?;
 
     let this_generation = generation.to_string();
+    let now = Timestamp::now();
+    let gc_policy = gc::policy(wf.spec.pod_gc.as_ref(), wf.spec.ttl_strategy.as_ref(), &ctx.gc);
+    let mut gc_wait: Option<std::time::Duration> = None;
     if spec_changed {
         // A new spec: delete every Job (or pod) of the old one, server-side by label, so those
         // not yet in this replica's cache (just created, or created before a takeover) go
@@ -162,9 +203,28 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
             _ => jobs_api.delete_collection(&background(), &lp).await?,
         }
         status = WorkflowStatus { conditions: status.conditions, ..Default::default() };
-    } else if matches!(status.workflow_status, Some(WorkflowPhase::Failed) | Some(WorkflowPhase::Completed)) {
-        // Finished: nothing more to do (a Failed workflow is ignored, as in seed 001).
-        return Ok(Action::Requeue(ctx.resync));
+    } else {
+        // Garbage collection, from the status as recorded (an unusable policy collects
+        // nothing; the condition below says why).
+        let policy = gc_policy.as_ref().copied().unwrap_or_default();
+        match workflow_gc::collect(wf, uid, ns, &policy, &my_jobs, &my_pods, w, &ctx.metrics, now).await? {
+            Outcome::WorkflowDeleted => return Ok(Action::AwaitChange),
+            Outcome::Next(wait) => gc_wait = wait,
+        }
+        if matches!(status.workflow_status, Some(WorkflowPhase::Failed) | Some(WorkflowPhase::Completed)) {
+            // Finished: nothing more to run (a Failed workflow is ignored, as in seed 001);
+            // only garbage collection is left.
+            let mut conds = status.conditions.clone();
+            let raised = workflow_gc::set_condition(&mut conds, &gc_policy, generation, Time(now));
+            if conds != status.conditions {
+                let new = WorkflowStatus { conditions: conds, ..status.clone() };
+                let (recorded, _) = write_status(wf, &new, w, ctx).await?;
+                if recorded && let Some(msg) = raised {
+                    w.event(EventType::Warning, workflow_gc::INVALID_GC_POLICY, msg, None).await;
+                }
+            }
+            return Ok(Action::Requeue(gc_wait.map_or(ctx.resync, |d| d.min(ctx.resync))));
+        }
     }
     // Level-based: an old generation's Job that shows up later (a create that was in flight
     // when the spec changed) is deleted as soon as it is seen.
@@ -175,7 +235,6 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         pods_api.delete(&p.name_any(), &background()).await?;
     }
 
-    let now = Timestamp::now();
     let edges: Vec<dag::Edges<'_>> = wf.spec.containers.iter().map(|c| (c.step_name.as_str(), c.depends_on.as_deref().unwrap_or(&[]))).collect();
     if let Err(e) = dag::validate(&edges) {
         let mut conds = status.conditions.clone();
@@ -250,7 +309,7 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     let fail_fast = wf.spec.fail_fast.unwrap_or(true);
     let mut p = plan::plan(id, &steps, &status.steps, &observed, fail_fast, now);
     if p.phase == WorkflowPhase::Started {
-        p.requeue_after = [p.requeue_after, look_again].into_iter().flatten().min();
+        p.requeue_after = [p.requeue_after, look_again, gc_wait].into_iter().flatten().min();
     }
 
     // Act: create the Jobs the plan asks for, concurrently (they are independent).
@@ -328,6 +387,7 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         _ => (false, true, false, "Running"),
     };
     conditions::set_state(&mut conds, (ready, progressing, failed), reason, &p.message, Some(generation), t.clone());
+    let gc_raised = workflow_gc::set_condition(&mut conds, &gc_policy, generation, t.clone());
     let phase_changed = status.workflow_status != Some(p.phase);
     let new = WorkflowStatus {
         workflow_status: Some(p.phase),
@@ -351,6 +411,9 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
             // attempts) with one reason are not folded into one series by the recorder.
             let job = new.steps.iter().find(|s| s.step_name == step).and_then(|s| Some(attempt_ref(exec, ns, s.job_name.clone()?, s.job_uid.clone())));
             w.event(if warn { EventType::Warning } else { EventType::Normal }, reason, msg, job).await;
+        }
+        if let Some(msg) = gc_raised {
+            w.event(EventType::Warning, workflow_gc::INVALID_GC_POLICY, msg, None).await;
         }
     }
     Ok(match p.requeue_after {
@@ -526,7 +589,15 @@ impl Attempt {
     }
 }
 
-fn attempt_shape(wf: &Workflow, uid: &str, step: &crate::api::workflow::WorkflowStep, c: &plan::CreateJob, generation: i64, outputs: &HashMap<String, String>, shard: Option<u32>) -> Result<Attempt, Error> {
+fn attempt_shape(
+    wf: &Workflow,
+    uid: &str,
+    step: &crate::api::workflow::WorkflowStep,
+    c: &plan::CreateJob,
+    generation: i64,
+    outputs: &HashMap<String, String>,
+    shard: Option<u32>,
+) -> Result<Attempt, Error> {
     let mut labels = user_labels(wf);
     let cascaded: Vec<String> = labels.keys().cloned().collect();
     // The shard of the workflow's UID, not its label: a label can be edited.
