@@ -133,7 +133,12 @@ pub struct PodGc {
     /// `30s`, `10m` or `1h30m`, at most `8760h`. Default `0s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 32), regex(pattern = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|μs|ms|s|m|h))+)$"))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "duration(self) <= duration('8760h')", "message": "deleteDelayDuration must be at most 8760h (a year)"}]))]
+    // The rule is guarded by the pattern, so a value that is no duration gets the pattern's
+    // message only, not a CEL conversion error too.
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!self.matches('^(0|([0-9]+(\\\\.[0-9]+)?(ns|us|µs|μs|ms|s|m|h))+)$') || duration(self) <= duration('8760h')",
+        "message": "deleteDelayDuration must be at most 8760h (a year)"
+    }]))]
     pub delete_delay_duration: Option<String>,
     /// Of the objects the strategy would delete, keep the N whose attempts finished last (per
     /// workflow). Default 0.

@@ -106,6 +106,7 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     assert_crd_rule(&docs);
     assert_namespace_manager_rules(&docs, "ClusterRole shoal", ("ClusterRole shoal", &[]));
     assert_activity_rules(&docs, "ClusterRole shoal");
+    assert_workflow_rules(&docs, "ClusterRole shoal");
     assert_task_rules(&docs, "ClusterRole shoal", "ClusterRole shoal");
     assert_secrets(&docs, &["ClusterRole shoal"]);
     // People: ActionPlugins are read through view only (only cluster admins write them).
@@ -137,6 +138,7 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     assert_crd_rule(&docs);
     assert_namespace_manager_rules(&docs, &format!("Role {work}/shoal"), ("ClusterRole shoal-namespace", &[&work]));
     assert_activity_rules(&docs, &format!("Role {work}/shoal"));
+    assert_workflow_rules(&docs, &format!("Role {work}/shoal"));
     assert_task_rules(&docs, &format!("Role {work}/shoal"), "ClusterRole shoal-actionplugins");
     assert_secrets(&docs, &[&format!("Role {ns}/shoal-secrets"), &format!("Role {work}/shoal")]);
     let objects: Vec<&Value> = docs.iter().filter(|d| d["kind"] != "CustomResourceDefinition").collect();
@@ -225,6 +227,16 @@ fn assert_activity_rules(docs: &[Value], role: &str) {
     for absent in ["activities/finalizers", "activityworkers/finalizers"] {
         assert!(operator_grants(docs, "shoal.dev", absent).is_empty(), "{absent}: granted, but no ownerReference needs it");
     }
+}
+
+/// The Workflow controller's rules on its own kind, exactly, in `role`: workflows listed,
+/// watched and shard-labelled, status patched, and a workflow deleted when its ttlStrategy
+/// runs out (garbage collection). Its Jobs, pods and Events use the rules checked elsewhere.
+fn assert_workflow_rules(docs: &[Value], role: &str) {
+    let grant = |verbs: &[&str]| vec![(role.to_string(), Vec::<String>::new(), verbs.iter().map(|v| v.to_string()).collect::<Vec<_>>())];
+    assert_eq!(operator_grants(docs, "shoal.dev", "workflows"), grant(&["delete", "list", "patch", "watch"]), "the operator's grants on shoal.dev/workflows");
+    assert_eq!(operator_grants(docs, "shoal.dev", "workflows/status"), grant(&["patch"]), "the operator's grants on shoal.dev/workflows/status");
+    assert!(operator_grants(docs, "shoal.dev", "workflows/finalizers").is_empty(), "workflows/finalizers: granted, but no ownerReference needs it");
 }
 
 /// The Task and Ignitor controllers' rules, exactly: their objects read (and, from the shared
