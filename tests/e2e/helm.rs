@@ -399,12 +399,28 @@ fn every_variable_the_chart_sets_is_a_setting_of_shoal_run() {
     let run = shoal::telemetry::LogArgs::augment_args(shoal::operator::RunConfig::augment_args(clap::Command::new("run")));
     let read: BTreeSet<String> = run.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
     // Every optional variable switched on.
-    let set = ["watchNamespace=work", "actionLog.enabled=true", "allowCrossNamespace=true", "protectedNamespaces={team-a}", "webhookAllow={hooks.example.com}"];
+    let set = [
+        "watchNamespace=work",
+        "actionLog.enabled=true",
+        "allowCrossNamespace=true",
+        "protectedNamespaces={team-a}",
+        "webhookAllow={hooks.example.com}",
+        "podGC.strategy=OnPodSuccess",
+        "podGC.deleteDelay=1m",
+        "podGC.keepLast=2",
+        "workflowTTL.afterCompletion=24h",
+        "workflowTTL.afterSuccess=1h",
+        "workflowTTL.afterFailure=168h",
+    ];
     let env = deployment_env(&set.iter().flat_map(|s| ["--set", s]).collect::<Vec<_>>());
     for n in env.keys().filter(|n| n.starts_with("SHOAL_")) {
         assert!(read.contains(n), "the chart sets {n}, which shoal run does not read (it reads {read:?})");
     }
-    for n in NSMAN_ENV {
-        assert!(env.contains_key(n), "{n} not rendered");
+    for n in NSMAN_ENV.iter().chain(&GC_ENV) {
+        assert!(env.contains_key(*n), "{n} not rendered");
     }
 }
+
+/// The garbage collection variables (`podGC.*`, `workflowTTL.*`).
+const GC_ENV: [&str; 6] =
+    ["SHOAL_POD_GC_STRATEGY", "SHOAL_POD_GC_DELAY", "SHOAL_POD_GC_KEEP_LAST", "SHOAL_WORKFLOW_TTL_AFTER_COMPLETION", "SHOAL_WORKFLOW_TTL_AFTER_SUCCESS", "SHOAL_WORKFLOW_TTL_AFTER_FAILURE"];
