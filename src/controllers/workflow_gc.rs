@@ -161,6 +161,123 @@ pub fn set_condition(conds: &mut Vec<Condition>, policy: &Result<Policy, PolicyE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    use prometheus_client::registry::Registry;
+    use serde_json::{Value, json};
+
+    use crate::ha::{Fence, HaConfig, HaMetrics, Ownership};
+
+    /// What the stand-in API server was asked: (method, path, body).
+    type Seen = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+    /// An API server stand-in where the object of every name now has UID `current`: a DELETE
+    /// whose UID precondition names another object is refused with 409, as the API server
+    /// refuses it.
+    async fn serving(current: &'static str) -> (kube::Client, Seen) {
+        let seen: Seen = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let log = log.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let uid = body["preconditions"]["uid"].as_str().map(String::from);
+                log.lock().unwrap().push((parts.method.to_string(), parts.uri.path().to_string(), body));
+                let (code, status) = match uid.as_deref() {
+                    Some(u) if u != current => (
+                        409,
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409,
+                        "message": format!("Precondition failed: UID in precondition: {u}, UID in object meta: {current}")}),
+                    ),
+                    _ => (200, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"})),
+                };
+                (axum::http::StatusCode::from_u16(code).unwrap(), [(axum::http::header::CONTENT_TYPE, "application/json")], status.to_string())
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap(), seen)
+    }
+
+    fn writer(client: kube::Client, wf: &Workflow) -> Writer {
+        let cfg = HaConfig { shards: 4, lease_duration: Duration::from_secs(10), renew_deadline: Duration::from_secs(5), ..Default::default() };
+        let own = Ownership::new(cfg, "me".into(), "ops".into(), HaMetrics::new(&mut Registry::default()), None);
+        own.hold_for_test(1, 1, std::time::Instant::now());
+        let recorder = kube::runtime::events::Recorder::new(client.clone(), kube::runtime::events::Reporter { controller: "t".into(), instance: None });
+        Writer::new(own, Fence { shard: 1, transitions: 1 }, client, recorder, wf)
+    }
+
+    /// Workflow `w` with UID `uid`, completed at 00:00:10, with `spec` merged in.
+    fn finished(uid: &str, spec: Value) -> Workflow {
+        let mut v = json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "w", "namespace": "ns", "uid": uid, "generation": 1},
+            "spec": {"containers": [{"stepName": "a", "image": "busybox"}]},
+            "status": {"workflowStatus": "Completed", "statusChanged": "2026-01-01T00:00:10Z", "observedGeneration": 1,
+                "steps": [{"stepName": "a", "phase": "Succeeded", "attempt": 0, "jobName": "w-a", "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:00:10Z"}]}});
+        for (k, x) in spec.as_object().unwrap() {
+            v["spec"][k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn deleted(m: &Metrics, kind: &'static str) -> u64 {
+        m.gc_deletions.get_or_create(&KindLabel { kind }).get()
+    }
+
+    #[tokio::test]
+    async fn the_workflow_goes_only_with_its_own_uid_and_a_successor_of_its_name_stays() {
+        let now: Timestamp = "2026-01-01T01:00:00Z".parse().unwrap();
+        let m = Metrics::new(&mut Registry::default());
+        let (client, seen) = serving("uid-successor").await;
+        // A stale copy: the workflow of this name now is another one.
+        let stale = finished("uid-first", json!({"ttlStrategy": {"secondsAfterCompletion": 60}}));
+        let policy = gc::policy(stale.spec.pod_gc.as_ref(), stale.spec.ttl_strategy.as_ref(), &gc::Defaults::default()).unwrap();
+        let out = collect(&stale, "uid-first", "ns", &policy, &[], &[], &writer(client.clone(), &stale), &m, now).await.unwrap();
+        assert_eq!(out, Outcome::WorkflowDeleted, "refused by its precondition: done");
+        let (method, path, body) = seen.lock().unwrap()[0].clone();
+        assert_eq!((method.as_str(), path.as_str()), ("DELETE", "/apis/shoal.dev/v1alpha1/namespaces/ns/workflows/w"));
+        assert_eq!(body["preconditions"]["uid"], "uid-first");
+        assert_eq!(body["propagationPolicy"], "Background");
+        assert_eq!(deleted(&m, "Workflow"), 0, "nothing was deleted");
+        // The workflow itself: deleted and counted.
+        let current = finished("uid-successor", json!({"ttlStrategy": {"secondsAfterCompletion": 60}}));
+        let out = collect(&current, "uid-successor", "ns", &policy, &[], &[], &writer(client, &current), &m, now).await.unwrap();
+        assert_eq!(out, Outcome::WorkflowDeleted);
+        assert_eq!(deleted(&m, "Workflow"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_step_object_goes_with_its_uid_and_only_the_current_generations() {
+        let now: Timestamp = "2026-01-01T00:00:20Z".parse().unwrap();
+        let m = Metrics::new(&mut Registry::default());
+        let (client, seen) = serving("job-uid").await;
+        let wf = finished("wu", json!({"podGC": {"strategy": "OnWorkflowCompletion", "deleteDelayDuration": "5s"}}));
+        let policy = gc::policy(wf.spec.pod_gc.as_ref(), None, &gc::Defaults::default()).unwrap();
+        let job = |name: &str, generation: &str, deleting: bool| -> Arc<StepJob> {
+            let mut meta = json!({"name": name, "namespace": "ns", "uid": "job-uid", "labels": {GENERATION_LABEL: generation, STEP_LABEL: "a", ATTEMPT_LABEL: "0"}});
+            if deleting {
+                meta["deletionTimestamp"] = json!("2026-01-01T00:00:15Z");
+            }
+            Arc::new(serde_json::from_value(json!({"metadata": meta})).unwrap())
+        };
+        let jobs = [job("w-a", "1", false), job("old", "0", false), job("going", "1", true)];
+        let out = collect(&wf, "wu", "ns", &policy, &jobs, &[], &writer(client, &wf), &m, now).await.unwrap();
+        assert_eq!(out, Outcome::Next(None));
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "one delete: not another generation's object, not one being deleted: {seen:?}");
+        assert_eq!((seen[0].0.as_str(), seen[0].1.as_str()), ("DELETE", "/apis/batch/v1/namespaces/ns/jobs/w-a"));
+        assert_eq!(seen[0].2["preconditions"]["uid"], "job-uid");
+        assert_eq!(seen[0].2["propagationPolicy"], "Background", "its pod goes with it");
+        assert_eq!(deleted(&m, "Job"), 1);
+        // Before the delay: nothing yet, and when to look again.
+        let early: Timestamp = "2026-01-01T00:00:12Z".parse().unwrap();
+        let (client, seen) = serving("job-uid").await;
+        let out = collect(&wf, "wu", "ns", &policy, &jobs, &[], &writer(client, &wf), &m, early).await.unwrap();
+        assert_eq!(out, Outcome::Next(Some(Duration::from_secs(3))));
+        assert!(seen.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn the_condition_is_there_only_while_the_policy_is_unusable() {
