@@ -1,8 +1,9 @@
 //! The Workflow reconciler: observe (the workflow, its Jobs from the sharded cache) → plan
 //! (`core::plan`, pure) → act (create Jobs with deterministic names, delete the Jobs of an
 //! old spec or of cancelled steps, cascade labels) → record (one status patch with a
-//! resourceVersion precondition, then the Events it decided). Driven by watch events on the
-//! owned Jobs, not by polling. Every write goes through the fenced writer.
+//! resourceVersion precondition, then the Events it decided) → collect garbage
+//! (`workflow_gc`: what the workflow's `podGC` and `ttlStrategy` say is due). Driven by watch
+//! events on the owned Jobs, not by polling. Every write goes through the fenced writer.
 //!
 //! A Job is a step's Job only if its controller ownerReference is this workflow's UID: a Job
 //! found under a step's name but owned by something else (another workflow, an earlier
@@ -191,7 +192,6 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     let this_generation = generation.to_string();
     let now = Timestamp::now();
     let gc_policy = gc::policy(wf.spec.pod_gc.as_ref(), wf.spec.ttl_strategy.as_ref(), &ctx.gc);
-    let mut gc_wait: Option<std::time::Duration> = None;
     if spec_changed {
         // A new spec: delete every Job (or pod) of the old one, server-side by label, so those
         // not yet in this replica's cache (just created, or created before a takeover) go
@@ -203,28 +203,9 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
             _ => jobs_api.delete_collection(&background(), &lp).await?,
         }
         status = WorkflowStatus { conditions: status.conditions, ..Default::default() };
-    } else {
-        // Garbage collection, from the status as recorded (an unusable policy collects
-        // nothing; the condition below says why).
-        let policy = gc_policy.as_ref().copied().unwrap_or_default();
-        match workflow_gc::collect(wf, uid, ns, &policy, &my_jobs, &my_pods, w, &ctx.metrics, now).await? {
-            Outcome::WorkflowDeleted => return Ok(Action::AwaitChange),
-            Outcome::Next(wait) => gc_wait = wait,
-        }
-        if matches!(status.workflow_status, Some(WorkflowPhase::Failed) | Some(WorkflowPhase::Completed)) {
-            // Finished: nothing more to run (a Failed workflow is ignored, as in seed 001);
-            // only garbage collection is left.
-            let mut conds = status.conditions.clone();
-            let raised = workflow_gc::set_condition(&mut conds, &gc_policy, generation, Time(now));
-            if conds != status.conditions {
-                let new = WorkflowStatus { conditions: conds, ..status.clone() };
-                let (recorded, _) = write_status(wf, &new, w, ctx).await?;
-                if recorded && let Some(msg) = raised {
-                    w.event(EventType::Warning, workflow_gc::INVALID_GC_POLICY, msg, None).await;
-                }
-            }
-            return Ok(Action::Requeue(gc_wait.map_or(ctx.resync, |d| d.min(ctx.resync))));
-        }
+    } else if matches!(status.workflow_status, Some(WorkflowPhase::Failed) | Some(WorkflowPhase::Completed)) {
+        // Finished: nothing more to run (a Failed workflow is ignored, as in seed 001).
+        return reconcile_finished(wf, uid, ns, &gc_policy, &my_jobs, &my_pods, w, ctx, now).await;
     }
     // Level-based: an old generation's Job that shows up later (a create that was in flight
     // when the spec changed) is deleted as soon as it is seen.
@@ -309,7 +290,7 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     let fail_fast = wf.spec.fail_fast.unwrap_or(true);
     let mut p = plan::plan(id, &steps, &status.steps, &observed, fail_fast, now);
     if p.phase == WorkflowPhase::Started {
-        p.requeue_after = [p.requeue_after, look_again, gc_wait].into_iter().flatten().min();
+        p.requeue_after = [p.requeue_after, look_again].into_iter().flatten().min();
     }
 
     // Act: create the Jobs the plan asks for, concurrently (they are independent).
@@ -416,10 +397,67 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
             w.event(EventType::Warning, workflow_gc::INVALID_GC_POLICY, msg, None).await;
         }
     }
+    // Garbage collection last, so that a delete that fails never holds up the run. It judges
+    // from the status as read (this write's news is judged in the reconcile the write wakes).
+    if !spec_changed {
+        match collect_garbage(wf, uid, ns, &gc_policy, &my_jobs, &my_pods, w, ctx, now).await? {
+            Outcome::WorkflowDeleted => return Ok(Action::AwaitChange),
+            Outcome::Next(wait) => p.requeue_after = [p.requeue_after, wait].into_iter().flatten().min(),
+        }
+    }
     Ok(match p.requeue_after {
         Some(d) => Action::Requeue(d),
         None => next,
     })
+}
+
+/// A finished workflow: only garbage collection is left, and the condition that says when its
+/// policy cannot be used.
+#[allow(clippy::too_many_arguments)]
+async fn reconcile_finished(
+    wf: &Workflow,
+    uid: &str,
+    ns: &str,
+    gc_policy: &Result<gc::Policy, gc::PolicyError>,
+    jobs: &[Arc<StepJob>],
+    pods: &[Arc<StepPod>],
+    w: &Writer,
+    ctx: &Ctx,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let wait = match collect_garbage(wf, uid, ns, gc_policy, jobs, pods, w, ctx, now).await? {
+        Outcome::WorkflowDeleted => return Ok(Action::AwaitChange),
+        Outcome::Next(wait) => wait,
+    };
+    let status = wf.status.clone().unwrap_or_default();
+    let mut conds = status.conditions.clone();
+    let raised = workflow_gc::set_condition(&mut conds, gc_policy, wf.metadata.generation.unwrap_or(0), Time(now));
+    if conds != status.conditions {
+        let new = WorkflowStatus { conditions: conds, ..status };
+        let (recorded, _) = write_status(wf, &new, w, ctx).await?;
+        if recorded && let Some(msg) = raised {
+            w.event(EventType::Warning, workflow_gc::INVALID_GC_POLICY, msg, None).await;
+        }
+    }
+    Ok(Action::Requeue(wait.map_or(ctx.resync, |d| d.min(ctx.resync))))
+}
+
+/// Garbage collection under the workflow's policy (an unusable one collects nothing; its
+/// condition says why).
+#[allow(clippy::too_many_arguments)]
+async fn collect_garbage(
+    wf: &Workflow,
+    uid: &str,
+    ns: &str,
+    policy: &Result<gc::Policy, gc::PolicyError>,
+    jobs: &[Arc<StepJob>],
+    pods: &[Arc<StepPod>],
+    w: &Writer,
+    ctx: &Ctx,
+    now: Timestamp,
+) -> Result<Outcome, Error> {
+    let policy = policy.as_ref().copied().unwrap_or_default();
+    workflow_gc::collect(wf, uid, ns, &policy, jobs, pods, w, &ctx.metrics, now).await
 }
 
 fn attempt_ref(exec: Executor, ns: &str, name: String, uid: Option<String>) -> ObjectReference {
