@@ -72,9 +72,9 @@ pub struct WorkflowConfig {
     /// `spec.podGC.keepLast` for workflows that do not set it. Unset: 0.
     #[arg(long, env = "SHOAL_POD_GC_KEEP_LAST")]
     pub pod_gc_keep_last: Option<usize>,
-    /// Delete a finished workflow this long after it finished (`spec.ttlStrategy
-    /// .secondsAfterCompletion` for workflows that do not set it): a Go duration or seconds.
-    /// Unset: keep it. Applies to workflows that finished before it was set, too.
+    /// Delete a finished workflow this long after it finished, for workflows that do not set
+    /// `ttlStrategy.secondsAfterCompletion`: a Go duration or seconds. Unset: keep it. Applies
+    /// to workflows that finished before it was set, too.
     #[arg(long, env = "SHOAL_WORKFLOW_TTL_AFTER_COMPLETION", value_parser = gc::parse_duration_flag)]
     pub workflow_ttl_after_completion: Option<std::time::Duration>,
     /// The same for completed workflows (`secondsAfterSuccess`); wins over the one above.
