@@ -119,6 +119,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         pods,
         default_executor: cfg.workflow.default_executor,
         step_success_events: cfg.workflow.step_success_events,
+        gc: cfg.workflow.gc_defaults(),
         metrics: crate::controllers::Metrics::new(&mut registry),
         pod_looks: Default::default(),
     };

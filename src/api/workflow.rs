@@ -101,6 +101,70 @@ pub struct WorkflowSpec {
     /// nodeSelector, tolerations, imagePullSecrets …); a step's own value replaces each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_defaults: Option<StepPodSettings>,
+
+    /// When the objects of finished step attempts (Jobs, or pods with the `Pod` executor) are
+    /// deleted. Outputs are kept in status. Each field unset here takes the operator's default
+    /// (`--pod-gc-*`); with neither, everything is kept. See docs/workflow.md.
+    #[serde(default, rename = "podGC", skip_serializing_if = "Option::is_none")]
+    pub pod_gc: Option<PodGc>,
+
+    /// Delete the workflow itself (and with it whatever of its step objects is left) this long
+    /// after it finished. Each field unset here takes the operator's default
+    /// (`--workflow-ttl-*`); with neither, the workflow stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_strategy: Option<TtlStrategy>,
+}
+
+/// Garbage collection of a workflow's step objects (Argo's `podGC`). A step object is the Job
+/// of a step attempt, or its pod with the `Pod` executor.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodGc {
+    /// `OnPodCompletion`: each step attempt's object once its result is recorded;
+    /// `OnPodSuccess`: the same, succeeded attempts only (failed ones stay for inspection);
+    /// `OnWorkflowCompletion`: every step object once the workflow has finished;
+    /// `OnWorkflowSuccess`: every step object once the workflow has completed (a failed
+    /// workflow keeps them all); `Never`: keep them (overrides an operator default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["Never", "OnPodCompletion", "OnPodSuccess", "OnWorkflowCompletion", "OnWorkflowSuccess"]))]
+    pub strategy: Option<String>,
+    /// How long after an object becomes due (its attempt's end with the `OnPod*` strategies,
+    /// the workflow's end with the `OnWorkflow*` ones) it is deleted: a Go duration such as
+    /// `30s`, `10m` or `1h30m`, at most `8760h`. Default `0s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32), regex(pattern = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|μs|ms|s|m|h))+)$"))]
+    // The rule is guarded by the pattern, so a value that is no duration gets the pattern's
+    // message only, not a CEL conversion error too.
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!self.matches('^(0|([0-9]+(\\\\.[0-9]+)?(ns|us|µs|μs|ms|s|m|h))+)$') || duration(self) <= duration('8760h')",
+        "message": "deleteDelayDuration must be at most 8760h (a year)"
+    }]))]
+    pub delete_delay_duration: Option<String>,
+    /// Of the objects the strategy would delete, keep the N whose attempts finished last (per
+    /// workflow). Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub keep_last: Option<i32>,
+}
+
+/// When a finished workflow deletes itself (Argo's `ttlStrategy`), in seconds after it
+/// finished (`status.statusChanged`). `secondsAfterSuccess` and `secondsAfterFailure`, when
+/// set, take precedence over `secondsAfterCompletion`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TtlStrategy {
+    /// Seconds after the workflow finished, either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 315360000))]
+    pub seconds_after_completion: Option<i64>,
+    /// Seconds after the workflow completed (every step succeeded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 315360000))]
+    pub seconds_after_success: Option<i64>,
+    /// Seconds after the workflow failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 315360000))]
+    pub seconds_after_failure: Option<i64>,
 }
 
 /// What runs a step attempt.

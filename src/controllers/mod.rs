@@ -15,6 +15,7 @@ pub mod step_job;
 pub mod step_pod;
 pub mod task;
 pub mod workflow;
+pub mod workflow_gc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -27,6 +28,14 @@ use crate::metrics::{ExemplarHistogram, exemplar_histogram};
 pub struct PhaseLabel {
     pub phase: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// The kinds garbage collection deletes: step Jobs, bare step pods, workflows.
+pub const GC_KINDS: [&str; 3] = ["Job", "Pod", "Workflow"];
 
 /// Buckets of a step's run time: a second to six hours.
 const STEP_DURATION_BUCKETS: [f64; 14] = [0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0];
@@ -46,6 +55,8 @@ pub struct Metrics {
     pub workflows_finished: Family<PhaseLabel, Counter>,
     pub jobs_created: Counter,
     pub status_writes: Counter,
+    /// Objects garbage collection deleted, by kind (`GC_KINDS`).
+    pub gc_deletions: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -56,6 +67,7 @@ impl Metrics {
             workflows_finished: Family::default(),
             jobs_created: Counter::default(),
             status_writes: Counter::default(),
+            gc_deletions: Family::default(),
         };
         for phase in ["Succeeded", "Failed"] {
             let _ = m.step_duration.get_or_create(&PhaseLabel { phase });
@@ -63,11 +75,15 @@ impl Metrics {
         for phase in ["Completed", "Failed"] {
             let _ = m.workflows_finished.get_or_create(&PhaseLabel { phase });
         }
+        for kind in GC_KINDS {
+            let _ = m.gc_deletions.get_or_create(&KindLabel { kind });
+        }
         registry.register("shoal_step_dispatch_latency_seconds", "From seeing a step's Job finish to creating its dependents' Jobs", m.dispatch_latency.clone());
         registry.register("shoal_step_duration_seconds", "From a step's (last attempt's) start to its finish, by phase (Succeeded, Failed)", m.step_duration.clone());
         registry.register("shoal_workflows_finished", "Workflows recorded as finished, by phase (Completed, Failed)", m.workflows_finished.clone());
         registry.register("shoal_jobs_created", "Step Jobs created", m.jobs_created.clone());
         registry.register("shoal_status_writes", "Workflow status patches sent", m.status_writes.clone());
+        registry.register("shoal_gc_deletions", "Objects deleted by garbage collection, by kind (Job, Pod, Workflow)", m.gc_deletions.clone());
         m
     }
 }

@@ -1,8 +1,9 @@
 //! The Workflow reconciler: observe (the workflow, its Jobs from the sharded cache) → plan
 //! (`core::plan`, pure) → act (create Jobs with deterministic names, delete the Jobs of an
 //! old spec or of cancelled steps, cascade labels) → record (one status patch with a
-//! resourceVersion precondition, then the Events it decided). Driven by watch events on the
-//! owned Jobs, not by polling. Every write goes through the fenced writer.
+//! resourceVersion precondition, then the Events it decided) → collect garbage
+//! (`workflow_gc`: what the workflow's `podGC` and `ttlStrategy` say is due). Driven by watch
+//! events on the owned Jobs, not by polling. Every write goes through the fenced writer.
 //!
 //! A Job is a step's Job only if its controller ownerReference is this workflow's UID: a Job
 //! found under a step's name but owned by something else (another workflow, an earlier
@@ -24,11 +25,12 @@ use serde_json::json;
 use super::bare_pod::{self, StepPod};
 use super::step_job::StepJob;
 use super::step_pod;
+use super::workflow_gc::{self, Outcome};
 use super::{Context, Error, Metrics, PhaseLabel, jobs};
 use crate::api::SHARD_LABEL;
 use crate::api::conditions::{self, reasons, types};
 use crate::api::workflow::{Executor, StepPhase, Workflow, WorkflowPhase, WorkflowStatus};
-use crate::core::{dag, plan};
+use crate::core::{dag, gc, plan};
 use crate::ha::{Action, Fence, FencedApi, WriteError, Writer};
 
 /// The workflow's name (cut with a hash suffix when longer than 63 characters).
@@ -63,6 +65,41 @@ pub struct WorkflowConfig {
     /// out, are cancelled or cannot start). Each Event is one more write to the API server.
     #[arg(long, env = "SHOAL_STEP_SUCCESS_EVENTS", default_value_t = false, action = clap::ArgAction::Set)]
     pub step_success_events: bool,
+    /// Garbage collection of step objects (Jobs, or pods with the Pod executor) for workflows
+    /// that do not set `spec.podGC.strategy`: Never, OnPodCompletion, OnPodSuccess,
+    /// OnWorkflowCompletion or OnWorkflowSuccess. Unset: keep them (see docs/workflow.md).
+    #[arg(long, env = "SHOAL_POD_GC_STRATEGY", value_parser = gc::parse_strategy_flag)]
+    pub pod_gc_strategy: Option<gc::Strategy>,
+    /// `spec.podGC.deleteDelayDuration` for workflows that do not set it: a Go duration (30s,
+    /// 10m, 1h30m) or seconds. Unset: 0.
+    #[arg(long, env = "SHOAL_POD_GC_DELAY", value_parser = gc::parse_duration_flag)]
+    pub pod_gc_delay: Option<std::time::Duration>,
+    /// `spec.podGC.keepLast` for workflows that do not set it. Unset: 0.
+    #[arg(long, env = "SHOAL_POD_GC_KEEP_LAST")]
+    pub pod_gc_keep_last: Option<usize>,
+    /// Delete a finished workflow this long after it finished, for workflows that do not set
+    /// `ttlStrategy.secondsAfterCompletion`: a Go duration or seconds. Unset: keep it. Applies
+    /// to workflows that finished before it was set, too.
+    #[arg(long, env = "SHOAL_WORKFLOW_TTL_AFTER_COMPLETION", value_parser = gc::parse_duration_flag)]
+    pub workflow_ttl_after_completion: Option<std::time::Duration>,
+    /// The same for completed workflows (`secondsAfterSuccess`); wins over the one above.
+    #[arg(long, env = "SHOAL_WORKFLOW_TTL_AFTER_SUCCESS", value_parser = gc::parse_duration_flag)]
+    pub workflow_ttl_after_success: Option<std::time::Duration>,
+    /// The same for failed workflows (`secondsAfterFailure`); wins over the one above.
+    #[arg(long, env = "SHOAL_WORKFLOW_TTL_AFTER_FAILURE", value_parser = gc::parse_duration_flag)]
+    pub workflow_ttl_after_failure: Option<std::time::Duration>,
+}
+
+impl WorkflowConfig {
+    /// The garbage collection defaults these settings give.
+    pub fn gc_defaults(&self) -> gc::Defaults {
+        gc::Defaults {
+            strategy: self.pod_gc_strategy,
+            delay: self.pod_gc_delay,
+            keep_last: self.pod_gc_keep_last,
+            ttl: gc::Ttl { after_completion: self.workflow_ttl_after_completion, after_success: self.workflow_ttl_after_success, after_failure: self.workflow_ttl_after_failure },
+        }
+    }
 }
 
 /// What the Workflow controller keeps besides the workflows: its Job and pod caches and its
@@ -76,6 +113,8 @@ pub struct State {
     pub default_executor: Executor,
     /// Publish a `StepSucceeded` Event per succeeded step.
     pub step_success_events: bool,
+    /// Garbage collection for the fields a workflow's `podGC` and `ttlStrategy` leave unset.
+    pub gc: gc::Defaults,
     pub metrics: Metrics,
     /// When this replica last read each active Job's pods.
     pub pod_looks: step_pod::PodLooks,
@@ -158,6 +197,8 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
     cascade_labels(wf, &my_pods, &pods_api).await?;
 
     let this_generation = generation.to_string();
+    let now = Timestamp::now();
+    let gc_policy = gc::policy(wf.spec.pod_gc.as_ref(), wf.spec.ttl_strategy.as_ref(), &ctx.gc);
     if spec_changed {
         // A new spec: delete every Job (or pod) of the old one, server-side by label, so those
         // not yet in this replica's cache (just created, or created before a takeover) go
@@ -170,8 +211,8 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         }
         status = WorkflowStatus { conditions: status.conditions, ..Default::default() };
     } else if matches!(status.workflow_status, Some(WorkflowPhase::Failed) | Some(WorkflowPhase::Completed)) {
-        // Finished: nothing more to do (a Failed workflow is ignored, as in seed 001).
-        return Ok(Action::Requeue(ctx.resync));
+        // Finished: nothing more to run (a Failed workflow is ignored, as in seed 001).
+        return reconcile_finished(wf, uid, ns, &gc_policy, &my_jobs, &my_pods, w, ctx, now).await;
     }
     // Level-based: an old generation's Job that shows up later (a create that was in flight
     // when the spec changed) is deleted as soon as it is seen.
@@ -182,7 +223,6 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         pods_api.delete(&p.name_any(), &background()).await?;
     }
 
-    let now = Timestamp::now();
     let edges: Vec<dag::Edges<'_>> = wf.spec.containers.iter().map(|c| (c.step_name.as_str(), c.depends_on.as_deref().unwrap_or(&[]))).collect();
     if let Err(e) = dag::validate(&edges) {
         let mut conds = status.conditions.clone();
@@ -335,6 +375,7 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
         _ => (false, true, false, "Running"),
     };
     conditions::set_state(&mut conds, (ready, progressing, failed), reason, &p.message, Some(generation), t.clone());
+    let gc_raised = workflow_gc::set_condition(&mut conds, &gc_policy, generation, t.clone());
     let phase_changed = status.workflow_status != Some(p.phase);
     let new = WorkflowStatus {
         workflow_status: Some(p.phase),
@@ -370,11 +411,71 @@ async fn reconcile_owned(wf: &Workflow, uid: &str, ns: &str, w: &Writer, ctx: &C
                 _ => {}
             }
         }
+        if let Some(msg) = gc_raised {
+            w.event(EventType::Warning, workflow_gc::INVALID_GC_POLICY, msg, None).await;
+        }
+    }
+    // Garbage collection last, so that a delete that fails never holds up the run. It judges
+    // from the status as read (this write's news is judged in the reconcile the write wakes).
+    if !spec_changed {
+        match collect_garbage(wf, uid, ns, &gc_policy, &my_jobs, &my_pods, w, ctx, now).await? {
+            Outcome::WorkflowDeleted => return Ok(Action::AwaitChange),
+            Outcome::Next(wait) => p.requeue_after = [p.requeue_after, wait].into_iter().flatten().min(),
+        }
     }
     Ok(match p.requeue_after {
         Some(d) => Action::Requeue(d),
         None => next,
     })
+}
+
+/// A finished workflow: only garbage collection is left, and the condition that says when its
+/// policy cannot be used.
+#[allow(clippy::too_many_arguments)]
+async fn reconcile_finished(
+    wf: &Workflow,
+    uid: &str,
+    ns: &str,
+    gc_policy: &Result<gc::Policy, gc::PolicyError>,
+    jobs: &[Arc<StepJob>],
+    pods: &[Arc<StepPod>],
+    w: &Writer,
+    ctx: &Ctx,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let wait = match collect_garbage(wf, uid, ns, gc_policy, jobs, pods, w, ctx, now).await? {
+        Outcome::WorkflowDeleted => return Ok(Action::AwaitChange),
+        Outcome::Next(wait) => wait,
+    };
+    let status = wf.status.clone().unwrap_or_default();
+    let mut conds = status.conditions.clone();
+    let raised = workflow_gc::set_condition(&mut conds, gc_policy, wf.metadata.generation.unwrap_or(0), Time(now));
+    if conds != status.conditions {
+        let new = WorkflowStatus { conditions: conds, ..status };
+        let (recorded, _) = write_status(wf, &new, w, ctx).await?;
+        if recorded && let Some(msg) = raised {
+            w.event(EventType::Warning, workflow_gc::INVALID_GC_POLICY, msg, None).await;
+        }
+    }
+    Ok(Action::Requeue(wait.map_or(ctx.resync, |d| d.min(ctx.resync))))
+}
+
+/// Garbage collection under the workflow's policy (an unusable one collects nothing; its
+/// condition says why).
+#[allow(clippy::too_many_arguments)]
+async fn collect_garbage(
+    wf: &Workflow,
+    uid: &str,
+    ns: &str,
+    policy: &Result<gc::Policy, gc::PolicyError>,
+    jobs: &[Arc<StepJob>],
+    pods: &[Arc<StepPod>],
+    w: &Writer,
+    ctx: &Ctx,
+    now: Timestamp,
+) -> Result<Outcome, Error> {
+    let policy = policy.as_ref().copied().unwrap_or_default();
+    workflow_gc::collect(wf, uid, ns, &policy, jobs, pods, w, &ctx.metrics, now).await
 }
 
 fn attempt_ref(exec: Executor, ns: &str, name: String, uid: Option<String>) -> ObjectReference {

@@ -3,6 +3,7 @@
 
 pub mod activity;
 pub mod dag;
+pub mod gc;
 pub mod graph;
 pub mod plan;
 pub mod policy;

@@ -196,9 +196,15 @@ where
 
     /// Delete `name`; a 404 (already gone) is success.
     pub async fn delete(&self, name: &str, dp: &DeleteParams) -> Result<(), WriteError> {
+        self.remove(name, dp).await.map(|_| ())
+    }
+
+    /// Delete `name`: true if this request deleted it (or started its deletion), false if it
+    /// was already gone (404).
+    pub async fn remove(&self, name: &str, dp: &DeleteParams) -> Result<bool, WriteError> {
         match self.writer.send(&Self::action("delete", name), self.api.delete(name, dp)).await {
-            Err(e) if e.code() == Some(404) => Ok(()),
-            r => r.map(|_| ()),
+            Err(e) if e.code() == Some(404) => Ok(false),
+            r => r.map(|_| true),
         }
     }
 

@@ -110,6 +110,23 @@ async fn workflow_rules() {
     let mut unlimited = wf("unlimited", json!([{"stepName": "a", "image": "busybox", "timeoutSeconds": -1}]));
     unlimited["spec"]["maxStepTimeout"] = json!(-1);
     create(&client, &ns, unlimited).await.expect("-1 means unlimited");
+    // Garbage collection: Argo's names and shapes; the delay is a Go duration of at most a year.
+    let with_gc = |name: &str, gc: Value, ttl: Value| {
+        let mut w = wf(name, json!([{"stepName": "a", "image": "busybox"}]));
+        w["spec"]["podGC"] = gc;
+        w["spec"]["ttlStrategy"] = ttl;
+        w
+    };
+    create(&client, &ns, with_gc("gc-ok", json!({"strategy": "OnPodSuccess", "deleteDelayDuration": "1h30m", "keepLast": 3}), json!({"secondsAfterSuccess": 0, "secondsAfterFailure": 86400})))
+        .await
+        .expect("a valid podGC and ttlStrategy are accepted");
+    create(&client, &ns, with_gc("gc-zero", json!({"deleteDelayDuration": "0"}), json!({}))).await.expect("0 is a Go duration");
+    rejected(create(&client, &ns, with_gc("gc-strategy", json!({"strategy": "Always"}), json!({}))).await, "Unsupported value: \"Always\"");
+    rejected(create(&client, &ns, with_gc("gc-delay", json!({"deleteDelayDuration": "10 minutes"}), json!({}))).await, "spec.podGC.deleteDelayDuration");
+    rejected(create(&client, &ns, with_gc("gc-delay-sign", json!({"deleteDelayDuration": "-1s"}), json!({}))).await, "spec.podGC.deleteDelayDuration");
+    rejected(create(&client, &ns, with_gc("gc-delay-long", json!({"deleteDelayDuration": "8761h"}), json!({}))).await, "deleteDelayDuration must be at most 8760h");
+    rejected(create(&client, &ns, with_gc("gc-keep", json!({"keepLast": -1}), json!({}))).await, "spec.podGC.keepLast");
+    rejected(create(&client, &ns, with_gc("gc-ttl", json!({}), json!({"secondsAfterFailure": -1}))).await, "spec.ttlStrategy.secondsAfterFailure");
     let too_many: Vec<Value> = (0..201).map(|i| json!({"stepName": format!("s{i}"), "image": "busybox"})).collect();
     rejected(create(&client, &ns, wf("too-many", Value::Array(too_many))).await, "200");
     // A large DAG within the bounds is accepted: 200 steps, 3790 edges (each step depends on

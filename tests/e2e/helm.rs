@@ -106,6 +106,7 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     assert_crd_rule(&docs);
     assert_namespace_manager_rules(&docs, "ClusterRole shoal", ("ClusterRole shoal", &[]));
     assert_activity_rules(&docs, "ClusterRole shoal");
+    assert_workflow_rules(&docs, "ClusterRole shoal");
     assert_task_rules(&docs, "ClusterRole shoal", "ClusterRole shoal");
     assert_secrets(&docs, &["ClusterRole shoal"]);
     // People: ActionPlugins are read through view only (only cluster admins write them).
@@ -137,6 +138,7 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     assert_crd_rule(&docs);
     assert_namespace_manager_rules(&docs, &format!("Role {work}/shoal"), ("ClusterRole shoal-namespace", &[&work]));
     assert_activity_rules(&docs, &format!("Role {work}/shoal"));
+    assert_workflow_rules(&docs, &format!("Role {work}/shoal"));
     assert_task_rules(&docs, &format!("Role {work}/shoal"), "ClusterRole shoal-actionplugins");
     assert_secrets(&docs, &[&format!("Role {ns}/shoal-secrets"), &format!("Role {work}/shoal")]);
     let objects: Vec<&Value> = docs.iter().filter(|d| d["kind"] != "CustomResourceDefinition").collect();
@@ -225,6 +227,16 @@ fn assert_activity_rules(docs: &[Value], role: &str) {
     for absent in ["activities/finalizers", "activityworkers/finalizers"] {
         assert!(operator_grants(docs, "shoal.dev", absent).is_empty(), "{absent}: granted, but no ownerReference needs it");
     }
+}
+
+/// The Workflow controller's rules on its own kind, exactly, in `role`: workflows listed,
+/// watched and shard-labelled, status patched, and a workflow deleted when its ttlStrategy
+/// runs out (garbage collection). Its Jobs, pods and Events use the rules checked elsewhere.
+fn assert_workflow_rules(docs: &[Value], role: &str) {
+    let grant = |verbs: &[&str]| vec![(role.to_string(), Vec::<String>::new(), verbs.iter().map(|v| v.to_string()).collect::<Vec<_>>())];
+    assert_eq!(operator_grants(docs, "shoal.dev", "workflows"), grant(&["delete", "list", "patch", "watch"]), "the operator's grants on shoal.dev/workflows");
+    assert_eq!(operator_grants(docs, "shoal.dev", "workflows/status"), grant(&["patch"]), "the operator's grants on shoal.dev/workflows/status");
+    assert!(operator_grants(docs, "shoal.dev", "workflows/finalizers").is_empty(), "workflows/finalizers: granted, but no ownerReference needs it");
 }
 
 /// The Task and Ignitor controllers' rules, exactly: their objects read (and, from the shared
@@ -387,12 +399,28 @@ fn every_variable_the_chart_sets_is_a_setting_of_shoal_run() {
     let run = shoal::telemetry::LogArgs::augment_args(shoal::operator::RunConfig::augment_args(clap::Command::new("run")));
     let read: BTreeSet<String> = run.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
     // Every optional variable switched on.
-    let set = ["watchNamespace=work", "actionLog.enabled=true", "allowCrossNamespace=true", "protectedNamespaces={team-a}", "webhookAllow={hooks.example.com}"];
+    let set = [
+        "watchNamespace=work",
+        "actionLog.enabled=true",
+        "allowCrossNamespace=true",
+        "protectedNamespaces={team-a}",
+        "webhookAllow={hooks.example.com}",
+        "podGC.strategy=OnPodSuccess",
+        "podGC.deleteDelay=1m",
+        "podGC.keepLast=2",
+        "workflowTTL.afterCompletion=24h",
+        "workflowTTL.afterSuccess=1h",
+        "workflowTTL.afterFailure=168h",
+    ];
     let env = deployment_env(&set.iter().flat_map(|s| ["--set", s]).collect::<Vec<_>>());
     for n in env.keys().filter(|n| n.starts_with("SHOAL_")) {
         assert!(read.contains(n), "the chart sets {n}, which shoal run does not read (it reads {read:?})");
     }
-    for n in NSMAN_ENV {
-        assert!(env.contains_key(n), "{n} not rendered");
+    for n in NSMAN_ENV.iter().chain(&GC_ENV) {
+        assert!(env.contains_key(*n), "{n} not rendered");
     }
 }
+
+/// The garbage collection variables (`podGC.*`, `workflowTTL.*`).
+const GC_ENV: [&str; 6] =
+    ["SHOAL_POD_GC_STRATEGY", "SHOAL_POD_GC_DELAY", "SHOAL_POD_GC_KEEP_LAST", "SHOAL_WORKFLOW_TTL_AFTER_COMPLETION", "SHOAL_WORKFLOW_TTL_AFTER_SUCCESS", "SHOAL_WORKFLOW_TTL_AFTER_FAILURE"];

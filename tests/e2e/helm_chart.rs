@@ -46,6 +46,8 @@ retryPeriod: 3s
 workers: 8
 defaultExecutor: Pod
 stepSuccessEvents: true
+podGC: {strategy: OnWorkflowSuccess, deleteDelay: 90s, keepLast: 3}
+workflowTTL: {afterCompletion: 168h, afterSuccess: 24h, afterFailure: 72h}
 resync: 10m
 logLevel: "info,kube=warn"
 logFormat: json
@@ -123,6 +125,7 @@ async fn lint_and_template_with_the_defaults_and_every_value_changed() {
     assert_eq!(env["RUST_LOG"], "info");
     assert_eq!(env["SHOAL_LOG_FORMAT"], "text");
     assert!(!env.keys().any(|k| k.starts_with("OTEL_")), "tracing is off by default: {env:?}");
+    assert!(!env.keys().any(|k| k.starts_with("SHOAL_POD_GC_") || k.starts_with("SHOAL_WORKFLOW_TTL_")), "no garbage collection by default: {env:?}");
     assert_eq!(c["livenessProbe"]["httpGet"], json!({"path": "/healthz", "port": "metrics"}));
     assert_eq!(c["readinessProbe"]["httpGet"], json!({"path": "/readyz", "port": "metrics"}));
     assert_eq!(pod["terminationGracePeriodSeconds"], 30);
@@ -154,6 +157,12 @@ async fn lint_and_template_with_the_defaults_and_every_value_changed() {
         ("SHOAL_WORKERS", "8"),
         ("SHOAL_DEFAULT_EXECUTOR", "Pod"),
         ("SHOAL_STEP_SUCCESS_EVENTS", "true"),
+        ("SHOAL_POD_GC_STRATEGY", "OnWorkflowSuccess"),
+        ("SHOAL_POD_GC_DELAY", "90s"),
+        ("SHOAL_POD_GC_KEEP_LAST", "3"),
+        ("SHOAL_WORKFLOW_TTL_AFTER_COMPLETION", "168h"),
+        ("SHOAL_WORKFLOW_TTL_AFTER_SUCCESS", "24h"),
+        ("SHOAL_WORKFLOW_TTL_AFTER_FAILURE", "72h"),
         ("SHOAL_RESYNC", "10m"),
         ("SHOAL_METRICS_ADDR", "0.0.0.0:9191"),
         ("RUST_LOG", "info,kube=warn"),
@@ -218,7 +227,7 @@ async fn lint_and_template_with_the_defaults_and_every_value_changed() {
 
 /// Bad values that `helm template` (and so `helm install`) refuses: the schema's, with the
 /// path of the value; and the chart's own checks of values that depend on each other.
-const BAD_VALUES: [(&[&str], &str); 24] = [
+const BAD_VALUES: [(&[&str], &str); 27] = [
     (&["--set", "replicaCount=-1"], "at '/replicaCount'"),
     (&["--set", "replicaCount=three"], "at '/replicaCount'"),
     (&["--set", "logFormat=xml"], "at '/logFormat'"),
@@ -231,6 +240,9 @@ const BAD_VALUES: [(&[&str], &str); 24] = [
     (&["--set", "workers=0"], "at '/workers'"),
     (&["--set", "defaultExecutor=Pods"], "at '/defaultExecutor'"),
     (&["--set-string", "stepSuccessEvents=yes"], "at '/stepSuccessEvents'"),
+    (&["--set", "podGC.strategy=Always"], "at '/podGC/strategy'"),
+    (&["--set", "podGC.keepLast=-1"], "at '/podGC/keepLast'"),
+    (&["--set", "workflowTTL.afterSuccess=1d"], "at '/workflowTTL/afterSuccess'"),
     (&["--set", "metrics.port=70000"], "at '/metrics/port'"),
     (&["--set", "tracing.enabled=true"], "at '/tracing"),
     (&["--set", "tracing.enabled=true", "--set", "tracing.endpoint=jaeger:4317"], "at '/tracing/endpoint'"),

@@ -10,6 +10,7 @@ mod common;
 mod crds;
 mod exactly_once;
 mod examples;
+mod gc;
 mod ha;
 mod health;
 mod helm;

@@ -213,6 +213,9 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
         expect(&client, &me, verb, "", "pods", &work, true).await;
         expect(&client, &me, verb, "", "pods", "default", !watch_namespace).await;
     }
+    // Garbage collection deletes a workflow whose ttlStrategy ran out.
+    expect(&client, &me, "delete", "shoal.dev", "workflows", &work, true).await;
+    expect(&client, &me, "delete", "shoal.dev", "workflows", "default", !watch_namespace).await;
     // The NamespaceManager controller's rules (it does not run here: granted, not exercised).
     let nsman = [
         ("get", "shoal.dev", "namespacemanagers"),
@@ -339,6 +342,10 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
     // are deleted by label (deletecollection).
     let slow = json!({"stepName": "a", "image": "busybox", "metadata": {"annotations": {"kwok.shoal.dev/delay": "120s"}}});
     api.create(&pp, &wf("respec", json!({"containers": [slow]}))).await.unwrap();
+    // Garbage collection: each step's Job once its result is recorded (jobs: delete), then the
+    // workflow itself once its TTL runs out (workflows: delete).
+    let gc = json!({"podGC": {"strategy": "OnPodCompletion"}, "ttlStrategy": {"secondsAfterSuccess": 2}, "containers": [step("a", &[]), step("b", &["a"])]});
+    api.create(&pp, &wf("collected", gc)).await.unwrap();
     // The other kinds get their shard label from the leader (list, watch, patch).
     let others = other_kinds();
     for o in &others {
@@ -384,6 +391,8 @@ async fn run_with_the_charts_rbac(watch_namespace: bool) {
         j.is_none_or(|j| j.metadata.deletion_timestamp.is_some()).then_some(())
     })
     .await;
+
+    eventually(T, "the collected workflow deleted by its TTL", || async { api.get_opt("collected").await.ok()?.is_none().then_some(()) }).await;
 
     for o in &others {
         let kind = o.types.as_ref().unwrap().kind.clone();

@@ -25,7 +25,7 @@ pub(crate) fn step(name: &str, deps: &[&str]) -> Value {
 
 /// The step attempts (name → labels) that `lp` selects in `ns`: Jobs with the `Job`
 /// executor, bare pods with the `Pod` executor. Asserts that the other kind has none.
-async fn attempts(client: &Client, ns: &str, lp: &ListParams, exec: &str) -> Vec<(String, std::collections::BTreeMap<String, String>, String)> {
+pub(crate) async fn attempts(client: &Client, ns: &str, lp: &ListParams, exec: &str) -> Vec<(String, std::collections::BTreeMap<String, String>, String)> {
     let jobs: Vec<Job> = Api::<Job>::namespaced(client.clone(), ns).list(lp).await.unwrap().items;
     let pods: Vec<Pod> = Api::<Pod>::namespaced(client.clone(), ns).list(lp).await.unwrap().items;
     let bare: Vec<Pod> = pods.into_iter().filter(|p| p.labels().get("shoal.dev/executor").map(String::as_str) == Some("pod")).collect();
@@ -43,7 +43,7 @@ async fn attempts(client: &Client, ns: &str, lp: &ListParams, exec: &str) -> Vec
 }
 
 /// The step attempts of workflow `name` in `ns` (see [`attempts`]).
-async fn attempts_of(client: &Client, ns: &str, name: &str, exec: &str) -> Vec<String> {
+pub(crate) async fn attempts_of(client: &Client, ns: &str, name: &str, exec: &str) -> Vec<String> {
     attempts(client, ns, &ListParams::default().labels(&format!("shoal.dev/workflow={name}")), exec).await.into_iter().map(|a| a.0).collect()
 }
 

@@ -37,6 +37,11 @@ Grow this list when a controller lands, never ahead of it.
 - apiGroups: ["shoal.dev"]
   resources: ["workflows/status"]
   verbs: ["patch"]
+# Garbage collection deletes a workflow whose ttlStrategy ran out (with a UID precondition;
+# its Jobs and pods go with it by ownerReference).
+- apiGroups: ["shoal.dev"]
+  resources: ["workflows"]
+  verbs: ["delete"]
 # The Activity controller creates an Activity's workers (a worker is deleted with its
 # Activity by the garbage collector, so there is no delete); the Activity and ActivityWorker
 # controllers read their objects and record their status (merge patch with a
@@ -51,16 +56,16 @@ Grow this list when a controller lands, never ahead of it.
   resources: ["activities/status", "activityworkers/status"]
   verbs: ["get", "patch"]
 # Steps and ActivityWorkers run as Jobs: watched per shard, read when not cached, created,
-# labels cascaded and shard labels fixed (patch), cancelled steps' Jobs deleted, an old
-# spec's Jobs deleted server-side by label (deletecollection).
+# labels cascaded and shard labels fixed (patch), cancelled steps' Jobs and garbage
+# collection's deleted, an old spec's Jobs deleted server-side by label (deletecollection).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]
 # A finished step's output is its pod's termination message; a NamespaceManager's
 # PODS_SUCCEED condition lists the pods it watches. With `executor: Pod` a step attempt is a
 # bare pod: watched per shard, read when not cached, created, labels cascaded and shard
-# labels fixed (patch), cancelled steps' pods deleted, an old spec's pods deleted
-# server-side by label (deletecollection).
+# labels fixed (patch), cancelled steps' pods and garbage collection's deleted, an old spec's
+# pods deleted server-side by label (deletecollection).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]
