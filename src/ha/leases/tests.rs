@@ -189,7 +189,7 @@ struct Fake {
     down: std::sync::atomic::AtomicBool,
     /// Answer every write with 503.
     writes_down: std::sync::atomic::AtomicBool,
-    /// Hold every replace of a shard Lease this long before applying it, as a hung API
+    /// Hold every replace of a member Lease this long before applying it, as a hung API
     /// server would.
     put_delay: Mutex<Duration>,
 }
@@ -264,7 +264,7 @@ impl Fake {
                 reply(201, serde_json::to_value(self.store(&mut leases, lease)).unwrap())
             }
             (Method::PUT, Some(n)) => {
-                if n.starts_with("shoal-shard-") {
+                if n.starts_with("shoal-member-") {
                     let delay = *self.put_delay.lock().unwrap();
                     tokio::time::sleep(delay).await;
                 }
@@ -326,8 +326,15 @@ fn start(fake: &Arc<Fake>, identity: &str, cfg: HaConfig) -> Replica {
     Replica { own, stop, task }
 }
 
-/// A Lease as another replica writes it: held by `holder`, renewed now.
+/// A Lease as another replica of this version writes it: held by `holder`, renewed now.
 fn held_lease(name: &str, role: &str, holder: &str, transitions: i32) -> Lease {
+    let mut l = older_lease(name, role, holder, transitions);
+    l.metadata.labels.as_mut().unwrap().insert("shoal.dev/lease-protocol".into(), "2".into());
+    l
+}
+
+/// A Lease as a replica of an earlier version (which renews every Lease) writes it.
+fn older_lease(name: &str, role: &str, holder: &str, transitions: i32) -> Lease {
     let now = MicroTime(Timestamp::now());
     Lease {
         metadata: ObjectMeta {
@@ -385,13 +392,14 @@ async fn every_lease_write_is_stamped_right_before_it_is_sent() {
     until(ms(10_000), "the leader Lease held", || r.own.leader_fence()).await;
     tokio::time::sleep(ms(1000)).await;
     let writes = fake.writes();
-    // Each fence starts at the instant taken right before one of its Lease's writes.
+    // Every fence starts at the instant taken right before one of the member Lease's writes
+    // (not when the list that follows it, 300 ms later, was answered).
+    let member = member_lease_name("a");
     for s in 0..4 {
         let fence = r.own.owns_shard(s).expect("shard held");
         let start = r.own.fence_deadline(fence).expect("fence holds") - cfg.renew_deadline;
-        let name = shard_lease_name(s);
-        let sent = writes.iter().filter(|w| w.name == name && w.ok).any(|w| w.arrived >= start && w.arrived - start < ms(50));
-        assert!(sent, "the fence of shard {s} does not start right before one of its writes");
+        let sent = writes.iter().filter(|w| w.name == member && w.ok).any(|w| w.arrived >= start && w.arrived - start < ms(50));
+        assert!(sent, "the fence of shard {s} does not start right before one of the member Lease's writes");
     }
     // The renewTime written is the wall time of that instant, not of an earlier one.
     let ours: Vec<&Write> = writes.iter().filter(|w| w.ok && w.holder() == Some(r.own.holder())).collect();
@@ -407,26 +415,39 @@ async fn every_lease_write_is_stamped_right_before_it_is_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_member_write_does_not_stop_shard_renewals() {
+async fn a_failing_member_write_ends_the_fence_of_every_shard_and_the_leadership_at_the_renew_deadline() {
     let fake = Arc::new(Fake::default());
-    let r = start(&fake, "a", config(4, 2, 1500, 200));
+    let cfg = config(4, 2, 1500, 200);
+    let r = start(&fake, "a", cfg.clone());
     until(ms(10_000), "all 4 shards held", || (r.own.held_shards().len() == 4).then_some(())).await;
+    until(ms(10_000), "the leader Lease held", || r.own.leader_fence()).await;
+    let before = epochs(&r.own);
     let member = member_lease_name("a");
     fake.fail_put.lock().unwrap().insert(member.clone());
-    let t0 = Instant::now();
-    while t0.elapsed() < ms(4500) {
-        for s in 0..4 {
-            assert!(r.own.owns_shard(s).is_some(), "shard {s} lost {:?} after the member Lease write began failing", t0.elapsed());
-        }
-        tokio::time::sleep(ms(50)).await;
+    let cut = Instant::now();
+    let ended = until(ms(5000), "the fence of shard 0 ends", || r.own.owns_shard(0).is_none().then(Instant::now)).await;
+    let last = fake.writes().iter().filter(|w| w.name == member && w.ok).map(|w| w.arrived).max().unwrap();
+    assert!(last < cut, "no member write went through after the cut");
+    // The fence counts from the stamp read just before the last confirmed member write.
+    assert!(ended + ms(60) >= last + cfg.renew_deadline, "fence ended {:?} before the renew deadline of the last member write", (last + cfg.renew_deadline).duration_since(ended));
+    assert!(ended <= last + cfg.renew_deadline + ms(100), "fence ended {:?} after the renew deadline", ended.duration_since(last + cfg.renew_deadline));
+    // Every shard and the leadership end at that same instant.
+    for s in 0..4 {
+        assert!(r.own.owns_shard(s).is_none(), "shard {s} still fenced in after shard 0's fence ended");
     }
-    assert!(fake.writes().iter().any(|w| w.name == member && !w.ok), "the member Lease write was failing");
+    assert!(r.own.leader_fence().is_none(), "still leader after the member fence ended");
+    // The shards are still held (nobody can have taken them while the member Lease is this
+    // replica's), and come back under the same epochs once the member Lease is renewed.
+    fake.fail_put.lock().unwrap().clear();
+    until(ms(5000), "the fences back", || (0..4).all(|s| r.own.owns_shard(s).is_some()).then_some(())).await;
+    assert_eq!(epochs(&r.own), before, "the same shards, under the same epochs");
+    assert!(fake.writes().iter().filter(|w| w.arrived > cut).all(|w| w.name == member), "only the member Lease was written meanwhile");
     r.stop.cancel();
     r.task.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_draining_shard_neither_delays_other_renewals_nor_is_handed_over_with_live_work() {
+async fn a_draining_shard_neither_stops_the_others_nor_is_handed_over_with_live_work() {
     let fake = Arc::new(Fake::default());
     let cfg = config(8, 4, 3000, 200);
     let r = start(&fake, "a", cfg.clone());
@@ -451,10 +472,15 @@ async fn a_draining_shard_neither_delays_other_renewals_nor_is_handed_over_with_
     let writes = fake.writes();
     let cleared = |s: u32| writes.iter().find(|w| w.name == shard_lease_name(s) && w.ok && w.holder().is_none()).map(|w| w.arrived);
 
+    // The member Lease, which fences the kept shards, went on being renewed every retry
+    // period; the kept shards' Leases were not written at all, and their fences held.
+    let member = member_lease_name("a");
+    let times: Vec<Instant> = writes.iter().filter(|w| w.name == member && w.ok && w.arrived + ms(500) >= t0).map(|w| w.arrived).collect();
+    let gap = times.windows(2).map(|p| p[1] - p[0]).max().unwrap_or_default();
+    assert!(times.len() > 10 && gap < ms(800), "the member Lease went {gap:?} without a renew while shards drained ({} renews)", times.len());
     for s in &keep {
-        let times: Vec<Instant> = writes.iter().filter(|w| w.name == shard_lease_name(*s) && w.ok && w.arrived + ms(500) >= t0).map(|w| w.arrived).collect();
-        let gap = times.windows(2).map(|p| p[1] - p[0]).max().unwrap_or_default();
-        assert!(times.len() > 10 && gap < ms(800), "shard {s}, kept, went {gap:?} without a renew while others drained ({} renews)", times.len());
+        assert!(writes.iter().all(|w| w.name != shard_lease_name(*s) || w.arrived < t0), "kept shard {s} was written");
+        assert!(r.own.owns_shard(*s).is_some(), "kept shard {s} not fenced in");
     }
     for s in &gone[2..] {
         let c = cleared(*s).unwrap_or_else(|| panic!("idle shard {s} handed over"));
@@ -463,8 +489,11 @@ async fn a_draining_shard_neither_delays_other_renewals_nor_is_handed_over_with_
     let zc = cleared(z).expect("shard z handed over once its work ended");
     assert!(zc >= z_done && zc < z_done + ms(700), "shard z handed over {:?} after its work ended", zc.checked_duration_since(z_done));
     let xc = cleared(x).expect("shard x handed over once its fence expired");
-    let last_renew = writes.iter().filter(|w| w.name == shard_lease_name(x) && w.ok && w.holder() == Some(&me) && w.arrived < xc).map(|w| w.arrived).max().unwrap();
-    assert!(xc + ms(20) >= last_renew + cfg.renew_deadline, "shard x handed over {:?} after its last renew, with work in flight under a live fence", xc - last_renew);
+    // Work in flight on x was sent under the member fence as it stood when the drain began,
+    // which counts from a member write no earlier than the last one before the ring changed.
+    let last_renew = writes.iter().filter(|w| w.name == member && w.ok && w.arrived < t0).map(|w| w.arrived).max().unwrap();
+    assert!(xc + ms(20) >= last_renew + cfg.renew_deadline, "shard x handed over {:?} after the member write before the drain, with work in flight under a live fence", xc - last_renew);
+    assert!(xc < t0 + cfg.renew_deadline + ms(1000), "shard x handed over {:?} after the ring changed: later member renewals must not extend a draining shard's fence", xc - t0);
     assert!(r.own.owns_shard(x).is_none());
     drop(x_work);
     peer.cancel();
