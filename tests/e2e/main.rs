@@ -15,6 +15,7 @@ mod helm;
 mod helm_chart;
 mod ignitor;
 mod image;
+mod lease_writes;
 mod loadtest;
 mod nsman;
 mod operator;
