@@ -46,7 +46,9 @@ pub struct HaConfig {
     /// Number of virtual shards. Fixed at install time: every replica must agree.
     #[arg(long, env = "SHOAL_SHARDS", default_value_t = 32)]
     pub shards: u32,
-    /// How long a Lease is valid after its last renew, in whole seconds (what a Lease holds).
+    /// How long a Lease is valid after it last changed, in whole seconds (what a Lease
+    /// holds); a shard or leader Lease also stays its holder's while the holder's member
+    /// Lease is renewed.
     #[arg(long, env = "SHOAL_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
     /// A replica stops acting on its shards this long after the instant just before its last
