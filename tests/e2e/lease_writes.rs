@@ -135,6 +135,9 @@ async fn idle_fleet(client: &Client, what: &str, shards: u32, replicas: usize) -
 /// `shoal_lease_writes_total` counts exactly what the API server saw.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_replica_writes_at_most_one_lease_a_second_whatever_the_shard_count() {
+    // Not heavy itself, but a tick that an overloaded API server stretches past the retry
+    // period writes less often: counted while no heavy test runs, the counts compare.
+    let _turn = common::HEAVY.acquire().await.unwrap();
     let client = common::client().await;
     let (few, many, three) = tokio::join!(idle_fleet(&client, "s8", 8, 1), idle_fleet(&client, "s64", 64, 1), idle_fleet(&client, "r3", 32, 3));
     for c in [&few, &many, &three] {
@@ -156,9 +159,12 @@ async fn an_idle_replica_writes_at_most_one_lease_a_second_whatever_the_shard_co
         assert!((c.metric - c.total() as f64).abs() <= c.replicas as f64, "{}: the metric counted {} writes, the API server {}", c.what, c.metric, c.total());
     }
     assert!(few.total().abs_diff(many.total()) <= 2, "8 shards: {} writes, 64 shards: {}", few.total(), many.total());
-    // Deterministic by construction: one member renewal per retry period.
-    let expected = (window().as_secs_f64() / RETRY.as_secs_f64()).round() as usize;
-    for (r, n) in &three.by_replica {
-        assert!(n.abs_diff(expected) <= 1, "3 replicas: {r} wrote {n} times, {expected} expected");
+    // By construction at most one member renewal a retry period (fewer only if a tick takes
+    // longer than that), and nothing else.
+    let most = (window().as_secs_f64() / RETRY.as_secs_f64()).round() as usize + 1;
+    for c in [&few, &many, &three] {
+        for (r, n) in &c.by_replica {
+            assert!(*n <= most, "{}: {r} wrote {n} times in {:.1}s, more than one a retry period", c.what, c.window.as_secs_f64());
+        }
     }
 }
