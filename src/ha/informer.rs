@@ -1130,7 +1130,7 @@ mod tests {
         queue.add(k("o"));
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "not while the fence is down");
-        // The API server is back and the shard renewed: the cut-short reconcile runs again.
+        // The API server is back and the member Lease renewed: the cut-short reconcile runs again.
         own.hold_for_test(0, 1, std::time::Instant::now() + Duration::from_secs(3600));
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2, "once more, and only once");

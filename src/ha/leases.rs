@@ -1,14 +1,21 @@
 //! The lease loop: keeps this replica's member Lease fresh, computes the ring, acquires the
 //! shard Leases it should hold, drains and releases (in the background) the ones it should
-//! not, renews the leader Lease, and stops acting on anything whose renew deadline has
-//! passed.
+//! not, holds or takes the leader Lease, and knows when its fence ends.
+//!
+//! Only the member Lease is renewed. A shard or leader Lease is written when it changes hands
+//! (acquire, release, takeover) and stays its holder's while the holder's member Lease is
+//! renewed; the fence of everything a replica holds counts from its last confirmed member
+//! renewal. Another replica takes a shard or leader Lease only when it is free, or when the
+//! Lease has not changed for a lease duration and its holder's member Lease is gone, names
+//! another process, or has not changed for a lease duration either; in that last case it
+//! first deletes that member Lease on the version it saw, so a renewal racing with the
+//! takeover either lands first (and the delete fails) or is refused.
 //!
 //! Expiry is judged as client-go judges it, by observation on the local monotonic clock: a
 //! Lease has expired when its record has not changed for its `leaseDurationSeconds` since
 //! this replica first saw it so. The wall-clock times in a Lease are written for people and
 //! other tools, and never compared with the local wall clock, so only the *rate* of the
-//! replicas' clocks matters. A fence counts from the local instant read immediately before
-//! the write that renewed it was sent, once that write is confirmed.
+//! replicas' clocks matters.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -32,6 +39,12 @@ use super::{Hold, Ownership, ReasonLabel, ShardEvent};
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=shoal";
 const ROLE: &str = "shoal.dev/lease-role";
+/// Marks a Lease written under this protocol (only member Leases renewed). A replica of an
+/// earlier version renews every Lease it holds and takes a shard Lease once the Lease itself
+/// has not changed for a lease duration, so it would take the quiet shard Leases of this
+/// one: the two must never run together, and a member Lease without this label is theirs.
+const PROTOCOL: &str = "shoal.dev/lease-protocol";
+const PROTOCOL_VERSION: &str = "2";
 const LEADER_LEASE: &str = "shoal-leader";
 /// What a Lease without `leaseDurationSeconds` is taken to mean (the Kubernetes default).
 const DEFAULT_LEASE_SECS: i32 = 15;
@@ -71,6 +84,12 @@ pub enum LeaseError {
     IdentityInUse { identity: String, lease: String, holder: String, waited: Duration },
     #[error("member Lease {lease} was taken over by {holder:?} while this process was not renewing it; exiting")]
     MemberTaken { lease: String, holder: String },
+    #[error(
+        "a replica of an earlier shoal version is running ({holder:?}, member Lease {lease}): it renews its shard Leases \
+         and would take this version's, which are written only when they change hands, so the two cannot run together. \
+         Stop every replica, then start the new version"
+    )]
+    OlderVersion { holder: String, lease: String },
     #[error("{what} failed for {waited:?}: {last}")]
     Unreachable { what: &'static str, waited: Duration, last: String },
 }
@@ -85,6 +104,11 @@ pub fn shard_lease_name(shard: u32) -> String {
     format!("shoal-shard-{shard}")
 }
 
+/// The member Lease of the process whose holder string is `holder` (`<identity>_<instance>`).
+pub(super) fn member_of(holder: &str) -> String {
+    member_lease_name(holder.rsplit_once('_').map_or(holder, |(identity, _)| identity))
+}
+
 fn holder(lease: &Lease) -> Option<&str> {
     lease.spec.as_ref()?.holder_identity.as_deref().filter(|h| !h.is_empty())
 }
@@ -95,6 +119,11 @@ fn transitions(lease: &Lease) -> i32 {
 
 fn role(lease: &Lease) -> Option<&str> {
     lease.metadata.labels.as_ref()?.get(ROLE).map(String::as_str)
+}
+
+/// A member Lease written by a replica of an earlier version, which renews its shard Leases.
+fn is_older(lease: &Lease) -> bool {
+    role(lease) == Some("member") && lease.metadata.labels.as_ref().and_then(|l| l.get(PROTOCOL)).map(String::as_str) != Some(PROTOCOL_VERSION)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -133,6 +162,12 @@ pub(super) struct Record {
 }
 
 impl Record {
+    /// What a Lease that is not there reads as: it counts as unchanged from the moment this
+    /// replica first noticed it missing. (No real Lease has a negative transition count.)
+    pub fn absent(lease_secs: i32) -> Self {
+        Self { holder: None, renew: None, acquire: None, transitions: -1, lease_secs }
+    }
+
     pub fn of(lease: &Lease) -> Self {
         let spec = lease.spec.as_ref();
         Self {
@@ -201,7 +236,8 @@ pub(super) fn live_members(leases: &HashMap<String, Lease>, seen: &Observations,
 }
 
 fn lease_meta(name: &str, role: &str) -> ObjectMeta {
-    ObjectMeta { name: Some(name.to_string()), labels: Some([("app.kubernetes.io/managed-by".to_string(), "shoal".to_string()), (ROLE.to_string(), role.to_string())].into()), ..Default::default() }
+    let labels = [("app.kubernetes.io/managed-by", "shoal"), (ROLE, role), (PROTOCOL, PROTOCOL_VERSION)].map(|(k, v)| (k.to_string(), v.to_string()));
+    ObjectMeta { name: Some(name.to_string()), labels: Some(labels.into()), ..Default::default() }
 }
 
 /// `lease` renewed by its holder at `stamp`.
@@ -216,6 +252,7 @@ pub(super) fn renewed(mut lease: Lease, lease_secs: i32, stamp: Stamp) -> Lease 
 /// `stamp`. A new holder is a new fencing epoch, so the transition count goes up; returns it.
 pub(super) fn taken(lease: Option<Lease>, name: &str, role: &str, holder: &str, lease_secs: i32, stamp: Stamp) -> (Lease, i32) {
     let mut lease = lease.unwrap_or_else(|| Lease { metadata: lease_meta(name, role), spec: None });
+    lease.metadata.labels.get_or_insert_default().extend(lease_meta(name, role).labels.unwrap_or_default());
     let spec = lease.spec.get_or_insert_with(Default::default);
     let transitions = spec.lease_transitions.unwrap_or(0) + 1;
     spec.holder_identity = Some(holder.to_string());
@@ -226,7 +263,8 @@ pub(super) fn taken(lease: Option<Lease>, name: &str, role: &str, holder: &str, 
     (lease, transitions)
 }
 
-/// `lease` freed for the next holder, who need not wait for it to expire.
+/// `lease` freed for the next holder, who need not wait for it to expire. On a member Lease:
+/// the membership is over (see [`Verdict::Bury`]).
 pub(super) fn cleared(mut lease: Lease) -> Lease {
     if let Some(spec) = lease.spec.as_mut() {
         spec.holder_identity = None;
@@ -236,8 +274,8 @@ pub(super) fn cleared(mut lease: Lease) -> Lease {
     lease
 }
 
-/// Why this replica may take a Lease now; `None` while someone (a previous life of this
-/// replica included) holds it and it has not expired.
+/// Why this replica may take its member Lease now; `None` while someone (a previous life of
+/// this replica included) holds it and it has not expired.
 pub(super) fn may_take(lease: Option<&Lease>, expired: bool) -> Option<&'static str> {
     match lease {
         None => Some("new"),
@@ -245,6 +283,58 @@ pub(super) fn may_take(lease: Option<&Lease>, expired: bool) -> Option<&'static 
         Some(_) if expired => Some("expired"),
         Some(_) => None,
     }
+}
+
+/// What this replica may do about a shard or leader Lease it wants and does not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Take it now (with a resourceVersion precondition, the transition count + 1); the
+    /// reason: `new`, `free` or `expired`.
+    Take(&'static str),
+    /// Its holder's member Lease has not changed for a lease duration: first end that
+    /// membership by clearing the member Lease's holder on the version seen here, then take
+    /// this one (as `expired`) only if that write went through. A renewal that races with it
+    /// either lands first, and the clearing fails, or is refused.
+    Bury { member: String, version: Option<String> },
+    /// Its holder is alive, or the Lease itself changed within a lease duration.
+    Leave,
+}
+
+/// What may be done about Lease `name` (a shard or leader Lease) by holder `me`, which does
+/// not hold it, given every Lease listed and what this replica has seen of them.
+///
+/// Such a Lease stays its holder's while the holder's member Lease is renewed. It may be
+/// taken when it does not exist or names no holder; at once when it names `me` (left by
+/// this very process, which is not acting under it: a release whose write failed, an
+/// acquisition whose answer was lost, or a membership it lost); otherwise only once the
+/// Lease itself has not changed for a lease duration and the holder's member Lease names
+/// another process or none, or has been missing for a lease duration, or has not changed
+/// for a lease duration (then [`Verdict::Bury`]).
+pub(super) fn verdict(name: &str, leases: &HashMap<String, Lease>, seen: &Observations, now: Instant, me: &str) -> Verdict {
+    let Some(lease) = leases.get(name) else { return Verdict::Take("new") };
+    let Some(h) = holder(lease) else { return Verdict::Take("free") };
+    if h == me {
+        return Verdict::Take("free");
+    }
+    if !seen.expired(name, now, 1) {
+        return Verdict::Leave;
+    }
+    let member = member_of(h);
+    match leases.get(&member) {
+        // Deleted: by the leader, long after the member went silent; by its holder, after
+        // releasing; or by hand, so wait a lease duration as if it had gone silent.
+        None if seen.expired(&member, now, 1) => Verdict::Take("expired"),
+        None => Verdict::Leave,
+        Some(m) if holder(m) != Some(h) => Verdict::Take("expired"),
+        Some(m) if seen.expired(&member, now, 1) => Verdict::Bury { member, version: m.metadata.resource_version.clone() },
+        Some(_) => Verdict::Leave,
+    }
+}
+
+/// A member Lease of another process written by an earlier version, alive as seen here:
+/// `(Lease name, holder)`.
+pub(super) fn older_replica(leases: &HashMap<String, Lease>, seen: &Observations, now: Instant, me: &str) -> Option<(String, String)> {
+    leases.iter().filter(|(n, l)| is_older(l) && !seen.expired(n, now, 1)).find_map(|(n, l)| holder(l).filter(|h| *h != me).map(|h| (n.clone(), h.to_string())))
 }
 
 /// A draining shard is handed over once its in-flight work has ended or its fence has
@@ -271,21 +361,35 @@ struct Loop {
     unreachable_limit: Duration,
     /// When the last list of the Leases was answered.
     last_list: Arc<Mutex<Instant>>,
+    /// The stamp of the last confirmed write of this membership's member Lease; the fence
+    /// counts from it once a list of the Leases made after it has been answered.
+    member_written: Arc<Mutex<Option<Instant>>>,
 }
 
 /// What one tick learned.
 struct Tick {
+    /// The member Lease is this replica's and was renewed recently enough.
     member_renewed: bool,
-    /// The next instant a Lease held by someone else expires, if nothing changes.
+    /// The next instant a Lease seen here expires, if nothing changes.
     next_expiry: Option<Instant>,
+}
+
+/// How renewing the member Lease went.
+enum Renewal {
+    /// Written, and confirmed.
+    Written,
+    /// Not written: the last write is younger than half a retry period (an early tick).
+    Fresh,
+    /// The write failed (logged).
+    Failed,
 }
 
 /// Run the lease loop until `shutdown`; then drain, release every Lease and return.
 ///
 /// First it takes this identity's member Lease; if another process keeps it renewed for two
 /// lease durations, it returns [`LeaseError::IdentityInUse`]. It also returns an error if
-/// the Lease API stays unreachable for several lease durations: the caller must then exit
-/// rather than go on without fencing.
+/// the Lease API stays unreachable for several lease durations, or if a replica of an
+/// earlier version runs: the caller must then exit rather than go on without fencing.
 pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) -> Result<()> {
     let cfg = own.config().clone();
     let api: Api<Lease> = Api::namespaced(client, &own.inner.namespace);
@@ -298,6 +402,7 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
         releasing: Arc::default(),
         unreachable_limit: unreachable_limit(cfg.lease_duration, random_draw()),
         last_list: Arc::new(Mutex::new(Instant::now())),
+        member_written: Arc::default(),
         own,
     };
     tracing::info!(limit = ?lp.unreachable_limit, "the process exits if the Lease API stays unreachable this long");
@@ -305,7 +410,12 @@ pub async fn run(client: Client, own: Ownership, shutdown: CancellationToken) ->
     let watch_task = tokio::spawn(watch_leases(api, notify.clone(), lp.seen.clone()));
     let result = lp.run(&notify, &shutdown).await;
     watch_task.abort();
-    if result.is_ok() {
+    let hand_over = match &result {
+        Ok(()) => true,
+        // Hand everything to the older replica at once rather than make it wait.
+        Err(e) => matches!(e.downcast_ref::<LeaseError>(), Some(LeaseError::OlderVersion { .. })),
+    };
+    if hand_over {
         lp.release_all().await;
     }
     result
@@ -356,6 +466,11 @@ impl Loop {
         self.own.holder()
     }
 
+    /// Count a Lease write request (whatever its answer).
+    fn wrote(&self, role: &str, verb: &str) {
+        self.own.metrics().lease_writes.get_or_create(&super::LeaseWriteLabels { role: role.into(), verb: verb.into() }).inc();
+    }
+
     async fn run(&self, notify: &Notify, shutdown: &CancellationToken) -> Result<()> {
         tokio::select! {
             r = self.join() => r?,
@@ -402,38 +517,53 @@ impl Loop {
 
     /// Take this identity's member Lease before doing anything else. A member Lease left by
     /// a previous life (another holder) is taken once it has expired as observed here; one
-    /// that another process keeps renewing means that process runs with this identity.
+    /// that another process keeps renewing means that process runs with this identity. While
+    /// a replica of an earlier version runs, wait (it would take this one's shards), and give
+    /// up after two lease durations. Every Lease listed meanwhile is observed, so shard
+    /// Leases left by a previous life have been seen unchanged for as long as its member.
     async fn join(&self) -> Result<()> {
         let cfg = self.own.config().clone();
         let started = Instant::now();
         loop {
-            match self.api.get_opt(&self.member).await {
-                Ok(current) => {
+            match self.api.list(&ListParams::default().labels(MANAGED)).await {
+                Ok(list) => {
                     let now = Instant::now();
-                    let expired = current.as_ref().is_some_and(|l| {
+                    let by_name: HashMap<String, Lease> = list.items.into_iter().filter_map(|l| Some((l.metadata.name.clone()?, l))).collect();
+                    let (expired, older) = {
                         let mut seen = lock(&self.seen);
-                        seen.observe(&self.member, Record::of(l), now);
-                        seen.expired(&self.member, now, 1)
-                    });
-                    if may_take(current.as_ref(), expired).is_some() {
-                        match self.write_member(current).await {
-                            Ok(()) => return Ok(()),
-                            Err(e) if is_conflict(&e) => continue,
-                            Err(e) => {
-                                tracing::warn!(error = %e, lease = %self.member, "taking the member Lease failed")
-                            }
+                        for (name, l) in &by_name {
+                            seen.observe(name, Record::of(l), now);
                         }
-                    } else {
+                        let others: HashMap<String, Lease> = by_name.iter().filter(|(n, _)| **n != self.member).map(|(n, l)| (n.clone(), l.clone())).collect();
+                        (seen.expired(&self.member, now, 1), older_replica(&others, &seen, now, self.me()))
+                    };
+                    let current = by_name.get(&self.member).cloned();
+                    let waited = started.elapsed() >= cfg.lease_duration * 2;
+                    if may_take(current.as_ref(), expired).is_none() {
                         let other = current.as_ref().and_then(holder).unwrap_or_default().to_string();
-                        if started.elapsed() >= cfg.lease_duration * 2 {
+                        if waited {
                             let (identity, lease) = (self.own.identity().to_string(), self.member.clone());
                             return Err(LeaseError::IdentityInUse { identity, lease, holder: other, waited: started.elapsed() }.into());
                         }
                         tracing::warn!(lease = %self.member, holder = %other, "member Lease held by another process; waiting for it to expire or be released");
+                    } else if let Some((lease, holder)) = older {
+                        if waited {
+                            return Err(LeaseError::OlderVersion { holder, lease }.into());
+                        }
+                        tracing::warn!(%lease, %holder, "a replica of an earlier version is running; waiting for it to stop");
+                    } else {
+                        match self.write_member(current).await {
+                            Ok(stamp) => {
+                                *lock(&self.member_written) = Some(stamp.at);
+                                return Ok(());
+                            }
+                            Err(e) if is_conflict(&e) => continue,
+                            Err(e) => tracing::warn!(error = %e, lease = %self.member, "taking the member Lease failed"),
+                        }
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "reading the member Lease failed");
+                    tracing::warn!(error = %e, "listing the Leases failed");
                     if started.elapsed() > self.unreachable_limit {
                         return Err(LeaseError::Unreachable { what: "the Lease API", waited: started.elapsed(), last: e.to_string() }.into());
                     }
@@ -443,43 +573,84 @@ impl Loop {
         }
     }
 
-    /// Renew the member Lease if it is ours, take it if there is none.
-    async fn write_member(&self, current: Option<Lease>) -> kube::Result<()> {
+    /// Renew the member Lease if it is ours, take it if it is free or missing.
+    async fn write_member(&self, current: Option<Lease>) -> kube::Result<Stamp> {
         let pp = PostParams::default();
         let stamp = self.clock.stamp();
-        match current {
-            Some(l) if holder(&l) == Some(self.me()) => self.api.replace(&self.member, &pp, &renewed(l, self.lease_secs, stamp)).await.map(drop),
-            Some(l) => self.api.replace(&self.member, &pp, &taken(Some(l), &self.member, "member", self.me(), self.lease_secs, stamp).0).await.map(drop),
-            None => self.api.create(&pp, &taken(None, &self.member, "member", self.me(), self.lease_secs, stamp).0).await.map(drop),
-        }
+        let result = match current {
+            Some(l) if holder(&l) == Some(self.me()) => {
+                self.wrote("member", "update");
+                self.api.replace(&self.member, &pp, &renewed(l, self.lease_secs, stamp)).await
+            }
+            Some(l) => {
+                self.wrote("member", "update");
+                self.api.replace(&self.member, &pp, &taken(Some(l), &self.member, "member", self.me(), self.lease_secs, stamp).0).await
+            }
+            None => {
+                self.wrote("member", "create");
+                self.api.create(&pp, &taken(None, &self.member, "member", self.me(), self.lease_secs, stamp).0).await
+            }
+        };
+        result.map(|_| stamp)
     }
 
-    /// Renew the member Lease. A failure is logged and the tick goes on (shard renewals must
-    /// not wait on it); only another holder on it stops the loop.
-    async fn renew_member(&self) -> Result<bool> {
+    /// Renew the member Lease: the one write an idle replica makes. A failure is logged and
+    /// the tick goes on. A member Lease that no longer names this process ends its
+    /// membership: it stops acting on every shard and as leader at once (another replica saw
+    /// it silent for a lease duration and may be taking them). If it names no one (cleared
+    /// by that replica) or is gone, this process takes it again and starts over; its shards
+    /// come back under new epochs. If another process holds it, the loop stops.
+    async fn renew_member(&self) -> Result<Renewal> {
+        let last = *lock(&self.member_written);
+        if last.is_some_and(|t| t.elapsed() < self.own.config().retry_period / 2) {
+            return Ok(Renewal::Fresh);
+        }
         let current = match self.api.get_opt(&self.member).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "reading the member Lease failed; renewing the shards anyway");
-                return Ok(false);
+                tracing::warn!(error = %e, "reading the member Lease failed");
+                return Ok(Renewal::Failed);
             }
         };
-        if let Some(h) = current.as_ref().and_then(holder).filter(|h| *h != self.me()) {
-            return Err(LeaseError::MemberTaken { lease: self.member.clone(), holder: h.to_string() }.into());
+        match current.as_ref().and_then(holder) {
+            Some(h) if h == self.me() => {}
+            Some(h) => {
+                self.end_membership();
+                return Err(LeaseError::MemberTaken { lease: self.member.clone(), holder: h.to_string() }.into());
+            }
+            None => {
+                if last.is_some() {
+                    tracing::warn!(lease = %self.member, "the member Lease was cleared or deleted: this replica was seen silent for a lease duration; it stops acting on everything and joins again");
+                }
+                self.end_membership();
+            }
         }
         match self.write_member(current).await {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                tracing::warn!(error = %e, "renewing the member Lease failed; renewing the shards anyway");
-                Ok(false)
+            Ok(stamp) => {
+                *lock(&self.member_written) = Some(stamp.at);
+                Ok(Renewal::Written)
             }
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the member Lease failed");
+                Ok(Renewal::Failed)
+            }
+        }
+    }
+
+    /// The membership is over: no fence, no shard, no leadership.
+    fn end_membership(&self) {
+        *lock(&self.member_written) = None;
+        *lock(&self.own.inner.member_renewed) = None;
+        self.own.step_down();
+        for s in self.own.held_shards() {
+            self.lose(s, "renew_deadline");
         }
     }
 
     async fn tick(&self) -> Result<Tick> {
         let cfg = self.own.config().clone();
         let me = self.me().to_string();
-        let member_renewed = self.renew_member().await?;
+        let renewal = self.renew_member().await?;
         let list = self.api.list(&ListParams::default().labels(MANAGED)).await?;
         let now = Instant::now();
         // No list answered for longer than the renew deadline (the API server was away or
@@ -487,7 +658,10 @@ impl Loop {
         // likely could not reach it either.
         let blind = now.duration_since(std::mem::replace(&mut *lock(&self.last_list), now)) > cfg.renew_deadline;
         let by_name: HashMap<String, Lease> = list.items.into_iter().filter_map(|l| Some((l.metadata.name.clone()?, l))).collect();
-        let members = {
+        // The member Leases that shard and leader Leases name: one that is missing counts as
+        // unchanged from when it was first seen missing.
+        let named: HashSet<String> = by_name.values().filter(|l| matches!(role(l), Some("shard") | Some("leader"))).filter_map(holder).map(member_of).collect();
+        let (members, older) = {
             let mut seen = lock(&self.seen);
             if blind {
                 // Every Lease counts as renewed now, as for a replica that just started: a
@@ -497,105 +671,161 @@ impl Loop {
                 seen.retain(|_| false);
                 API_BACK.notify_waiters();
             }
-            seen.retain(|n| by_name.contains_key(n));
+            seen.retain(|n| by_name.contains_key(n) || named.contains(n));
             for (name, l) in &by_name {
                 seen.observe(name, Record::of(l), now);
             }
-            live_members(&by_name, &seen, now, &me)
+            for name in named.iter().filter(|n| !by_name.contains_key(*n)) {
+                seen.observe(name, Record::absent(self.lease_secs), now);
+            }
+            (live_members(&by_name, &seen, now, &me), older_replica(&by_name, &seen, now, &me))
         };
+        if let Some((lease, holder)) = older {
+            return Err(LeaseError::OlderVersion { holder, lease }.into());
+        }
+        // Only now, with a list made after it was sent showing no replica of an earlier
+        // version, does a renewal extend the fence.
+        if let Some(at) = *lock(&self.member_written) {
+            let mut renewed = lock(&self.own.inner.member_renewed);
+            *renewed = Some(renewed.map_or(at, |r| r.max(at)));
+        }
         self.own.metrics().members.set(members.len() as i64);
         let desired: HashSet<u32> = crate::core::shard::preferred_shards(cfg.shards, &members, &me).into_iter().collect();
+        // Take nothing without a fence to act under.
+        let fenced = self.own.member_fence_end().is_some_and(|t| Instant::now() < t);
 
-        // Renewals, acquisitions and the leader go out concurrently, so no held shard's
-        // renewal waits behind the others; releases drain in the background.
-        let mut renewals = Vec::new();
-        let mut acquisitions = Vec::new();
+        let mut takes: Vec<(u32, Option<Lease>, &'static str)> = Vec::new();
+        // (shard, or None for the leader Lease; the Lease; its holder's member Lease)
+        let mut after_burial: Vec<(Option<u32>, Option<Lease>, String)> = Vec::new();
+        let mut graves: HashMap<String, Lease> = HashMap::new();
+        let mut orphans = Vec::new();
+        let verdict_of = |name: &str| verdict(name, &by_name, &lock(&self.seen), now, &me);
         for s in 0..cfg.shards {
             let name = shard_lease_name(s);
             let lease = by_name.get(&name);
-            let draining = lock(&self.own.inner.held).get(&s).map(|h| h.draining);
+            let draining = lock(&self.own.inner.held).get(&s).map(|h| h.draining.is_some());
             match draining {
                 Some(true) => {}
-                Some(false) if lease.is_some_and(|l| holder(l) != Some(me.as_str())) => self.lose(s, "taken"),
-                Some(false) if desired.contains(&s) => renewals.extend(lease.map(|l| self.renew_shard(s, l.clone()))),
+                Some(false) if lease.and_then(holder) != Some(me.as_str()) => self.lose(s, "taken"),
+                Some(false) if desired.contains(&s) => {}
                 Some(false) => self.start_release(s, "rebalance"),
-                None if desired.contains(&s) => {
-                    let expired = lock(&self.seen).expired(&name, now, 1);
-                    if let Some(reason) = may_take(lease, expired) {
-                        acquisitions.push(self.acquire(s, lease.cloned(), reason));
+                None if desired.contains(&s) => match verdict_of(&name) {
+                    _ if !fenced => {}
+                    Verdict::Take(reason) => takes.push((s, lease.cloned(), reason)),
+                    Verdict::Bury { member, .. } => {
+                        graves.extend(by_name.get(&member).map(|m| (member.clone(), m.clone())));
+                        after_burial.push((Some(s), lease.cloned(), member));
                     }
-                }
+                    Verdict::Leave => {}
+                },
+                // Left by this process and not wanted: free it, or nobody could take it while
+                // this replica lives.
+                None if lease.and_then(holder) == Some(me.as_str()) => orphans.extend(lease.cloned().map(|l| (s, l))),
                 None => {}
             }
         }
-        let leader = self.leader(by_name.get(LEADER_LEASE).cloned(), now);
-        let (renewed, acquired, ()) = futures::future::join3(futures::future::join_all(renewals), futures::future::join_all(acquisitions), leader).await;
-        let confirmed: HashSet<u32> = renewed.into_iter().chain(acquired).flatten().collect();
-
-        // Fencing sweep: a shard not renewed within the deadline is no longer ours to act on.
-        // Except one whose write this tick went through, only too slowly to keep the fence
-        // (the API server hung while it was in flight): the Lease is still ours, under the
-        // same epoch, and the next renewal restores the fence; dropping it would leave the
-        // shard to nobody until it expired.
-        let stale: Vec<u32> = lock(&self.own.inner.held).iter().filter(|(s, h)| !h.draining && h.renewed.elapsed() >= cfg.renew_deadline && !confirmed.contains(s)).map(|(s, _)| *s).collect();
-        for s in stale {
-            self.lose(s, "renew_deadline");
+        let mut leader_take = None;
+        let leading = self.own.inner.leader_epoch.load(Ordering::SeqCst);
+        let leader = by_name.get(LEADER_LEASE);
+        if leading >= 0 {
+            if leader.is_none_or(|l| holder(l) != Some(me.as_str()) || i64::from(transitions(l)) != leading) {
+                tracing::warn!("the leader Lease changed hands; stepping down");
+                self.own.step_down();
+            }
+        } else if fenced {
+            match verdict_of(LEADER_LEASE) {
+                Verdict::Take(_) => leader_take = Some(leader.cloned()),
+                Verdict::Bury { member, .. } => {
+                    graves.extend(by_name.get(&member).map(|m| (member.clone(), m.clone())));
+                    after_burial.push((None, leader.cloned(), member));
+                }
+                Verdict::Leave => {}
+            }
         }
+
+        // One write per silent member, however many of its Leases are wanted.
+        let buried: HashSet<String> = futures::future::join_all(graves.into_iter().map(|(m, l)| async move { self.bury(&m, l).await.then_some(m) })).await.into_iter().flatten().collect();
+        for (shard, lease, _) in after_burial.into_iter().filter(|(_, _, m)| buried.contains(m)) {
+            match shard {
+                Some(s) => takes.push((s, lease, "expired")),
+                None => leader_take = Some(lease),
+            }
+        }
+        let acquisitions = futures::future::join_all(takes.into_iter().map(|(s, l, reason)| self.acquire(s, l, reason)));
+        let frees = futures::future::join_all(orphans.into_iter().map(|(s, l)| self.free_orphan(s, l)));
+        let leader_write = async {
+            if let Some(lease) = leader_take {
+                self.take_leader(lease).await;
+            }
+        };
+        futures::future::join3(acquisitions, frees, leader_write).await;
+        let label = super::NameLabel { name: LEADER_LEASE.into() };
+        self.own.metrics().leader.get_or_create(&label).set(i64::from(self.own.leader_fence().is_some()));
+
         if self.own.leader_fence().is_some() {
             self.collect_dead_members(&by_name, now).await;
         }
         self.own.metrics().shards_owned.set(lock(&self.own.inner.held).len() as i64);
-        let now = Instant::now();
+        // When the next Lease that could change hands expires: one held by someone else, or a
+        // missing member Lease that a shard or leader Lease names. (Every tick may renew the
+        // member Lease, so this replica's own Leases must not wake it.)
         let next_expiry = {
-            let seen = lock(&self.seen);
-            by_name.iter().filter(|(_, l)| holder(l).is_some()).filter_map(|(n, _)| seen.expires_at(n, 1)).filter(|t| *t > now).min()
+            let (seen, now) = (lock(&self.seen), Instant::now());
+            let others = by_name.iter().filter(|(_, l)| holder(l).is_some_and(|h| h != me)).map(|(n, _)| n);
+            others.chain(named.iter().filter(|n| !by_name.contains_key(*n))).filter_map(|n| seen.expires_at(n, 1)).filter(|t| *t > now).min()
+        };
+        let member_renewed = match renewal {
+            Renewal::Written | Renewal::Fresh => true,
+            Renewal::Failed => false,
         };
         Ok(Tick { member_renewed, next_expiry })
     }
 
-    /// Renew shard `s`; `Some(s)` if the write went through under the epoch still held.
-    async fn renew_shard(&self, s: u32, lease: Lease) -> Option<u32> {
-        let held = lock(&self.own.inner.held).get(&s).map(|h| (h.transitions, h.renewed.elapsed()));
-        let (epoch, since) = held?;
-        if since < self.own.config().retry_period / 2 {
-            return None;
-        }
-        let stamp = self.clock.stamp();
-        match self.api.replace(&shard_lease_name(s), &PostParams::default(), &renewed(lease, self.lease_secs, stamp)).await {
+    /// End the membership of a holder whose member Lease has not changed for a lease
+    /// duration, by clearing its holder on the version seen; true if that went through. The
+    /// holder stopped acting the renew deadline after its last renewal, and any renewal it
+    /// sends after this is refused.
+    async fn bury(&self, member: &str, seen: Lease) -> bool {
+        self.wrote("member", "update");
+        match self.api.replace(member, &PostParams::default(), &cleared(seen)).await {
             Ok(_) => {
-                let mut held = lock(&self.own.inner.held);
-                let h = held.get_mut(&s).filter(|h| h.transitions == epoch && !h.draining)?;
-                h.renewed = h.renewed.max(stamp.at);
-                Some(s)
+                tracing::info!(lease = %member, "ended the membership of a replica seen silent for a lease duration");
+                true
             }
             Err(e) => {
-                tracing::debug!(shard = s, error = %e, "renew failed; retrying next tick");
-                None
+                tracing::debug!(lease = %member, error = %e, "ending a silent replica's membership failed");
+                false
             }
         }
     }
 
-    /// Take shard `s`; `Some(s)` if the write went through.
-    async fn acquire(&self, s: u32, lease: Option<Lease>, reason: &'static str) -> Option<u32> {
+    /// Take shard `s`.
+    async fn acquire(&self, s: u32, lease: Option<Lease>, reason: &'static str) {
         let name = shard_lease_name(s);
         let exists = lease.is_some();
         let stamp = self.clock.stamp();
         let (l, transitions) = taken(lease, &name, "shard", self.me(), self.lease_secs, stamp);
+        self.wrote("shard", if exists { "update" } else { "create" });
         let result = if exists { self.api.replace(&name, &PostParams::default(), &l).await } else { self.api.create(&PostParams::default(), &l).await };
         match result {
             Ok(_) => {
-                let hold = Hold { transitions, renewed: stamp.at, acquired: stamp.at, draining: false, first_reconcile_seen: false };
-                lock(&self.own.inner.held).insert(s, hold);
+                lock(&self.own.inner.held).insert(s, Hold::new(transitions, stamp.at));
                 self.own.metrics().acquisitions.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
                 tracing::info!(shard = s, transitions, reason, "acquired shard");
                 let _ = self.own.inner.events.send(ShardEvent::Acquired(s));
-                Some(s)
             }
-            Err(e) if is_conflict(&e) => None,
-            Err(e) => {
-                tracing::debug!(shard = s, error = %e, "acquire failed");
-                None
-            }
+            Err(e) if is_conflict(&e) => {}
+            Err(e) => tracing::debug!(shard = s, error = %e, "acquire failed"),
+        }
+    }
+
+    /// Free shard `s`, which names this process but which it does not hold or want (it is not
+    /// acting under it), on the version listed.
+    async fn free_orphan(&self, s: u32, lease: Lease) {
+        self.wrote("shard", "update");
+        match self.api.replace(&shard_lease_name(s), &PostParams::default(), &cleared(lease)).await {
+            Ok(_) => tracing::info!(shard = s, "freed a shard Lease this replica had left"),
+            Err(e) => tracing::debug!(shard = s, error = %e, "freeing a shard Lease failed; again next tick"),
         }
     }
 
@@ -605,8 +835,9 @@ impl Loop {
         if releasing.contains_key(&s) {
             return;
         }
+        let fence_end = self.own.member_fence_end().unwrap_or_else(Instant::now);
         let epoch = lock(&self.own.inner.held).get_mut(&s).map(|h| {
-            h.draining = true;
+            h.draining = Some(fence_end);
             h.transitions
         });
         let Some(epoch) = epoch else { return };
@@ -621,15 +852,15 @@ impl Loop {
         );
     }
 
-    /// Wait until the shard's in-flight work has ended or its fence has expired, then free its
-    /// Lease (if it is still ours, same epoch) so the next owner need not wait for expiry.
+    /// Wait until the shard's in-flight work has ended or the fence it was sent under has
+    /// expired, then free its Lease (if it is still ours, same epoch) so the next owner need
+    /// not wait.
     async fn release(&self, s: u32, epoch: i32, reason: &str) {
-        let renew_deadline = self.own.config().renew_deadline;
         loop {
-            let Some(renewed) = lock(&self.own.inner.held).get(&s).map(|h| h.renewed) else {
+            let Some(fence_end) = lock(&self.own.inner.held).get(&s).map(|h| h.draining.unwrap_or_else(Instant::now)) else {
                 return;
             };
-            if may_hand_over(self.own.in_flight(s), renewed + renew_deadline, Instant::now()) {
+            if may_hand_over(self.own.in_flight(s), fence_end, Instant::now()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -637,13 +868,14 @@ impl Loop {
         let name = shard_lease_name(s);
         match self.api.get_opt(&name).await {
             Ok(Some(l)) if holder(&l) == Some(self.me()) && transitions(&l) == epoch => {
+                self.wrote("shard", "update");
                 if let Err(e) = self.api.replace(&name, &PostParams::default(), &cleared(l)).await {
-                    tracing::debug!(shard = s, error = %e, "release write failed; the Lease will expire");
+                    tracing::debug!(shard = s, error = %e, "release write failed; freed again next tick");
                 }
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::debug!(shard = s, error = %e, "release read failed; the Lease will expire")
+                tracing::debug!(shard = s, error = %e, "release read failed; freed again next tick")
             }
         }
         lock(&self.own.inner.held).remove(&s);
@@ -652,63 +884,47 @@ impl Loop {
     }
 
     fn lose(&self, s: u32, reason: &str) {
-        lock(&self.own.inner.held).remove(&s);
+        if lock(&self.own.inner.held).remove(&s).is_none() {
+            return;
+        }
         let _ = self.own.inner.events.send(ShardEvent::Released(s));
         self.own.metrics().releases.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
         tracing::warn!(shard = s, reason, "lost shard");
     }
 
-    async fn leader(&self, lease: Option<Lease>, now: Instant) {
-        let me = self.me();
-        let was_leader = lock(&self.own.inner.leader_renewed).is_some();
-        let expired = lease.is_some() && lock(&self.seen).expired(LEADER_LEASE, now, 1);
+    /// Take the leader Lease (it is never renewed: it stays this replica's while its member
+    /// Lease is).
+    async fn take_leader(&self, lease: Option<Lease>) {
         let pp = PostParams::default();
-        let outcome = match lease {
-            Some(l) if holder(&l) == Some(me) && was_leader => {
-                let t = transitions(&l);
-                let stamp = self.clock.stamp();
-                self.api.replace(LEADER_LEASE, &pp, &renewed(l, self.lease_secs, stamp)).await.map(|_| Some((t, stamp)))
-            }
-            lease => match may_take(lease.as_ref(), expired) {
-                None => Ok(None),
-                Some(_) => {
-                    let exists = lease.is_some();
-                    let stamp = self.clock.stamp();
-                    let (l, t) = taken(lease, LEADER_LEASE, "leader", me, self.lease_secs, stamp);
-                    let r = if exists { self.api.replace(LEADER_LEASE, &pp, &l).await } else { self.api.create(&pp, &l).await };
-                    r.map(|_| Some((t, stamp)))
-                }
-            },
-        };
-        match outcome {
-            Ok(Some((t, stamp))) => {
+        let exists = lease.is_some();
+        let stamp = self.clock.stamp();
+        let (l, t) = taken(lease, LEADER_LEASE, "leader", self.me(), self.lease_secs, stamp);
+        self.wrote("leader", if exists { "update" } else { "create" });
+        let result = if exists { self.api.replace(LEADER_LEASE, &pp, &l).await } else { self.api.create(&pp, &l).await };
+        match result {
+            Ok(_) => {
                 self.own.inner.leader_epoch.store(i64::from(t), Ordering::SeqCst);
-                let mut renewed = lock(&self.own.inner.leader_renewed);
-                *renewed = Some(renewed.map_or(stamp.at, |r| r.max(stamp.at)));
-                if !was_leader {
-                    tracing::info!(epoch = t, "became leader");
-                }
+                tracing::info!(epoch = t, "became leader");
             }
-            Ok(None) => self.own.step_down(),
-            Err(e) => tracing::debug!(error = %e, "leader lease write failed"),
+            Err(e) => tracing::debug!(error = %e, "taking the leader Lease failed"),
         }
-        let label = super::NameLabel { name: LEADER_LEASE.into() };
-        self.own.metrics().leader.get_or_create(&label).set(i64::from(self.own.leader_fence().is_some()));
     }
 
-    /// Delete member Leases unchanged for several lease durations, as observed here; the
-    /// delete is conditional on the version seen, so a member that just renewed stays.
+    /// Delete member Leases unchanged for several lease durations (one of an earlier
+    /// version's replicas after one), as observed here; the delete is conditional on the
+    /// version seen, so a member that just renewed stays.
     async fn collect_dead_members(&self, by_name: &HashMap<String, Lease>, now: Instant) {
         let dead: Vec<(String, Option<String>)> = {
             let seen = lock(&self.seen);
             by_name
                 .iter()
-                .filter(|(n, l)| role(l) == Some("member") && holder(l) != Some(self.me()) && seen.expired(n, now, DEAD_MEMBER_LEASES))
+                .filter(|(n, l)| role(l) == Some("member") && holder(l) != Some(self.me()) && seen.expired(n, now, if is_older(l) { 1 } else { DEAD_MEMBER_LEASES }))
                 .map(|(n, l)| (n.clone(), l.metadata.resource_version.clone()))
                 .collect()
         };
         for (name, rv) in dead {
             let dp = DeleteParams { preconditions: Some(Preconditions { resource_version: rv, uid: None }), ..Default::default() };
+            self.wrote("member", "delete");
             if self.api.delete(&name, &dp).await.is_ok() {
                 tracing::info!(lease = %name, "deleted a dead member's Lease");
             }
@@ -726,14 +942,17 @@ impl Loop {
         if let Ok(Some(l)) = self.api.get_opt(LEADER_LEASE).await
             && holder(&l) == Some(self.me())
         {
+            self.wrote("leader", "update");
             let _ = self.api.replace(LEADER_LEASE, &PostParams::default(), &cleared(l)).await;
         }
         if let Ok(Some(l)) = self.api.get_opt(&self.member).await
             && holder(&l) == Some(self.me())
         {
             let dp = DeleteParams { preconditions: Some(Preconditions { resource_version: l.metadata.resource_version.clone(), uid: None }), ..Default::default() };
+            self.wrote("member", "delete");
             let _ = self.api.delete(&self.member, &dp).await;
         }
+        *lock(&self.own.inner.member_renewed) = None;
         self.own.metrics().shards_owned.set(0);
     }
 }

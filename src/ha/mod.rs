@@ -6,11 +6,13 @@
 //!
 //! Guarantees (see docs/ha.md): an object is in one shard (FNV-1a 64 of its UID mod S); a
 //! shard is held by at most one process at a time (the Lease, written with resourceVersion
-//! preconditions, names a holder unique to the process); a replica stops acting on a shard
-//! once the renew deadline has passed since the instant read just before its last confirmed
-//! renew was sent. Others judge a Lease expired only after seeing it unchanged for the
-//! (longer) lease duration on their own monotonic clocks, so it stops before anyone else can
-//! take over. No wall-clock time is ever compared across replicas.
+//! preconditions, names a holder unique to the process). Shard and leader Leases are written
+//! only when they change hands; they stay their holder's while its member Lease is renewed.
+//! A replica stops acting on every shard once the renew deadline has passed since the
+//! instant read just before its last confirmed member-Lease renewal was sent. Others take
+//! its shards only after seeing that member Lease unchanged for the (longer) lease duration
+//! on their own monotonic clocks, and after deleting it on the version they saw, so it stops
+//! before anyone else can take over. No wall-clock time is ever compared across replicas.
 
 mod informer;
 mod leases;
@@ -44,14 +46,17 @@ pub struct HaConfig {
     /// Number of virtual shards. Fixed at install time: every replica must agree.
     #[arg(long, env = "SHOAL_SHARDS", default_value_t = 32)]
     pub shards: u32,
-    /// How long a Lease is valid after its last renew, in whole seconds (what a Lease holds).
+    /// How long a Lease is valid after it last changed, in whole seconds (what a Lease
+    /// holds); a shard or leader Lease also stays its holder's while the holder's member
+    /// Lease is renewed.
     #[arg(long, env = "SHOAL_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
-    /// A replica stops acting on a shard this long after the instant just before its last
-    /// confirmed renew was sent. Must be shorter than the lease duration.
+    /// A replica stops acting on its shards this long after the instant just before its last
+    /// confirmed member-Lease renewal was sent. Must be shorter than the lease duration.
     #[arg(long, env = "SHOAL_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
     pub renew_deadline: Duration,
-    /// How often Leases are renewed and the ring is recomputed.
+    /// How often the member Lease is renewed and the ring is recomputed (shard and leader
+    /// Leases are written only when they change hands).
     #[arg(long, env = "SHOAL_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
     pub retry_period: Duration,
     /// TEST ONLY (hidden): shift every wall-clock time this replica writes into a Lease by
@@ -122,12 +127,18 @@ pub enum ShardEvent {
 #[derive(Debug)]
 struct Hold {
     transitions: i32,
-    /// The local instant read immediately before the last confirmed write (acquire or
-    /// renew) was sent: the fence holds until this plus the renew deadline.
-    renewed: Instant,
     acquired: Instant,
-    draining: bool,
+    /// Set when the hand-over starts: the end of the member fence at that moment. Work in
+    /// flight then was sent under a fence that ends by this; later member renewals do not
+    /// extend it.
+    draining: Option<Instant>,
     first_reconcile_seen: bool,
+}
+
+impl Hold {
+    fn new(transitions: i32, acquired: Instant) -> Self {
+        Self { transitions, acquired, draining: None, first_reconcile_seen: false }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -145,6 +156,14 @@ pub struct NameLabel {
     pub name: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseWriteLabels {
+    /// `member`, `shard` or `leader`.
+    pub role: String,
+    /// `create`, `update` or `delete`.
+    pub verb: String,
+}
+
 /// HA metrics.
 #[derive(Clone)]
 pub struct HaMetrics {
@@ -155,6 +174,8 @@ pub struct HaMetrics {
     pub mislabelled: Counter,
     pub relabelled: Family<ReasonLabel, Counter>,
     pub leader: Family<NameLabel, Gauge>,
+    /// Every Lease write request this replica sends, whatever its answer.
+    pub lease_writes: Family<LeaseWriteLabels, Counter>,
     pub acquire_to_first_reconcile: Histogram,
     pub cache_objects: Family<KindLabel, Gauge>,
     pub members: Gauge,
@@ -173,6 +194,7 @@ impl HaMetrics {
             mislabelled: Counter::default(),
             relabelled: Family::default(),
             leader: Family::default(),
+            lease_writes: Family::default(),
             acquire_to_first_reconcile: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             cache_objects: Family::default(),
             members: Gauge::default(),
@@ -185,9 +207,15 @@ impl HaMetrics {
         for reason in ["rebalance", "shutdown", "taken", "renew_deadline"] {
             let _ = m.releases.get_or_create(&ReasonLabel { reason: reason.into() });
         }
+        for role in ["member", "shard", "leader"] {
+            for verb in ["create", "update", "delete"] {
+                let _ = m.lease_writes.get_or_create(&LeaseWriteLabels { role: role.into(), verb: verb.into() });
+            }
+        }
         registry.register("shoal_shards_owned", "Shards this replica holds", m.shards_owned.clone());
         registry.register("shoal_shard_acquisitions", "Shard Leases acquired, by reason", m.acquisitions.clone());
         registry.register("shoal_shard_releases", "Shard Leases released or lost, by reason", m.releases.clone());
+        registry.register("shoal_lease_writes", "Lease write requests sent, by the Lease's role and the verb, whatever the answer", m.lease_writes.clone());
         registry.register("shoal_ownership_denied", "Work dropped because this replica did not own the object", m.ownership_denied.clone());
         registry.register("shoal_objects_mislabelled", "Objects kept out of the cache or refused work because their shard label is not the shard of their UID", m.mislabelled.clone());
         registry.register("shoal_objects_relabelled", "Shard labels corrected to the shard of the object's UID, by what was wrong (missing, out_of_range, wrong)", m.relabelled.clone());
@@ -226,13 +254,16 @@ struct Inner {
     namespace: String,
     held: Mutex<HashMap<u32, Hold>>,
     in_flight: Mutex<HashMap<u32, usize>>,
+    /// The local instant read just before the last confirmed write of this replica's member
+    /// Lease was sent (counted only once a list of the Leases made after it was answered):
+    /// the fence of every shard held, and of the leadership, ends the renew deadline after
+    /// it. `None` while this replica has no member Lease of its own.
+    member_renewed: Mutex<Option<Instant>>,
+    /// The leader Lease's transition count while this replica holds it, else -1.
     leader_epoch: AtomicI64,
     /// Set once this process holds its member Lease and has run one full tick of the lease
     /// loop (it joined the ring and took the shards it could).
     registered: std::sync::atomic::AtomicBool,
-    /// The instant read just before the last confirmed leader Lease write was sent; `None`
-    /// when not the leader.
-    leader_renewed: Mutex<Option<Instant>>,
     events: broadcast::Sender<ShardEvent>,
     metrics: HaMetrics,
     action_log: Option<Mutex<std::fs::File>>,
@@ -271,9 +302,9 @@ impl Ownership {
                 namespace,
                 held: Mutex::new(HashMap::new()),
                 in_flight: Mutex::new(HashMap::new()),
+                member_renewed: Mutex::new(None),
                 leader_epoch: AtomicI64::new(-1),
                 registered: std::sync::atomic::AtomicBool::new(false),
-                leader_renewed: Mutex::new(None),
                 events,
                 metrics,
                 action_log: action_log.map(Mutex::new),
@@ -303,7 +334,7 @@ impl Ownership {
     /// Shards held and not being handed over: the ones whose caches must be synced for this
     /// replica to be ready.
     pub fn active_shards(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.inner.held.lock().map(|h| h.iter().filter(|(_, h)| !h.draining).map(|(s, _)| *s).collect()).unwrap_or_default();
+        let mut v: Vec<u32> = self.inner.held.lock().map(|h| h.iter().filter(|(_, h)| h.draining.is_none()).map(|(s, _)| *s).collect()).unwrap_or_default();
         v.sort();
         v
     }
@@ -365,20 +396,27 @@ impl Ownership {
     }
 
     /// Do I own this shard right now? True only while the Lease is held, not being handed
-    /// over, and renewed within the renew deadline.
+    /// over, and the member Lease renewed within the renew deadline.
     pub fn owns_shard(&self, shard: u32) -> Option<Fence> {
         let transitions = self.inner.held.lock().ok()?.get(&shard)?.transitions;
         let fence = Fence { shard, transitions };
         self.fence_deadline(fence).map(|_| fence)
     }
 
+    /// When the fence of everything this replica holds ends: the renew deadline after the
+    /// instant read just before its last confirmed member-Lease renewal. `None` without a
+    /// member Lease.
+    pub(crate) fn member_fence_end(&self) -> Option<Instant> {
+        self.inner.member_renewed.lock().ok()?.map(|r| r + self.inner.cfg.renew_deadline)
+    }
+
     /// The local monotonic instant at which `fence` stops holding, or `None` if it does not
     /// hold now (not held, draining, another epoch, or already past).
     pub fn fence_deadline(&self, fence: Fence) -> Option<Instant> {
+        let deadline = self.member_fence_end()?;
         let held = self.inner.held.lock().ok()?;
         let h = held.get(&fence.shard)?;
-        let deadline = h.renewed + self.inner.cfg.renew_deadline;
-        (!h.draining && h.transitions == fence.transitions && Instant::now() < deadline).then_some(deadline)
+        (h.draining.is_none() && h.transitions == fence.transitions && Instant::now() < deadline).then_some(deadline)
     }
 
     /// Do I own this object right now? Only if I own the shard of its UID and its label
@@ -387,16 +425,15 @@ impl Ownership {
         self.owns_shard(self.checked_shard(obj)?)
     }
 
-    /// Am I the leader right now (within the renew deadline of the leader Lease)?
+    /// Am I the leader right now (holding the leader Lease, within the renew deadline of my
+    /// member Lease)? The leader Lease's transition count.
     pub fn leader_fence(&self) -> Option<i64> {
-        let renewed = (*self.inner.leader_renewed.lock().ok()?)?;
-        (renewed.elapsed() < self.inner.cfg.renew_deadline).then(|| self.inner.leader_epoch.load(Ordering::SeqCst))
+        let epoch = self.inner.leader_epoch.load(Ordering::SeqCst);
+        (epoch >= 0 && self.member_fence_end()? > Instant::now()).then_some(epoch)
     }
 
     fn step_down(&self) {
-        if let Ok(mut r) = self.inner.leader_renewed.lock() {
-            *r = None;
-        }
+        self.inner.leader_epoch.store(-1, Ordering::SeqCst);
     }
 
     /// Count a reconcile as in flight on `shard` until the guard drops. `None` if the shard
@@ -447,17 +484,21 @@ impl Ownership {
         true
     }
 
-    /// Pretend shard `shard` was renewed at `renewed` under `transitions` (unit tests only).
+    /// Pretend shard `shard` is held under `transitions` and the member Lease was renewed at
+    /// `renewed` (unit tests only).
     #[cfg(test)]
     pub(crate) fn hold_for_test(&self, shard: u32, transitions: i32, renewed: Instant) {
         if let Ok(mut h) = self.inner.held.lock() {
-            h.insert(shard, Hold { transitions, renewed, acquired: renewed, draining: false, first_reconcile_seen: false });
+            h.insert(shard, Hold::new(transitions, renewed));
+        }
+        if let Ok(mut m) = self.inner.member_renewed.lock() {
+            *m = Some(renewed);
         }
     }
 
     /// Held and not being handed over (its fence may have lapsed for a moment).
     pub fn is_held_not_draining(&self, shard: u32) -> bool {
-        self.inner.held.lock().map(|h| h.get(&shard).is_some_and(|h| !h.draining)).unwrap_or(false)
+        self.inner.held.lock().map(|h| h.get(&shard).is_some_and(|h| h.draining.is_none())).unwrap_or(false)
     }
 
     /// Shards held right now (including those being drained).
@@ -583,7 +624,7 @@ mod tests {
         let other = (home + 1) % 8;
         for s in [home, other] {
             let now = Instant::now();
-            own.inner.held.lock().unwrap().insert(s, Hold { transitions: 1, renewed: now, acquired: now, draining: false, first_reconcile_seen: false });
+            own.hold_for_test(s, 1, now);
         }
         assert_eq!(own.owns(&object(uid, Some(&home.to_string()))), Some(Fence { shard: home, transitions: 1 }));
         // Held, but the label names another shard I also hold: still not mine to act on.

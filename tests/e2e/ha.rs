@@ -275,6 +275,7 @@ async fn a_skewed_wall_clock_takes_nothing_from_a_healthy_owner() {
     let work_ns = common::namespace(&client, "ha-skew-work").await;
     let mut fleet = Operator::new(&ops_ns, &work_ns);
     fleet.extra_args = FAST.map(String::from).to_vec();
+    let started = k8s_openapi::jiff::Timestamp::now();
     let only_a = ["a".to_string()];
     fleet.start("a");
     eventually(Duration::from_secs(60), "a holding every shard", || balanced(&client, &ops_ns, &only_a)).await;
@@ -290,16 +291,27 @@ async fn a_skewed_wall_clock_takes_nothing_from_a_healthy_owner() {
     tokio::time::sleep(LEASE + Duration::from_secs(2)).await;
     let h = balanced(&client, &ops_ns, &live(&fleet)).await.expect("still balanced");
 
-    // The skew is real: b writes renewTimes a minute ahead, c a minute behind.
+    // The skew is real: b writes renewTimes a minute ahead, c a minute behind. Member Leases
+    // are renewed every retry period; a shard Lease keeps the time it was taken at, some time
+    // during this test.
     let api: Api<Lease> = Api::namespaced(client.clone(), &ops_ns);
     let now = k8s_openapi::jiff::Timestamp::now();
-    for l in api.list(&ListParams::default().labels("shoal.dev/lease-role=shard")).await.unwrap().items {
+    for l in api.list(&ListParams::default().labels("shoal.dev/lease-role in (member,shard)")).await.unwrap().items {
+        let name = l.name_any();
+        let member = name.starts_with("shoal-member-");
         let spec = l.spec.unwrap();
-        let ahead = spec.renew_time.unwrap().0.duration_since(now).as_secs_f64();
-        match replica_of(spec.holder_identity.as_deref().unwrap()) {
-            "b" => assert!(ahead > 50.0, "b's renewTime is {ahead:.1}s from now"),
-            "c" => assert!(ahead < -50.0, "c's renewTime is {ahead:.1}s from now"),
-            _ => assert!(ahead.abs() < 10.0, "a's renewTime is {ahead:.1}s from now"),
+        let renew = spec.renew_time.unwrap().0;
+        let (who, offset) = match replica_of(spec.holder_identity.as_deref().unwrap()) {
+            "b" => ("b", 60),
+            "c" => ("c", -60),
+            _ => ("a", 0),
+        };
+        let ahead = renew.duration_since(now).as_secs_f64();
+        if member {
+            assert!((ahead - f64::from(offset)).abs() < 10.0, "{who}'s member Lease renewTime is {ahead:.1}s from now");
+        } else {
+            let written = renew - k8s_openapi::jiff::SignedDuration::from_secs(offset.into());
+            assert!(written >= started - k8s_openapi::jiff::SignedDuration::from_secs(2) && written <= now, "{who}'s shard Lease {name} renewTime is {ahead:.1}s from now");
         }
     }
 

@@ -17,6 +17,7 @@ mod helm;
 mod helm_chart;
 mod ignitor;
 mod image;
+mod lease_writes;
 mod loadtest;
 mod nsman;
 mod operator;

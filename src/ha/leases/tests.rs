@@ -18,7 +18,10 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{LEADER_LEASE, Observations, Record, Stamp, cleared, live_members, may_hand_over, may_take, member_lease_name, random_draw, renewed, run, shard_lease_name, taken, unreachable_limit};
+use super::{
+    LEADER_LEASE, LeaseError, Observations, Record, Stamp, Verdict, cleared, live_members, may_hand_over, may_take, member_lease_name, member_of, older_replica, random_draw, renewed, run,
+    shard_lease_name, taken, unreachable_limit, verdict,
+};
 use crate::ha::{HaConfig, HaMetrics, Ownership, ReasonLabel};
 
 fn secs(n: u64) -> Duration {
@@ -128,6 +131,84 @@ fn only_new_free_or_expired_leases_are_taken() {
 }
 
 #[test]
+fn a_shard_lease_is_its_holder_s_while_the_holder_s_member_lease_lives() {
+    let t0 = Instant::now();
+    let me = "me_1";
+    let shard = shard_lease_name(3);
+    let member = member_lease_name("peer");
+    assert_eq!(member_of("peer_0a1b"), member);
+    assert_eq!(member_of("my_pod_0a1b"), member_lease_name("my_pod"), "the instance is what follows the last underscore");
+    let leases = |items: Vec<Lease>| -> std::collections::HashMap<String, Lease> { items.into_iter().map(|l| (l.metadata.name.clone().unwrap(), l)).collect() };
+    let mut seen = Observations::default();
+    fn look(seen: &mut Observations, ls: &std::collections::HashMap<String, Lease>, at: Instant) {
+        for (n, l) in ls {
+            seen.observe(n, Record::of(l), at);
+        }
+    }
+    let mut m = held_lease(&member, "member", "peer_1", 1);
+    m.metadata.resource_version = Some("7".into());
+    let held = held_lease(&shard, "shard", "peer_1", 4);
+
+    let ls = leases(vec![]);
+    assert_eq!(verdict(&shard, &ls, &seen, t0, me), Verdict::Take("new"));
+    let ls = leases(vec![cleared(held.clone())]);
+    assert_eq!(verdict(&shard, &ls, &seen, t0, me), Verdict::Take("free"));
+    let ls = leases(vec![held_lease(&shard, "shard", me, 4)]);
+    assert_eq!(verdict(&shard, &ls, &seen, t0, me), Verdict::Take("free"), "left by this very process, which is not acting under it");
+
+    // Both seen at t0. The holder renews its member Lease; the shard Lease never changes.
+    let ls = leases(vec![held.clone(), m.clone()]);
+    look(&mut seen, &ls, t0);
+    assert_eq!(verdict(&shard, &ls, &seen, t0 + secs(1), me), Verdict::Leave, "the shard Lease changed within a lease duration");
+    let mut renewed_member = m.clone();
+    renewed_member.spec.as_mut().unwrap().renew_time = Some(MicroTime(Timestamp::now() + SignedDuration::from_secs(1)));
+    let ls = leases(vec![held.clone(), renewed_member.clone()]);
+    look(&mut seen, &ls, t0 + secs(1));
+    assert_eq!(verdict(&shard, &ls, &seen, t0 + secs(2), me), Verdict::Leave, "a shard Lease unchanged for a lease duration, but its holder's member Lease lives");
+    assert_eq!(
+        verdict(&shard, &ls, &seen, t0 + secs(3), me),
+        Verdict::Bury { member: member.clone(), version: renewed_member.metadata.resource_version.clone() },
+        "the member Lease silent for a lease duration: end that membership first"
+    );
+    // The member Lease names another process (a restart of that identity), or no one (ended).
+    let other = leases(vec![held.clone(), held_lease(&member, "member", "peer_2", 2)]);
+    assert_eq!(verdict(&shard, &other, &seen, t0 + secs(2), me), Verdict::Take("expired"));
+    let ended = leases(vec![held.clone(), cleared(m.clone())]);
+    assert_eq!(verdict(&shard, &ended, &seen, t0 + secs(2), me), Verdict::Take("expired"));
+    // Missing: counts as unchanged from when it was first seen missing.
+    let gone = leases(vec![held.clone()]);
+    seen.forget(&member);
+    assert_eq!(verdict(&shard, &gone, &seen, t0 + secs(2), me), Verdict::Leave, "missing, but never seen missing yet");
+    seen.observe(&member, Record::absent(2), t0 + secs(2));
+    assert_eq!(verdict(&shard, &gone, &seen, t0 + ms(3999), me), Verdict::Leave);
+    assert_eq!(verdict(&shard, &gone, &seen, t0 + secs(4), me), Verdict::Take("expired"));
+    // A holder that keeps writing its shard Lease (an earlier version) is never taken from
+    // while it does, whatever its member Lease says.
+    let mut busy = held.clone();
+    busy.spec.as_mut().unwrap().renew_time = Some(MicroTime(Timestamp::now() + SignedDuration::from_secs(9)));
+    seen.observe(&shard, Record::of(&busy), t0 + secs(4));
+    assert_eq!(verdict(&shard, &leases(vec![busy, cleared(m)]), &seen, t0 + secs(5), me), Verdict::Leave);
+}
+
+#[test]
+fn a_member_lease_of_an_earlier_version_is_told_apart() {
+    let t0 = Instant::now();
+    let ls: std::collections::HashMap<String, Lease> =
+        [held_lease("shoal-member-a", "member", "a_1", 1), older_lease("shoal-member-b", "member", "b_1", 1), older_lease("shoal-shard-0", "shard", "b_1", 1)]
+            .into_iter()
+            .map(|l| (l.metadata.name.clone().unwrap(), l))
+            .collect();
+    let mut seen = Observations::default();
+    for (n, l) in &ls {
+        seen.observe(n, Record::of(l), t0);
+    }
+    assert_eq!(older_replica(&ls, &seen, t0, "a_1"), Some(("shoal-member-b".into(), "b_1".into())));
+    assert_eq!(older_replica(&ls, &seen, t0 + secs(2), "a_1"), None, "only while it lives");
+    let (taken_over, _) = taken(Some(older_lease("shoal-member-b", "member", "b_1", 1)), "shoal-member-b", "member", "b_2", 2, Stamp { at: t0, wall: Timestamp::now() });
+    assert_eq!(taken_over.metadata.labels.unwrap()["shoal.dev/lease-protocol"], "2", "a Lease taken over is marked as this version's");
+}
+
+#[test]
 fn a_shard_is_handed_over_when_its_work_ends_or_its_fence_expires() {
     let t0 = Instant::now();
     let deadline = t0 + secs(3);
@@ -189,9 +270,12 @@ struct Fake {
     down: std::sync::atomic::AtomicBool,
     /// Answer every write with 503.
     writes_down: std::sync::atomic::AtomicBool,
-    /// Hold every replace of a shard Lease this long before applying it, as a hung API
+    /// Hold every replace of a member Lease this long before applying it, as a hung API
     /// server would.
     put_delay: Mutex<Duration>,
+    /// Leases to store (as their holder would) just before the next replace of that name is
+    /// applied: a renewal that lands first.
+    before_put: Mutex<BTreeMap<String, Lease>>,
 }
 
 fn reply(code: u16, body: serde_json::Value) -> Response<Body> {
@@ -264,12 +348,15 @@ impl Fake {
                 reply(201, serde_json::to_value(self.store(&mut leases, lease)).unwrap())
             }
             (Method::PUT, Some(n)) => {
-                if n.starts_with("shoal-shard-") {
+                if n.starts_with("shoal-member-") {
                     let delay = *self.put_delay.lock().unwrap();
                     tokio::time::sleep(delay).await;
                 }
                 let lease: Lease = serde_json::from_slice(&body).unwrap();
                 let mut leases = self.leases.lock().unwrap();
+                if let Some(first) = self.before_put.lock().unwrap().remove(&n) {
+                    self.store(&mut leases, first);
+                }
                 let failing = self.fail_put.lock().unwrap().contains(&n);
                 let current = leases.get(&n).and_then(|c| c.metadata.resource_version.clone());
                 let fresh = current.is_some() && (lease.metadata.resource_version.is_none() || lease.metadata.resource_version == current);
@@ -326,8 +413,15 @@ fn start(fake: &Arc<Fake>, identity: &str, cfg: HaConfig) -> Replica {
     Replica { own, stop, task }
 }
 
-/// A Lease as another replica writes it: held by `holder`, renewed now.
+/// A Lease as another replica of this version writes it: held by `holder`, renewed now.
 fn held_lease(name: &str, role: &str, holder: &str, transitions: i32) -> Lease {
+    let mut l = older_lease(name, role, holder, transitions);
+    l.metadata.labels.as_mut().unwrap().insert("shoal.dev/lease-protocol".into(), "2".into());
+    l
+}
+
+/// A Lease as a replica of an earlier version (which renews every Lease) writes it.
+fn older_lease(name: &str, role: &str, holder: &str, transitions: i32) -> Lease {
     let now = MicroTime(Timestamp::now());
     Lease {
         metadata: ObjectMeta {
@@ -379,19 +473,22 @@ async fn every_lease_write_is_stamped_right_before_it_is_sent() {
     let fake = Arc::new(Fake::default());
     *fake.list_delay.lock().unwrap() = ms(300);
     let base = (Instant::now(), Timestamp::now());
-    let cfg = config(4, 2, 1500, 200);
+    // A retry period longer than the list takes, so that the next member write does not
+    // follow right after the list is answered.
+    let cfg = config(4, 2, 1500, 1000);
     let r = start(&fake, "a", cfg.clone());
     until(ms(10_000), "all 4 shards held", || (r.own.held_shards().len() == 4).then_some(())).await;
     until(ms(10_000), "the leader Lease held", || r.own.leader_fence()).await;
     tokio::time::sleep(ms(1000)).await;
     let writes = fake.writes();
-    // Each fence starts at the instant taken right before one of its Lease's writes.
+    // Every fence starts at the instant taken right before one of the member Lease's writes
+    // (not when the list that follows it, 300 ms later, was answered).
+    let member = member_lease_name("a");
     for s in 0..4 {
         let fence = r.own.owns_shard(s).expect("shard held");
         let start = r.own.fence_deadline(fence).expect("fence holds") - cfg.renew_deadline;
-        let name = shard_lease_name(s);
-        let sent = writes.iter().filter(|w| w.name == name && w.ok).any(|w| w.arrived >= start && w.arrived - start < ms(50));
-        assert!(sent, "the fence of shard {s} does not start right before one of its writes");
+        let sent = writes.iter().filter(|w| w.name == member && w.ok).any(|w| w.arrived >= start && w.arrived - start < ms(50));
+        assert!(sent, "the fence of shard {s} does not start right before one of the member Lease's writes");
     }
     // The renewTime written is the wall time of that instant, not of an earlier one.
     let ours: Vec<&Write> = writes.iter().filter(|w| w.ok && w.holder() == Some(r.own.holder())).collect();
@@ -407,26 +504,39 @@ async fn every_lease_write_is_stamped_right_before_it_is_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_member_write_does_not_stop_shard_renewals() {
+async fn a_failing_member_write_ends_the_fence_of_every_shard_and_the_leadership_at_the_renew_deadline() {
     let fake = Arc::new(Fake::default());
-    let r = start(&fake, "a", config(4, 2, 1500, 200));
+    let cfg = config(4, 2, 1500, 200);
+    let r = start(&fake, "a", cfg.clone());
     until(ms(10_000), "all 4 shards held", || (r.own.held_shards().len() == 4).then_some(())).await;
+    until(ms(10_000), "the leader Lease held", || r.own.leader_fence()).await;
+    let before = epochs(&r.own);
     let member = member_lease_name("a");
     fake.fail_put.lock().unwrap().insert(member.clone());
-    let t0 = Instant::now();
-    while t0.elapsed() < ms(4500) {
-        for s in 0..4 {
-            assert!(r.own.owns_shard(s).is_some(), "shard {s} lost {:?} after the member Lease write began failing", t0.elapsed());
-        }
-        tokio::time::sleep(ms(50)).await;
+    let cut = Instant::now();
+    let ended = until(ms(5000), "the fence of shard 0 ends", || r.own.owns_shard(0).is_none().then(Instant::now)).await;
+    let last = fake.writes().iter().filter(|w| w.name == member && w.ok).map(|w| w.arrived).max().unwrap();
+    assert!(last < cut, "no member write went through after the cut");
+    // The fence counts from the stamp read just before the last confirmed member write.
+    assert!(ended + ms(60) >= last + cfg.renew_deadline, "fence ended {:?} before the renew deadline of the last member write", (last + cfg.renew_deadline).duration_since(ended));
+    assert!(ended <= last + cfg.renew_deadline + ms(100), "fence ended {:?} after the renew deadline", ended.duration_since(last + cfg.renew_deadline));
+    // Every shard and the leadership end at that same instant.
+    for s in 0..4 {
+        assert!(r.own.owns_shard(s).is_none(), "shard {s} still fenced in after shard 0's fence ended");
     }
-    assert!(fake.writes().iter().any(|w| w.name == member && !w.ok), "the member Lease write was failing");
+    assert!(r.own.leader_fence().is_none(), "still leader after the member fence ended");
+    // The shards are still held (nobody can have taken them while the member Lease is this
+    // replica's), and come back under the same epochs once the member Lease is renewed.
+    fake.fail_put.lock().unwrap().clear();
+    until(ms(5000), "the fences back", || (0..4).all(|s| r.own.owns_shard(s).is_some()).then_some(())).await;
+    assert_eq!(epochs(&r.own), before, "the same shards, under the same epochs");
+    assert!(fake.writes().iter().filter(|w| w.arrived > cut).all(|w| w.name == member), "only the member Lease was written meanwhile");
     r.stop.cancel();
     r.task.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_draining_shard_neither_delays_other_renewals_nor_is_handed_over_with_live_work() {
+async fn a_draining_shard_neither_stops_the_others_nor_is_handed_over_with_live_work() {
     let fake = Arc::new(Fake::default());
     let cfg = config(8, 4, 3000, 200);
     let r = start(&fake, "a", cfg.clone());
@@ -451,10 +561,15 @@ async fn a_draining_shard_neither_delays_other_renewals_nor_is_handed_over_with_
     let writes = fake.writes();
     let cleared = |s: u32| writes.iter().find(|w| w.name == shard_lease_name(s) && w.ok && w.holder().is_none()).map(|w| w.arrived);
 
+    // The member Lease, which fences the kept shards, went on being renewed every retry
+    // period; the kept shards' Leases were not written at all, and their fences held.
+    let member = member_lease_name("a");
+    let times: Vec<Instant> = writes.iter().filter(|w| w.name == member && w.ok && w.arrived + ms(500) >= t0).map(|w| w.arrived).collect();
+    let gap = times.windows(2).map(|p| p[1] - p[0]).max().unwrap_or_default();
+    assert!(times.len() > 10 && gap < ms(800), "the member Lease went {gap:?} without a renew while shards drained ({} renews)", times.len());
     for s in &keep {
-        let times: Vec<Instant> = writes.iter().filter(|w| w.name == shard_lease_name(*s) && w.ok && w.arrived + ms(500) >= t0).map(|w| w.arrived).collect();
-        let gap = times.windows(2).map(|p| p[1] - p[0]).max().unwrap_or_default();
-        assert!(times.len() > 10 && gap < ms(800), "shard {s}, kept, went {gap:?} without a renew while others drained ({} renews)", times.len());
+        assert!(writes.iter().all(|w| w.name != shard_lease_name(*s) || w.arrived < t0), "kept shard {s} was written");
+        assert!(r.own.owns_shard(*s).is_some(), "kept shard {s} not fenced in");
     }
     for s in &gone[2..] {
         let c = cleared(*s).unwrap_or_else(|| panic!("idle shard {s} handed over"));
@@ -463,8 +578,11 @@ async fn a_draining_shard_neither_delays_other_renewals_nor_is_handed_over_with_
     let zc = cleared(z).expect("shard z handed over once its work ended");
     assert!(zc >= z_done && zc < z_done + ms(700), "shard z handed over {:?} after its work ended", zc.checked_duration_since(z_done));
     let xc = cleared(x).expect("shard x handed over once its fence expired");
-    let last_renew = writes.iter().filter(|w| w.name == shard_lease_name(x) && w.ok && w.holder() == Some(&me) && w.arrived < xc).map(|w| w.arrived).max().unwrap();
-    assert!(xc + ms(20) >= last_renew + cfg.renew_deadline, "shard x handed over {:?} after its last renew, with work in flight under a live fence", xc - last_renew);
+    // Work in flight on x was sent under the member fence as it stood when the drain began,
+    // which counts from a member write no earlier than the last one before the ring changed.
+    let last_renew = writes.iter().filter(|w| w.name == member && w.ok && w.arrived < t0).map(|w| w.arrived).max().unwrap();
+    assert!(xc + ms(20) >= last_renew + cfg.renew_deadline, "shard x handed over {:?} after the member write before the drain, with work in flight under a live fence", xc - last_renew);
+    assert!(xc < t0 + cfg.renew_deadline + ms(1000), "shard x handed over {:?} after the ring changed: later member renewals must not extend a draining shard's fence", xc - t0);
     assert!(r.own.owns_shard(x).is_none());
     drop(x_work);
     peer.cancel();
@@ -508,6 +626,12 @@ async fn leases_of_a_previous_life_with_the_same_identity_are_waited_out() {
     assert!(first >= t0 + ms(2000), "took a shard {:?} after starting, before the previous life's Lease expired", first - t0);
     let expired = r.own.metrics().acquisitions.get_or_create(&ReasonLabel { reason: "expired".into() }).get();
     assert_eq!(expired, 4);
+    // Not inherited: taken under the next epoch, by the new holder.
+    for (s, holder, t) in lease_epochs(&fake, 4) {
+        assert_eq!((holder.as_deref(), t), (Some(r.own.holder()), 2), "shard {s}");
+    }
+    until(ms(5000), "the leadership", || r.own.leader_fence()).await;
+    assert_eq!(fake.get(LEADER_LEASE).unwrap().spec.unwrap().lease_transitions, Some(2));
     r.stop.cancel();
     r.task.await.unwrap().unwrap();
 }
@@ -653,4 +777,226 @@ async fn after_an_outage_no_replica_takes_the_shards_of_another_that_was_cut_off
         r.stop.cancel();
         let _ = r.task.await;
     }
+}
+
+/// Shard -> transition count, as the shard Leases in `fake` read.
+fn lease_epochs(fake: &Fake, shards: u32) -> Vec<(u32, Option<String>, i32)> {
+    (0..shards).map(|s| fake.get(&shard_lease_name(s)).map(|l| (s, l.spec.clone().and_then(|x| x.holder_identity), l.spec.and_then(|x| x.lease_transitions).unwrap_or(0))).unwrap()).collect()
+}
+
+fn acquired(r: &Replica, reason: &str) -> u64 {
+    r.own.metrics().acquisitions.get_or_create(&ReasonLabel { reason: reason.into() }).get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_stays_its_holder_s_while_its_member_lease_is_renewed_and_is_taken_under_a_new_epoch_once_it_stops() {
+    let fake = Arc::new(Fake::default());
+    // A peer took every shard and the leadership long ago and since renews only its member
+    // Lease, as this version does.
+    for s in 0..4 {
+        fake.put(held_lease(&shard_lease_name(s), "shard", "peer_1", 1));
+    }
+    fake.put(held_lease(LEADER_LEASE, "leader", "peer_1", 1));
+    let peer = CancellationToken::new();
+    let member = member_lease_name("peer");
+    let last = Arc::new(Mutex::new(Instant::now()));
+    {
+        let (fake, peer, member, last) = (fake.clone(), peer.clone(), member.clone(), last.clone());
+        tokio::spawn(async move {
+            while !peer.is_cancelled() {
+                fake.put(held_lease(&member, "member", "peer_1", 1));
+                *last.lock().unwrap() = Instant::now();
+                tokio::time::sleep(ms(200)).await;
+            }
+        });
+    }
+    let r = start(&fake, "a", config(4, 2, 1500, 200));
+    let me = r.own.holder().to_string();
+    // Three lease durations: the shard Leases have not changed for all of it, and the ring
+    // gives half of them to this replica; none is taken while the member Lease lives.
+    let t0 = Instant::now();
+    while t0.elapsed() < secs(6) {
+        assert!(r.own.held_shards().is_empty(), "took {:?} from a live holder", r.own.held_shards());
+        assert!(r.own.leader_fence().is_none(), "took the leader Lease from a live leader");
+        tokio::time::sleep(ms(50)).await;
+    }
+    assert!(fake.writes().iter().all(|w| w.name.starts_with("shoal-member-a") || w.holder() != Some(&me)), "wrote a Lease it may not take");
+    assert!(fake.writes().iter().all(|w| w.name == member_lease_name("a") || w.name == member), "wrote another Lease than the two member Leases");
+
+    // The peer stops. Its member Lease is silent from its last renewal on.
+    peer.cancel();
+    tokio::time::sleep(ms(250)).await;
+    let last = *last.lock().unwrap();
+    until(secs(10), "every shard taken", || (r.own.held_shards().len() == 4).then_some(())).await;
+    until(secs(5), "the leadership taken", || r.own.leader_fence()).await;
+    let writes = fake.writes();
+    let ended = writes.iter().find(|w| w.name == member && w.ok && w.holder().is_none()).expect("the silent member's Lease cleared").arrived;
+    let first_take = writes.iter().filter(|w| w.ok && w.holder() == Some(&me) && (w.name.starts_with("shoal-shard-") || w.name == LEADER_LEASE)).map(|w| w.arrived).min().unwrap();
+    assert!(ended >= last + secs(2), "the member Lease was cleared {:?} after its last renewal, before a lease duration", ended - last);
+    assert!(first_take >= ended, "a shard or the leadership was taken before the silent membership was ended");
+    for (s, holder, t) in lease_epochs(&fake, 4) {
+        assert_eq!((holder.as_deref(), t), (Some(me.as_str()), 2), "shard {s} taken under the next epoch");
+    }
+    assert_eq!(fake.get(LEADER_LEASE).unwrap().spec.unwrap().lease_transitions, Some(2));
+    assert_eq!(acquired(&r, "expired"), 4);
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_lands_before_the_membership_is_ended_keeps_the_holder_s_shards() {
+    let fake = Arc::new(Fake::default());
+    for s in 0..4 {
+        fake.put(held_lease(&shard_lease_name(s), "shard", "peer_1", 1));
+    }
+    let member = member_lease_name("peer");
+    fake.put(held_lease(&member, "member", "peer_1", 1));
+    // The peer's next renewal reaches the API server just before this replica's write that
+    // would end its membership (it had been silent for a lease duration until then).
+    fake.before_put.lock().unwrap().insert(member.clone(), held_lease(&member, "member", "peer_1", 1));
+    let t0 = Instant::now();
+    let r = start(&fake, "a", config(4, 2, 1500, 200));
+    let me = r.own.holder().to_string();
+    let raced = until(secs(10), "the race", || fake.before_put.lock().unwrap().is_empty().then(Instant::now)).await;
+    assert!(raced >= t0 + secs(2), "tried to end a membership {:?} after first seeing it", raced - t0);
+    let refused = fake.writes().iter().any(|w| w.name == member && !w.ok && w.holder().is_none());
+    assert!(refused, "the write that would end the membership was refused");
+    // That renewal counts: a lease duration of silence again before anything is taken.
+    until(secs(10), "every shard taken", || (r.own.held_shards().len() == 4).then_some(())).await;
+    let first_take = fake.writes().iter().filter(|w| w.ok && w.name.starts_with("shoal-shard-") && w.holder() == Some(&me)).map(|w| w.arrived).min().unwrap();
+    assert!(first_take >= raced + secs(2) - ms(50), "took a shard {:?} after the holder's renewal landed, before a lease duration", first_take - raced);
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_membership_was_ended_stops_acting_on_everything_at_once_and_comes_back_under_new_epochs() {
+    let fake = Arc::new(Fake::default());
+    let cfg = config(4, 2, 1500, 200);
+    let r = start(&fake, "a", cfg.clone());
+    until(secs(10), "every shard held", || (r.own.held_shards().len() == 4).then_some(())).await;
+    until(secs(10), "the leadership held", || r.own.leader_fence()).await;
+    let before = lease_epochs(&fake, 4);
+    // Another replica saw this one silent for a lease duration and ended its membership.
+    let member = member_lease_name("a");
+    fake.put(cleared(fake.get(&member).unwrap()));
+    let t_end = Instant::now();
+    let old: Vec<Option<crate::ha::Fence>> = (0..4).map(|s| r.own.owns_shard(s)).collect();
+    let old_leader = r.own.leader_fence();
+    let gone = |s: u32| r.own.owns_shard(s) != old[s as usize];
+    let stopped = until(secs(2), "no fence under an old epoch", || ((0..4).all(gone) && r.own.leader_fence() != old_leader).then(Instant::now)).await;
+    assert!(stopped < t_end + cfg.retry_period + ms(150), "acted on for {:?} after its membership ended", stopped - t_end);
+    let watch = Instant::now();
+    while watch.elapsed() < ms(1000) {
+        assert!((0..4).all(gone) && r.own.leader_fence() != old_leader, "a fence of the ended membership came back");
+        tokio::time::sleep(ms(10)).await;
+    }
+    let lost = r.own.metrics().releases.get_or_create(&ReasonLabel { reason: "renew_deadline".into() }).get();
+    assert_eq!(lost, 4, "every shard dropped at once");
+    // It takes its member Lease back and its shards under new epochs, never the old ones.
+    until(secs(10), "every shard held again", || (r.own.held_shards().len() == 4 && (0..4).all(|s| r.own.owns_shard(s).is_some())).then_some(())).await;
+    for ((s, _, was), (_, holder, now)) in before.iter().zip(lease_epochs(&fake, 4)) {
+        assert_eq!((holder.as_deref(), now), (Some(r.own.holder()), was + 1), "shard {s}");
+        assert_eq!(r.own.owns_shard(*s).map(|f| f.transitions), Some(was + 1));
+    }
+    assert_eq!(fake.get(&member).unwrap().spec.unwrap().holder_identity.as_deref(), Some(r.own.holder()));
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_replica_writes_its_member_lease_once_a_retry_period_however_many_shards() {
+    let count = |shards: u32| async move {
+        let fake = Arc::new(Fake::default());
+        let r = start(&fake, "a", config(shards, 2, 1500, 200));
+        until(secs(20), "every shard held", || (r.own.held_shards().len() == shards as usize).then_some(())).await;
+        until(secs(5), "the leadership held", || r.own.leader_fence()).await;
+        // Past the lease duration after the last acquisition, then ten retry periods.
+        tokio::time::sleep(secs(3)).await;
+        let (from, window) = (Instant::now(), secs(2));
+        tokio::time::sleep(window).await;
+        let writes: Vec<Write> = fake.writes().into_iter().filter(|w| w.arrived >= from && w.arrived < from + window).collect();
+        let member = member_lease_name("a");
+        assert!(writes.iter().all(|w| w.name == member), "{shards} shards: idle writes to {:?}", writes.iter().map(|w| &w.name).collect::<Vec<_>>());
+        let sent = r.own.metrics().lease_writes.get_or_create(&crate::ha::LeaseWriteLabels { role: "member".into(), verb: "update".into() }).get();
+        r.stop.cancel();
+        r.task.await.unwrap().unwrap();
+        (writes.len(), sent)
+    };
+    let ((few, few_sent), (many, many_sent)) = tokio::join!(count(4), count(64));
+    assert!((9..=11).contains(&few) && (9..=11).contains(&many), "member writes in ten retry periods: {few} with 4 shards, {many} with 64");
+    assert!(few.abs_diff(many) <= 1, "{few} with 4 shards, {many} with 64");
+    assert!(few_sent > 0 && many_sent > 0, "the write metric counts member renewals");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_lease_whose_release_write_failed_is_freed_later() {
+    let fake = Arc::new(Fake::default());
+    let r = start(&fake, "a", config(8, 2, 1500, 200));
+    until(secs(10), "all 8 shards held", || (r.own.held_shards().len() == 8).then_some(())).await;
+    let me = r.own.holder().to_string();
+    let mut members = vec![me.clone(), "peer_1".to_string()];
+    members.sort();
+    let keep: HashSet<u32> = crate::core::shard::preferred_shards(8, &members, &me).into_iter().collect();
+    let gone: Vec<u32> = (0..8).filter(|s| !keep.contains(s)).collect();
+    for s in &gone {
+        fake.fail_put.lock().unwrap().insert(shard_lease_name(*s));
+    }
+    let peer = CancellationToken::new();
+    renew_as(&fake, vec![(member_lease_name("peer"), "member")], "peer_1", peer.clone());
+    until(secs(5), "the moved shards dropped", || gone.iter().all(|s| !r.own.held_shards().contains(s)).then_some(())).await;
+    // Their Leases still name this replica, which no longer acts under them; while its
+    // member Lease lives nobody else may take them, so it frees them itself.
+    for s in &gone {
+        assert_eq!(fake.get(&shard_lease_name(*s)).unwrap().spec.unwrap().holder_identity.as_deref(), Some(me.as_str()));
+        assert!(r.own.owns_shard(*s).is_none());
+    }
+    fake.fail_put.lock().unwrap().clear();
+    until(secs(5), "the moved shards freed", || gone.iter().all(|s| fake.get(&shard_lease_name(*s)).unwrap().spec.unwrap().holder_identity.is_none()).then_some(())).await;
+    assert!(gone.iter().all(|s| !r.own.held_shards().contains(s)), "took a shard the ring gives the peer");
+    peer.cancel();
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_of_an_earlier_version_keeps_this_one_out() {
+    let fake = Arc::new(Fake::default());
+    let old = member_lease_name("old");
+    let stop_old = CancellationToken::new();
+    {
+        let (fake, stop_old, old) = (fake.clone(), stop_old.clone(), old.clone());
+        tokio::spawn(async move {
+            while !stop_old.is_cancelled() {
+                fake.put(older_lease(&old, "member", "old_1", 1));
+                tokio::time::sleep(ms(200)).await;
+            }
+        });
+    }
+    let t0 = Instant::now();
+    let r = start(&fake, "a", config(4, 2, 1500, 200));
+    let result = tokio::time::timeout(secs(8), r.task).await.expect("gives up within two lease durations").unwrap();
+    let err = result.expect_err("refuses to run alongside it");
+    assert!(matches!(err.downcast_ref::<LeaseError>(), Some(LeaseError::OlderVersion { .. })), "{err:#}");
+    assert!(t0.elapsed() >= secs(4), "waited two lease durations for it to stop");
+    assert!(fake.writes().iter().all(|w| w.name == old), "wrote a Lease: {:?}", fake.writes().iter().map(|w| &w.name).collect::<Vec<_>>());
+    stop_old.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_hands_everything_over_and_exits_when_one_of_an_earlier_version_starts() {
+    let fake = Arc::new(Fake::default());
+    let r = start(&fake, "a", config(4, 2, 1500, 200));
+    until(secs(10), "every shard held", || (r.own.held_shards().len() == 4).then_some(())).await;
+    let own = r.own.clone();
+    fake.put(older_lease(&member_lease_name("old"), "member", "old_1", 1));
+    let appeared = Instant::now();
+    let result = tokio::time::timeout(secs(5), r.task).await.expect("exits").unwrap();
+    assert!(matches!(result.as_ref().err().and_then(|e| e.downcast_ref::<LeaseError>()), Some(LeaseError::OlderVersion { .. })), "{result:?}");
+    assert!(appeared.elapsed() < secs(2), "exited {:?} after it appeared", appeared.elapsed());
+    assert!((0..4).all(|s| own.owns_shard(s).is_none()) && own.held_shards().is_empty());
+    for (s, holder, _) in lease_epochs(&fake, 4) {
+        assert_eq!(holder, None, "shard {s} handed over");
+    }
+    assert!(fake.get(&member_lease_name("a")).is_none(), "left the ring");
 }
