@@ -8,8 +8,8 @@
 //! renewal. Another replica takes a shard or leader Lease only when it is free, or when the
 //! Lease has not changed for a lease duration and its holder's member Lease is gone, names
 //! another process, or has not changed for a lease duration either; in that last case it
-//! first deletes that member Lease on the version it saw, so a renewal racing with the
-//! takeover either lands first (and the delete fails) or is refused.
+//! first clears that member Lease's holder on the version it saw, so a renewal racing with
+//! the takeover either lands first (and the clearing fails) or is refused.
 //!
 //! Expiry is judged as client-go judges it, by observation on the local monotonic clock: a
 //! Lease has expired when its record has not changed for its `leaseDurationSeconds` since

@@ -11,8 +11,8 @@
 //! A replica stops acting on every shard once the renew deadline has passed since the
 //! instant read just before its last confirmed member-Lease renewal was sent. Others take
 //! its shards only after seeing that member Lease unchanged for the (longer) lease duration
-//! on their own monotonic clocks, and after deleting it on the version they saw, so it stops
-//! before anyone else can take over. No wall-clock time is ever compared across replicas.
+//! on their own monotonic clocks, and after clearing its holder on the version they saw, so
+//! it stops before anyone else can take over. No wall-clock time is ever compared across replicas.
 
 mod informer;
 mod leases;
