@@ -99,3 +99,27 @@ pub fn shoal_api(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
     let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("shoal.dev", "v1alpha1", kind), &plural);
     Api::namespaced_with(client.clone(), ns, &ar)
 }
+
+/// Each test fn named, once with each executor: `mod job { async fn t() { super::t("Job") } }`
+/// and `mod pod { … super::t("Pod") … }`, so that the same assertions run with the step
+/// attempts as Jobs and as bare pods.
+macro_rules! in_both_executors {
+    ($($test:ident),* $(,)?) => {
+        mod job {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test("Job").await
+                }
+            )*
+        }
+        mod pod {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test("Pod").await
+                }
+            )*
+        }
+    };
+}

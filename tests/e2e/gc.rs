@@ -272,28 +272,7 @@ async fn operator_defaults_apply_when_the_spec_says_nothing(exec: &'static str) 
     common::cleanup(&client, &ops).await;
 }
 
-/// Every test above, once with each executor (as `workflow.rs` does).
-macro_rules! in_both_executors {
-    ($($test:ident),* $(,)?) => {
-        mod job {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $test() {
-                    super::$test("Job").await
-                }
-            )*
-        }
-        mod pod {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $test() {
-                    super::$test("Pod").await
-                }
-            )*
-        }
-    };
-}
-
+// Every test above, once with each executor (`gc::job::*`, `gc::pod::*`).
 in_both_executors!(
     on_workflow_success_keeps_a_failed_workflows_objects,
     on_pod_completion_collects_while_the_workflow_runs,

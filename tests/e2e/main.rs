@@ -6,6 +6,7 @@ mod activity;
 mod admission;
 mod bare_pods;
 mod cluster;
+#[macro_use]
 mod common;
 mod crds;
 mod exactly_once;

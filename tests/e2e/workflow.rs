@@ -447,29 +447,8 @@ async fn steps_run_with_their_pod_settings(exec: &'static str) {
     common::cleanup(&client, &ns).await;
 }
 
-/// Every Workflow test above, once with each executor: the same assertions, with the step
-/// attempts as Jobs (`workflow::job::*`) and as bare pods (`workflow::pod::*`).
-macro_rules! in_both_executors {
-    ($($test:ident),* $(,)?) => {
-        mod job {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $test() {
-                    super::$test("Job").await
-                }
-            )*
-        }
-        mod pod {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $test() {
-                    super::$test("Pod").await
-                }
-            )*
-        }
-    };
-}
-
+// Every Workflow test above, once with each executor: the same assertions, with the step
+// attempts as Jobs (`workflow::job::*`) and as bare pods (`workflow::pod::*`).
 in_both_executors!(
     diamond_and_wide_fan_out,
     failures_fail_fast_and_cycles,
