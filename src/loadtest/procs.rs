@@ -68,8 +68,9 @@ impl Drop for Replicas {
     }
 }
 
+/// Below the ephemeral range, so nothing else takes it before the replica binds it.
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(crate::dev::free_ports(1)?[0])
 }
 
 impl Replicas {

@@ -32,8 +32,11 @@ impl Drop for Operator {
     }
 }
 
+/// A port free on 127.0.0.1 now, below the kernel's ephemeral range (`shoal::dev::free_ports`):
+/// a port-0 bind or an outgoing connection elsewhere never takes it before the replica binds
+/// it, which one drawn from that range (as a port-0 bind draws) could lose.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    shoal::dev::free_ports(1).expect("a free port")[0]
 }
 
 impl Operator {
