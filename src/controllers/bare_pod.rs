@@ -70,12 +70,12 @@ impl StepPod {
     }
 
     fn disruption(&self) -> Option<String> {
-        let c = self.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?;
-        let reason = c.reason.as_deref().unwrap_or("DisruptionTarget");
-        Some(match c.message.as_deref().filter(|m| !m.is_empty()) {
-            Some(m) => format!("{reason}: {m}"),
-            None => reason.to_string(),
-        })
+        step_pod::status_disruption(self.status.as_ref()?)
+    }
+
+    /// Why it cannot start, if it says so (read from the status, without copying it).
+    fn cannot_start(&self) -> Option<String> {
+        step_pod::status_cannot_start(self.status.as_ref()?)
     }
 }
 
@@ -126,7 +126,7 @@ pub fn build(shape: Shape<'_>, c: Container<'_>) -> Result<Pod, Error> {
 /// stuck. The kubelet's other status updates (a container starting, IPs) do not.
 pub fn change_matters(old: Option<&StepPod>, new: &StepPod) -> bool {
     let Some(old) = old else { return true };
-    let stuck = |p: &StepPod| p.status.as_ref().is_some_and(|_| step_pod::cannot_start(&p.as_pod()).is_some());
+    let stuck = |p: &StepPod| p.cannot_start().is_some();
     old.phase() != new.phase()
         || old.metadata.deletion_timestamp.is_some() != new.metadata.deletion_timestamp.is_some()
         || old.disruption() != new.disruption()
@@ -173,7 +173,7 @@ pub fn state(pod: &StepPod, step: &StepStatus, now: Timestamp) -> (JobState, Opt
     if age < START_GRACE {
         return (JobState::Active, Some(START_GRACE - age));
     }
-    match step_pod::cannot_start(&pod.as_pod()) {
+    match pod.cannot_start() {
         Some(why) => {
             let message = truncate(&format!("{CANNOT_START}: {why}"), MAX_MESSAGE_BYTES);
             if previous == Some(message.as_str()) {

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod, PodStatus};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::ListParams;
@@ -195,7 +195,11 @@ pub fn active(job: &StepJob, pods: Option<&[Pod]>, step: &str, previous: Option<
 /// Why a pod that has not started cannot start, if it says so: the scheduler's reason, or a
 /// container waiting for something that will not come by itself.
 pub fn cannot_start(pod: &Pod) -> Option<String> {
-    let st = pod.status.as_ref()?;
+    status_cannot_start(pod.status.as_ref()?)
+}
+
+/// [`cannot_start`] from a pod's status alone (a cached bare step pod has no more).
+pub fn status_cannot_start(st: &PodStatus) -> Option<String> {
     if st.phase.as_deref().is_some_and(|p| p != "Pending") {
         return None;
     }
@@ -204,12 +208,15 @@ pub fn cannot_start(pod: &Pod) -> Option<String> {
         let reason = c.reason.clone().unwrap_or_else(|| "Unschedulable".into());
         return Some(with_message(&reason, c.message.as_deref()));
     }
-    stuck_container(pod)
+    stuck_in(st)
 }
 
 /// A container of `p` waiting for something that will not come by itself, and why.
 fn stuck_container(p: &Pod) -> Option<String> {
-    let st = p.status.as_ref()?;
+    stuck_in(p.status.as_ref()?)
+}
+
+fn stuck_in(st: &PodStatus) -> Option<String> {
     st.init_container_statuses.iter().flatten().chain(st.container_statuses.iter().flatten()).find_map(waiting_for_nothing)
 }
 
@@ -235,7 +242,13 @@ fn phase(p: &Pod) -> &str {
 }
 
 fn disrupted(p: &Pod) -> Option<String> {
-    let c = p.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?;
+    status_disruption(p.status.as_ref()?)
+}
+
+/// The pod's `DisruptionTarget=True` condition (evicted, preempted, lost with its node) as
+/// "reason: message", if it has one.
+pub fn status_disruption(st: &PodStatus) -> Option<String> {
+    let c = st.conditions.as_ref()?.iter().find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?;
     Some(with_message(c.reason.as_deref().unwrap_or("DisruptionTarget"), c.message.as_deref()))
 }
 
